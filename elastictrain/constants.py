@@ -1,0 +1,40 @@
+"""Environment variable names and defaults, each next to its default."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Path of the etcd server binary for the embedded default (else `etcd` on PATH).
+ENV_ETCD_BIN = "ETRAIN_ETCD_BIN"
+
+# Where local jobs publish their embedded etcd endpoint so that a second local agent,
+# `etrain status` and `etrain chaos` find it by job id.
+ENV_RUNTIME_DIR = "ETRAIN_RUNTIME_DIR"
+DEFAULT_RUNTIME_DIR = os.path.join(tempfile.gettempdir(), "etrain")
+
+# The job id when none is given (torchrun's --rdzv-id default is "none").
+DEFAULT_JOB_ID = "default"
+
+# Root of every key this project writes in etcd.
+KEY_ROOT = "/etrain"
+
+# Seconds a node's registration outlives its agent (lease TTL): how fast a lost node is seen.
+DEFAULT_NODE_TTL_S = 5
+
+# Rendezvous defaults (seconds).
+DEFAULT_JOIN_TIMEOUT_S = 600
+DEFAULT_LAST_CALL_TIMEOUT_S = 2
+DEFAULT_CLOSE_TIMEOUT_S = 30
+DEFAULT_KEEP_ALIVE_INTERVAL_S = 1
+DEFAULT_KEEP_ALIVE_MAX_ATTEMPT = 5
+
+# How often the agent checks its workers and the rendezvous (seconds).
+DEFAULT_MONITOR_INTERVAL_S = 0.1
+
+# Grace between SIGTERM and SIGKILL when workers are stopped for a restart (seconds).
+DEFAULT_STOP_GRACE_S = 3.0
+
+
+def runtime_dir() -> str:
+    return os.environ.get(ENV_RUNTIME_DIR, DEFAULT_RUNTIME_DIR)

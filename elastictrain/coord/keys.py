@@ -1,0 +1,57 @@
+"""The key layout of one job in etcd; every key the project writes is built here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from elastictrain import constants
+from elastictrain.errors import ConfigError
+
+_ALLOWED = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def validate_name(kind: str, name: str) -> str:
+    if not name or not set(name) <= _ALLOWED or len(name) > 128:
+        raise ConfigError(
+            f"{kind} {name!r} must be 1-128 characters of letters, digits, '-', '_' or '.'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """``/etrain/<job>/...``: nodes (leased), rendezvous state, c10d store, restart signal."""
+
+    job_id: str
+
+    def __post_init__(self) -> None:
+        validate_name("job id", self.job_id)
+
+    @property
+    def root(self) -> str:
+        return f"{constants.KEY_ROOT}/{self.job_id}/"
+
+    @property
+    def nodes_prefix(self) -> str:
+        return f"{self.root}nodes/"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.nodes_prefix}{node_id}"
+
+    @property
+    def rendezvous_state(self) -> str:
+        return f"{self.root}rdzv/state"
+
+    @property
+    def store_prefix(self) -> str:
+        return f"{self.root}store/"
+
+    @property
+    def restart_signal(self) -> str:
+        """Bumped by an agent whose workers failed: every agent restarts its group."""
+        return f"{self.root}restart"
+
+    @property
+    def outcome(self) -> str:
+        """The job's final result, written once by the agent that ends it."""
+        return f"{self.root}outcome"

@@ -1,0 +1,77 @@
+"""torch's ``RendezvousBackend`` on plain etcd v3.
+
+The whole rendezvous state is one etcd key. Its fencing token is the key's ``mod_revision``:
+``set_state`` writes only if the key was not modified since the caller read it (an etcd
+transaction comparing ``mod_revision``), and creation is guarded by ``create_revision == 0``.
+On a lost race the caller gets the winner's state and token back, as torch's contract asks.
+torch's ``DynamicRendezvousHandler`` runs the membership algorithm on top.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousStateError
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend, Token
+
+from elastictrain.coord.etcd import EtcdClient
+from elastictrain.errors import CoordinationUnavailableError
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "etcd-v3"
+
+
+class EtcdV3RendezvousBackend(RendezvousBackend):
+    """Holds one rendezvous state under ``key`` in etcd v3."""
+
+    def __init__(self, client: EtcdClient, key: str) -> None:
+        if not key:
+            raise ValueError("the rendezvous key must be a non-empty string")
+        self._client = client
+        self._key = key
+
+    @property
+    def name(self) -> str:
+        return BACKEND_NAME
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def get_state(self) -> tuple[bytes, Token] | None:
+        try:
+            kv = self._client.get(self._key)
+        except CoordinationUnavailableError as exc:
+            raise RendezvousConnectionError(str(exc)) from exc
+        if kv is None:
+            return None
+        return kv.value, kv.mod_revision
+
+    def set_state(
+        self, state: bytes, token: Token | None = None
+    ) -> tuple[bytes, Token, bool] | None:
+        expected = self._parse_token(token)
+        if expected is None:
+            current = self.get_state()
+            return None if current is None else (*current, False)
+        try:
+            written, kv = self._client.compare_and_swap(self._key, state, expected)
+        except CoordinationUnavailableError as exc:
+            raise RendezvousConnectionError(str(exc)) from exc
+        if kv is None:
+            return None
+        return kv.value, kv.mod_revision, written
+
+    @staticmethod
+    def _parse_token(token: Token | None) -> int | None:
+        """0 for "create"; the revision for a compare; None for a token that is not ours."""
+        if token is None:
+            return 0
+        try:
+            value = int(token)
+        except (TypeError, ValueError):
+            return None
+        if value < 0:
+            raise RendezvousStateError(f"invalid rendezvous token {token!r}")
+        return value

@@ -1,0 +1,47 @@
+"""Registers ``etcd-v3`` as a torch rendezvous backend.
+
+Our agent uses :func:`create_handler` directly. The ``torchrun.handlers`` entry point in
+``pyproject.toml`` also makes ``torchrun --rdzv-backend etcd-v3 --rdzv-endpoint host:port`` work.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+from torch.distributed.elastic.rendezvous.registry import handler_registry
+
+from elastictrain.coord.etcd import EtcdClient
+from elastictrain.coord.keys import JobKeys
+from elastictrain.rendezvous.backend import BACKEND_NAME, EtcdV3RendezvousBackend
+from elastictrain.rendezvous.store import EtcdStore
+
+
+def create_handler(
+    params: RendezvousParameters, client: EtcdClient | None = None
+) -> RendezvousHandler:
+    """A ``DynamicRendezvousHandler`` whose state and store live in etcd under the job's keys.
+
+    ``params.endpoint`` is ``host:port[,host:port]``; ``params.run_id`` is the job id.
+    """
+    if client is None:
+        client = EtcdClient.from_spec(params.endpoint, timeout=params.get_as_int("etcd_timeout", 10))
+    keys = JobKeys(params.run_id)
+    backend = EtcdV3RendezvousBackend(client, keys.rendezvous_state)
+    store_timeout = params.get_as_int("store_timeout", 300)
+    store = EtcdStore(client, keys.store_prefix, timeout=timedelta(seconds=store_timeout))
+    return dynamic_rendezvous.create_handler(store, backend, params)
+
+
+def torchrun_handler_creator():
+    """Entry point for torch's out-of-tree handler discovery (``torchrun.handlers``)."""
+    return create_handler
+
+
+def register() -> None:
+    """Register the backend in this process's torch handler registry (idempotent)."""
+    try:
+        handler_registry.register(BACKEND_NAME, create_handler)
+    except ValueError:
+        pass  # already registered, by us or by the entry point
