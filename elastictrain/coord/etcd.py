@@ -244,9 +244,7 @@ class EtcdClient:
         (``None`` if the key does not exist).
         """
         txn = self._client.transactions
-        compare = (
-            [txn.create(key) == 0] if mod_revision == 0 else [txn.mod(key) == mod_revision]
-        )
+        compare = [txn.create(key) == 0] if mod_revision == 0 else [txn.mod(key) == mod_revision]
 
         def op():
             return self._client.transaction(
@@ -275,6 +273,23 @@ class EtcdClient:
     def delete_prefix(self, prefix: str) -> int:
         resp = self.call(f"delete prefix {prefix}", lambda: self._client.delete_prefix(prefix))
         return int(resp.deleted)
+
+    def delete_prefix_if_unchanged(self, prefix: str, guard_key: str, mod_revision: int) -> bool:
+        """Delete everything under ``prefix`` if ``guard_key`` still has ``mod_revision``
+        (0: still absent). True if deleted."""
+        txn = self._client.transactions
+        guard = (
+            txn.create(guard_key) == 0 if mod_revision == 0 else txn.mod(guard_key) == mod_revision
+        )
+        end = prefix_range_end(_as_bytes(prefix))
+
+        def op():
+            ok, _ = self._client.transaction(
+                compare=[guard], success=[txn.delete(_as_bytes(prefix), range_end=end)], failure=[]
+            )
+            return ok
+
+        return bool(self.call(f"delete prefix {prefix}", op))
 
     def revision(self) -> int:
         """The store's current revision."""

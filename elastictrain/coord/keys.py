@@ -47,11 +47,23 @@ class JobKeys:
         return f"{self.root}store/"
 
     @property
+    def control_prefix(self) -> str:
+        """Low-traffic keys every agent watches: restart requests, the outcome, round progress."""
+        return f"{self.root}ctl/"
+
+    @property
     def restart_signal(self) -> str:
-        """Bumped by an agent whose workers failed: every agent restarts its group."""
-        return f"{self.root}restart"
+        """Rewritten by an agent whose workers failed: every agent restarts its group."""
+        return f"{self.control_prefix}restart"
 
     @property
     def outcome(self) -> str:
-        """The job's final result, written once by the agent that ends it."""
-        return f"{self.root}outcome"
+        """The job's final failure, written once by the agent that ends it."""
+        return f"{self.control_prefix}outcome"
+
+    @property
+    def rounds_prefix(self) -> str:
+        return f"{self.control_prefix}rounds/"
+
+    def round_done(self, round_id: str, node_id: str) -> str:
+        return f"{self.rounds_prefix}{round_id}/done/{node_id}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousStateError
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend, Token
 
 from elastictrain.coord.etcd import EtcdClient
@@ -65,13 +65,24 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
 
     @staticmethod
     def _parse_token(token: Token | None) -> int | None:
-        """0 for "create"; the revision for a compare; None for a token that is not ours."""
+        """0 for "create"; the revision for a compare; None for a token that is not ours.
+
+        Like torch's ``C10dRendezvousBackend``, a token this backend cannot have issued is not an
+        error: ``set_state`` then writes nothing and returns the current state (``has_set``
+        False). Our tokens are non-negative ``int`` revisions (decimal text is accepted too);
+        anything else -- bools, floats, negative numbers, other objects -- is foreign.
+        """
         if token is None:
             return 0
-        try:
-            value = int(token)
-        except (TypeError, ValueError):
+        if isinstance(token, bool):
             return None
-        if value < 0:
-            raise RendezvousStateError(f"invalid rendezvous token {token!r}")
-        return value
+        if isinstance(token, int):
+            value = token
+        elif isinstance(token, (str, bytes, bytearray)):
+            try:
+                value = int(token)
+            except ValueError:
+                return None
+        else:
+            return None
+        return value if value >= 0 else None

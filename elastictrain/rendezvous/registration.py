@@ -6,10 +6,14 @@ Our agent uses :func:`create_handler` directly. The ``torchrun.handlers`` entry 
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
-from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
-from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
+    RendezvousParameters,
+    dynamic_rendezvous,
+)
 from torch.distributed.elastic.rendezvous.registry import handler_registry
 
 from elastictrain.coord.etcd import EtcdClient
@@ -26,7 +30,9 @@ def create_handler(
     ``params.endpoint`` is ``host:port[,host:port]``; ``params.run_id`` is the job id.
     """
     if client is None:
-        client = EtcdClient.from_spec(params.endpoint, timeout=params.get_as_int("etcd_timeout", 10))
+        client = EtcdClient.from_spec(
+            params.endpoint, timeout=params.get_as_int("etcd_timeout", 10)
+        )
     keys = JobKeys(params.run_id)
     backend = EtcdV3RendezvousBackend(client, keys.rendezvous_state)
     store_timeout = params.get_as_int("store_timeout", 300)
@@ -41,7 +47,6 @@ def torchrun_handler_creator():
 
 def register() -> None:
     """Register the backend in this process's torch handler registry (idempotent)."""
-    try:
+    # Already registered (by us or by the entry point) is fine.
+    with contextlib.suppress(ValueError):
         handler_registry.register(BACKEND_NAME, create_handler)
-    except ValueError:
-        pass  # already registered, by us or by the entry point

@@ -33,9 +33,7 @@ def _as_bytes(value: str | bytes | bytearray | list[int]) -> bytes:
 class EtcdStore(dist.Store):
     """c10d key/value store over etcd v3 (thread-safe)."""
 
-    def __init__(
-        self, client: EtcdClient, prefix: str, timeout: timedelta | None = None
-    ) -> None:
+    def __init__(self, client: EtcdClient, prefix: str, timeout: timedelta | None = None) -> None:
         super().__init__()  # the pybind trampoline needs this
         self._client = client
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
@@ -125,6 +123,15 @@ class EtcdStore(dist.Store):
     def list_keys(self) -> list[str]:
         kvs, _ = self._client.get_prefix(self.prefix)
         return [kv.key[len(self.prefix) :] for kv in kvs]
+
+    # torch's pybind trampoline for Python stores dispatches these two C++ virtuals by their C++
+    # names, so a C++ caller (``dist.PrefixStore`` -- the store the rendezvous hands out -- and
+    # ProcessGroups) looks up ``getNumKeys`` / ``deleteKey``, not the Python-side names.
+    def getNumKeys(self) -> int:
+        return self.num_keys()
+
+    def deleteKey(self, key: str) -> bool:
+        return self.delete_key(key)
 
     # -- blocking core --------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""The per-node agent daemon (installed as ``elastictrain.agent``)."""

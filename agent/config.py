@@ -1,0 +1,96 @@
+"""The agent's configuration, validated when built."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from elastictrain import constants
+from elastictrain.coord.keys import validate_name
+from elastictrain.errors import ConfigError
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """``"N"`` or ``"MIN:MAX"`` (torchrun's ``--nnodes``)."""
+    parts = text.split(":")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"--nnodes {text!r}: expected N or MIN:MAX with positive integers")
+    low, high = int(parts[0]), int(parts[-1])
+    if low < 1:
+        raise ConfigError(f"--nnodes {text!r}: the minimum must be at least 1")
+    if low > high:
+        raise ConfigError(f"--nnodes {text!r}: MIN ({low}) is greater than MAX ({high})")
+    return low, high
+
+
+@dataclass
+class RendezvousConfig:
+    """Timeouts (seconds) handed to torch's ``DynamicRendezvousHandler``."""
+
+    join_timeout: int = constants.DEFAULT_JOIN_TIMEOUT_S
+    last_call_timeout: int = constants.DEFAULT_LAST_CALL_TIMEOUT_S
+    close_timeout: int = constants.DEFAULT_CLOSE_TIMEOUT_S
+    keep_alive_interval: int = constants.DEFAULT_KEEP_ALIVE_INTERVAL_S
+    keep_alive_max_attempt: int = constants.DEFAULT_KEEP_ALIVE_MAX_ATTEMPT
+
+    def __post_init__(self) -> None:
+        for name in ("join_timeout", "close_timeout", "keep_alive_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rendezvous {name} must be >= 1 s, got {getattr(self, name)}")
+        if self.last_call_timeout < 0:
+            raise ConfigError(
+                f"rendezvous last_call_timeout must be >= 0, got {self.last_call_timeout}"
+            )
+        if self.keep_alive_max_attempt < 1:
+            raise ConfigError("rendezvous keep_alive_max_attempt must be >= 1")
+
+
+@dataclass
+class AgentConfig:
+    """What one node's agent runs and how.
+
+    ``entrypoint`` is the program the workers execute and ``args`` its arguments: for a
+    Python script torchrun-style, ``entrypoint=sys.executable`` and ``args=["-u", script, ...]``.
+    """
+
+    entrypoint: str
+    args: list[str]
+    etcd: str
+    job_id: str = constants.DEFAULT_JOB_ID
+    node_id: str = field(default_factory=socket.gethostname)
+    min_nodes: int = 1
+    max_nodes: int = 1
+    nproc_per_node: int = 1
+    max_restarts: int = 0
+    node_ttl: int = constants.DEFAULT_NODE_TTL_S
+    monitor_interval: float = constants.DEFAULT_MONITOR_INTERVAL_S
+    membership_poll_interval: float = 1.0
+    stop_grace: float = constants.DEFAULT_STOP_GRACE_S
+    log_dir: str | None = None
+    redirects: str = "0"
+    tee: str = "0"
+    local_addr: str = "127.0.0.1"
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 0
+    gpus: int = 0
+    rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
+
+    def __post_init__(self) -> None:
+        validate_name("job id", self.job_id)
+        validate_name("node id", self.node_id)
+        if self.min_nodes < 1 or self.min_nodes > self.max_nodes:
+            raise ConfigError(
+                f"nnodes: need 1 <= MIN <= MAX, got {self.min_nodes}:{self.max_nodes}"
+            )
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.node_ttl < 1:
+            raise ConfigError(f"--node-ttl must be >= 1 s, got {self.node_ttl}")
+        if self.monitor_interval <= 0:
+            raise ConfigError(f"--monitor-interval must be > 0, got {self.monitor_interval}")
+        if not 0 <= self.grpc_port < 65536:
+            raise ConfigError(f"--agent-port {self.grpc_port} is out of range 0..65535")
+        if self.stop_grace < 0:
+            raise ConfigError(f"stop grace must be >= 0 s, got {self.stop_grace}")

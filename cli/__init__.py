@@ -1,0 +1,1 @@
+"""The ``etrain`` command (installed as ``elastictrain.cli``)."""

@@ -1,0 +1,294 @@
+"""``etrain launch``: torchrun's command line, run by our agent on etcd v3.
+
+``etrain launch [torchrun flags] script.py [args]`` runs this node's agent in the foreground
+(as torchrun does). Without ``--etcd`` the agent starts a private etcd on loopback; a second
+``etrain launch`` of the same ``--job-id`` on the same machine joins it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="run a training script on this node (a drop-in for torchrun)",
+        description="Run a training script under this node's agent (torchrun's flags).",
+    )
+    p.add_argument("--nnodes", default="1", help="N or MIN:MAX nodes (default 1)")
+    p.add_argument(
+        "--nproc-per-node",
+        "--nproc_per_node",
+        dest="nproc_per_node",
+        default="1",
+        help="workers on this node: a number, or auto/cpu/gpu (default 1)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        "--max_restarts",
+        dest="max_restarts",
+        type=int,
+        default=0,
+        help="job-wide restarts after worker failures (default 0)",
+    )
+    p.add_argument(
+        "--job-id",
+        "--rdzv-id",
+        "--rdzv_id",
+        "--run-id",
+        "--run_id",
+        dest="job_id",
+        default=None,
+        help="the job's id (default: 'default')",
+    )
+    p.add_argument(
+        "--etcd",
+        "--rdzv-endpoint",
+        "--rdzv_endpoint",
+        dest="etcd",
+        default=None,
+        help="etcd client address(es) host:port[,host:port]; default: a private local etcd",
+    )
+    p.add_argument(
+        "--rdzv-backend",
+        "--rdzv_backend",
+        dest="rdzv_backend",
+        default="etcd-v3",
+        help="only etcd-v3 (accepted for torchrun compatibility)",
+    )
+    p.add_argument(
+        "--rdzv-conf",
+        "--rdzv_conf",
+        dest="rdzv_conf",
+        default="",
+        help="k=v,... : join_timeout, last_call_timeout, close_timeout, keep_alive_interval, "
+        "keep_alive_max_attempt",
+    )
+    p.add_argument("--standalone", action="store_true", help="single node on a private etcd")
+    p.add_argument(
+        "--node-id", dest="node_id", default=None, help="this node's id (default hostname)"
+    )
+    p.add_argument(
+        "--node-ttl",
+        dest="node_ttl",
+        type=int,
+        default=None,
+        help="seconds after which a silent node is declared lost (default 5)",
+    )
+    p.add_argument(
+        "--monitor-interval",
+        "--monitor_interval",
+        dest="monitor_interval",
+        type=float,
+        default=None,
+        help="seconds between checks of the workers (default 0.1)",
+    )
+    p.add_argument(
+        "--local-addr",
+        "--local_addr",
+        dest="local_addr",
+        default="127.0.0.1",
+        help="address other nodes reach this one at (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--agent-port",
+        dest="agent_port",
+        type=int,
+        default=0,
+        help="the agent's gRPC port (default: any free port)",
+    )
+    p.add_argument(
+        "--log-dir",
+        "--log_dir",
+        dest="log_dir",
+        default=None,
+        help="directory for per-rank logs and error files",
+    )
+    p.add_argument(
+        "-r", "--redirects", default="0", help="redirect std streams to files (torchrun)"
+    )
+    p.add_argument("-t", "--tee", default="0", help="tee std streams to files (torchrun)")
+    p.add_argument(
+        "-m", "--module", action="store_true", help="run the script as a Python module (python -m)"
+    )
+    p.add_argument(
+        "--no-python",
+        "--no_python",
+        dest="no_python",
+        action="store_true",
+        help="run the script as an executable, not through Python",
+    )
+    p.add_argument("training_script", help="the script (or module, or program) to run")
+    p.add_argument("training_script_args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=run)
+
+
+def _nproc(value: str) -> tuple[int, int]:
+    """``(workers, gpus)`` for --nproc-per-node."""
+    from elastictrain.errors import ConfigError
+
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        gpus = 0
+    if value in ("auto", "gpu"):
+        if value == "gpu" and gpus == 0:
+            raise ConfigError("--nproc-per-node gpu: no CUDA device is visible")
+        return (gpus or os.cpu_count() or 1), gpus
+    if value == "cpu":
+        return os.cpu_count() or 1, gpus
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(
+            f"--nproc-per-node {value!r}: expected a positive integer or auto/cpu/gpu"
+        )
+    return int(value), gpus
+
+
+def _rdzv_conf(text: str):
+    from elastictrain.agent.config import RendezvousConfig
+
+    from elastictrain.errors import ConfigError
+
+    values: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or key not in RendezvousConfig.__dataclass_fields__:
+            known = ", ".join(RendezvousConfig.__dataclass_fields__)
+            raise ConfigError(f"--rdzv-conf {item!r}: expected key=value with key one of {known}")
+        try:
+            values[key] = int(raw)
+        except ValueError as exc:
+            raise ConfigError(f"--rdzv-conf {key}: {raw!r} is not an integer") from exc
+    return RendezvousConfig(**values)
+
+
+def _entrypoint(args) -> tuple[str, list[str]]:
+    from elastictrain.errors import ConfigError
+
+    script = args.training_script
+    if args.module and args.no_python:
+        raise ConfigError("-m/--module and --no-python cannot be used together")
+    if args.no_python:
+        if shutil.which(script) is None:
+            raise ConfigError(f"program {script!r} not found or not executable")
+        return script, list(args.training_script_args)
+    if args.module:
+        return sys.executable, ["-u", "-m", script, *args.training_script_args]
+    if not os.path.isfile(script):
+        raise ConfigError(f"training script {script!r} not found")
+    return sys.executable, ["-u", script, *args.training_script_args]
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[etrain %(asctime)s] %(message)s", "%H:%M:%S"))
+    for name in ("elastictrain",):
+        log = logging.getLogger(name)
+        log.setLevel(logging.DEBUG if os.environ.get("ETRAIN_DEBUG") else logging.INFO)
+        log.addHandler(handler)
+        log.propagate = False
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+
+
+def run(args) -> int:
+    from elastictrain.agent.agent import Agent, print_failure_report
+    from elastictrain.agent.config import AgentConfig, parse_nnodes
+
+    from elastictrain import constants
+    from elastictrain.errors import ConfigError
+
+    if args.rdzv_backend != "etcd-v3":
+        raise ConfigError(f"--rdzv-backend {args.rdzv_backend!r}: only etcd-v3 is supported")
+    min_nodes, max_nodes = parse_nnodes(args.nnodes)
+    if args.standalone and (max_nodes != 1 or args.etcd):
+        raise ConfigError("--standalone is for one node on a private etcd (no --nnodes/--etcd)")
+    nproc, gpus = _nproc(args.nproc_per_node)
+    entrypoint, entry_args = _entrypoint(args)
+    rdzv = _rdzv_conf(args.rdzv_conf)
+    _configure_logging()
+
+    job_id = args.job_id or constants.DEFAULT_JOB_ID
+    embedded = None
+    etcd = args.etcd
+    from elastictrain.coord import local_jobs
+
+    if etcd is None:
+        existing = local_jobs.find(job_id)
+        if existing is not None:
+            etcd = existing.etcd
+            logger.info("joining local job %s on its etcd at %s", job_id, etcd)
+        else:
+            from elastictrain.coord.embedded import EmbeddedEtcd
+
+            embedded = EmbeddedEtcd().start()
+            etcd = embedded.endpoint
+            local_jobs.publish(job_id, etcd)
+            logger.info("started a private etcd at %s for job %s", etcd, job_id)
+
+    extra = {}
+    if args.node_id:
+        extra["node_id"] = args.node_id
+    if args.node_ttl is not None:
+        extra["node_ttl"] = args.node_ttl
+    if args.monitor_interval is not None:
+        extra["monitor_interval"] = args.monitor_interval
+    try:
+        config = AgentConfig(
+            entrypoint=entrypoint,
+            args=entry_args,
+            etcd=etcd,
+            job_id=job_id,
+            min_nodes=min_nodes,
+            max_nodes=max_nodes,
+            nproc_per_node=nproc,
+            max_restarts=args.max_restarts,
+            log_dir=args.log_dir,
+            redirects=args.redirects,
+            tee=args.tee,
+            local_addr=args.local_addr,
+            grpc_host=args.local_addr,
+            grpc_port=args.agent_port,
+            gpus=gpus,
+            rendezvous=rdzv,
+            **extra,
+        )
+        agent = Agent(config)
+        code = agent.run()
+        if code != 0:
+            print_failure_report(agent.failure_report)
+        return code
+    finally:
+        if embedded is not None:
+            _drain_then_stop(embedded, job_id)
+
+
+def _drain_then_stop(embedded, job_id: str, timeout: float = 15.0) -> None:
+    """Keep the private etcd up until the job's other local agents have deregistered."""
+    from elastictrain.coord import local_jobs
+    from elastictrain.coord.etcd import EtcdClient
+    from elastictrain.coord.keys import JobKeys
+    from elastictrain.coord.nodes import list_nodes
+    from elastictrain.errors import CoordinationUnavailableError
+
+    local_jobs.withdraw(job_id)
+    client = EtcdClient.from_spec(embedded.endpoint, timeout=2.0)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and list_nodes(client, JobKeys(job_id)):
+            time.sleep(0.2)
+    except CoordinationUnavailableError:
+        pass
+    finally:
+        client.close()
+        embedded.stop()

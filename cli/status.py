@@ -1,0 +1,116 @@
+"""``etrain status``: the job's nodes and workers, from etcd and each node's agent."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("status", help="show a running job's nodes and workers")
+    p.add_argument("--etcd", default=None, help="etcd address(es); default: the local job's")
+    p.add_argument("--job-id", "--rdzv-id", dest="job_id", default=None)
+    p.add_argument("--once", action="store_true", help="print one plain table and exit")
+    p.add_argument("--json", action="store_true", help="print JSON and exit")
+    p.set_defaults(run=run)
+
+
+@dataclass
+class WorkerRow:
+    rank: int
+    local_rank: int
+    pid: int
+    state: str
+    exit_code: int | None
+
+
+@dataclass
+class NodeRow:
+    node_id: str
+    endpoint: str
+    hostname: str
+    state: str
+    restart_count: int = 0
+    max_restarts: int = 0
+    round: int = 0
+    group_rank: int = -1
+    world_size: int = 0
+    workers: list[WorkerRow] = field(default_factory=list)
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    etcd: str
+    nodes: list[NodeRow]
+
+
+def collect(etcd: str, job_id: str) -> JobStatus:
+    """Read the job's registered nodes from etcd, then ask each agent for its status."""
+    from elastictrain.coord.etcd import EtcdClient
+    from elastictrain.coord.keys import JobKeys
+    from elastictrain.coord.nodes import list_nodes
+    from elastictrain.errors import AgentUnavailableError, JobNotFoundError
+    from elastictrain.rpc.agent_client import AgentClient
+
+    client = EtcdClient.from_spec(etcd, timeout=5.0)
+    try:
+        records = list_nodes(client, JobKeys(job_id))
+    finally:
+        client.close()
+    if not records:
+        raise JobNotFoundError(f"no agent of job {job_id!r} is registered in etcd at {etcd}")
+    rows: list[NodeRow] = []
+    for record in records:
+        row = NodeRow(record.node_id, record.endpoint, record.hostname, "UNREACHABLE")
+        try:
+            with AgentClient(record.endpoint, timeout=3.0) as agent:
+                st = agent.get_status()
+        except AgentUnavailableError:
+            rows.append(row)
+            continue
+        row.state = st.state
+        row.restart_count = st.restart_count
+        row.max_restarts = st.max_restarts
+        row.round = st.round
+        row.group_rank = st.group_rank
+        row.world_size = st.world_size
+        row.workers = [
+            WorkerRow(w.rank, w.local_rank, w.pid, w.state, w.exit_code if w.exited else None)
+            for w in sorted(st.workers, key=lambda w: w.rank)
+        ]
+        rows.append(row)
+    return JobStatus(job_id=job_id, etcd=etcd, nodes=rows)
+
+
+def render_table(status: JobStatus):
+    from rich.table import Table
+
+    table = Table(title=f"job {status.job_id}  (etcd {status.etcd})", title_justify="left")
+    for column in ("node", "agent", "state", "restarts", "round", "rank", "local", "pid", "worker"):
+        table.add_column(column)
+    for node in status.nodes:
+        restarts = f"{node.restart_count}/{node.max_restarts}"
+        base = [node.node_id, node.endpoint, node.state, restarts, str(node.round)]
+        if not node.workers:
+            table.add_row(*base, "-", "-", "-", "-")
+        for i, w in enumerate(node.workers):
+            lead = base if i == 0 else [""] * len(base)
+            state = w.state if w.exit_code is None else f"{w.state} ({w.exit_code})"
+            table.add_row(*lead, str(w.rank), str(w.local_rank), str(w.pid), state)
+    return table
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from elastictrain.coord import local_jobs
+
+    etcd, job_id = local_jobs.resolve_etcd(args.etcd, args.job_id)
+    status = collect(etcd, job_id)
+    if args.json:
+        print(json.dumps(asdict(status), indent=2))
+        return 0
+    # The live view comes later; --once (and the default for now) prints one table.
+    Console(color_system=None, width=120, soft_wrap=True).print(render_table(status))
+    return 0

@@ -1,0 +1,100 @@
+"""Jobs on this machine that run on an embedded etcd: where to find their etcd.
+
+The agent that starts the embedded etcd writes ``<runtime dir>/<job>/etcd.json``; other local
+agents of the same job, ``etrain status`` and ``etrain chaos`` read it. The file is removed
+when that agent stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from elastictrain import constants
+from elastictrain.coord.keys import validate_name
+from elastictrain.errors import ConfigError, JobNotFoundError
+
+
+@dataclass(frozen=True)
+class LocalJob:
+    job_id: str
+    etcd: str
+    owner_pid: int
+
+
+def _job_file(job_id: str) -> Path:
+    return Path(constants.runtime_dir()) / validate_name("job id", job_id) / "etcd.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(job_id: str, etcd: str) -> Path:
+    path = _job_file(job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"job_id": job_id, "etcd": etcd, "owner_pid": os.getpid()}))
+    tmp.replace(path)
+    return path
+
+
+def withdraw(job_id: str) -> None:
+    path = _job_file(job_id)
+    try:
+        data = json.loads(path.read_text())
+        if data.get("owner_pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def find(job_id: str) -> LocalJob | None:
+    """The local job's embedded etcd, if its owning agent is still alive."""
+    path = _job_file(job_id)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    job = LocalJob(job_id=data["job_id"], etcd=data["etcd"], owner_pid=int(data["owner_pid"]))
+    return job if _alive(job.owner_pid) else None
+
+
+def list_local() -> list[LocalJob]:
+    root = Path(constants.runtime_dir())
+    if not root.is_dir():
+        return []
+    jobs = [find(entry.name) for entry in sorted(root.iterdir()) if entry.is_dir()]
+    return [job for job in jobs if job is not None]
+
+
+def resolve_etcd(etcd: str | None, job_id: str | None) -> tuple[str, str]:
+    """``(etcd endpoint, job id)`` for a command that talks to a running job.
+
+    With ``--etcd`` the job id defaults to the default id. Without it, the job's embedded etcd
+    is looked up locally; with no job id either, the one local job is taken.
+    """
+    if etcd:
+        return etcd, job_id or constants.DEFAULT_JOB_ID
+    if job_id:
+        job = find(job_id)
+        if job is None:
+            raise JobNotFoundError(
+                f"no running local job {job_id!r} (and no --etcd given to look elsewhere)"
+            )
+        return job.etcd, job.job_id
+    jobs = list_local()
+    if not jobs:
+        raise JobNotFoundError("no running local job found; pass --etcd and --job-id")
+    if len(jobs) > 1:
+        names = ", ".join(j.job_id for j in jobs)
+        raise ConfigError(f"several local jobs are running ({names}); pick one with --job-id")
+    return jobs[0].etcd, jobs[0].job_id

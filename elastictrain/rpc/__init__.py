@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for proto/etrain.proto (see codegen.py)."""
