@@ -131,28 +131,26 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _nproc(value: str) -> tuple[int, int]:
-    """``(workers, gpus)`` for --nproc-per-node."""
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _nproc(value: str) -> int:
+    """Workers for --nproc-per-node (a number, or torchrun's auto/cpu/gpu)."""
     from elastictrain.errors import ConfigError
 
-    gpus = 0
-    try:
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        gpus = 0
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    if value == "cpu":
+        return os.cpu_count() or 1
     if value in ("auto", "gpu"):
+        gpus = _visible_gpus()
         if value == "gpu" and gpus == 0:
             raise ConfigError("--nproc-per-node gpu: no CUDA device is visible")
-        return (gpus or os.cpu_count() or 1), gpus
-    if value == "cpu":
-        return os.cpu_count() or 1, gpus
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(
-            f"--nproc-per-node {value!r}: expected a positive integer or auto/cpu/gpu"
-        )
-    return int(value), gpus
+        return gpus or os.cpu_count() or 1
+    raise ConfigError(f"--nproc-per-node {value!r}: expected a positive integer or auto/cpu/gpu")
 
 
 def _rdzv_conf(text: str):
@@ -213,7 +211,7 @@ def run(args) -> int:
     min_nodes, max_nodes = parse_nnodes(args.nnodes)
     if args.standalone and (max_nodes != 1 or args.etcd):
         raise ConfigError("--standalone is for one node on a private etcd (no --nnodes/--etcd)")
-    nproc, gpus = _nproc(args.nproc_per_node)
+    nproc = _nproc(args.nproc_per_node)
     entrypoint, entry_args = _entrypoint(args)
     rdzv = _rdzv_conf(args.rdzv_conf)
     _configure_logging()
@@ -259,7 +257,7 @@ def run(args) -> int:
             local_addr=args.local_addr,
             grpc_host=args.local_addr,
             grpc_port=args.agent_port,
-            gpus=gpus,
+            gpus=_visible_gpus(),
             rendezvous=rdzv,
             **extra,
         )

@@ -37,7 +37,9 @@ def main() -> None:
         opt.load_state_dict(state["opt"])
         start = state["epoch"] + 1
         print(f"rank {rank}: resumed from epoch {state['epoch']}", flush=True)
-    ddp = DDP(model)
+    # DDP re-buckets gradients after its first iteration (not with find_unused_parameters), so
+    # a resumed run would sum some gradients in another order than an uninterrupted one (1 ulp).
+    ddp = DDP(model, find_unused_parameters=True)
 
     for epoch in range(start, args.epochs):
         gen = torch.Generator().manual_seed(1000 * epoch + rank)

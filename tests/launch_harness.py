@@ -1,0 +1,114 @@
+"""Starts real `etrain launch` agents (and torchrun) as subprocesses for the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+DDP_SCRIPT = SCRIPTS / "ddp_train.py"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+
+@dataclass
+class Cluster:
+    """Processes started by one test; all of them are killed (with their groups) at the end."""
+
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=full_env,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def agent(
+        self,
+        name: str,
+        *,
+        etcd: str | None,
+        job_id: str,
+        nnodes: str = "2",
+        nproc: int = 2,
+        max_restarts: int = 1,
+        extra: list[str] | None = None,
+        script_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        argv = [sys.executable, "-m", "elastictrain.cli.main", "launch",
+                "--nnodes", nnodes, "--nproc-per-node", str(nproc),
+                "--max-restarts", str(max_restarts), "--job-id", job_id, "--node-id", name,
+                "--node-ttl", "3", "--rdzv-conf", "last_call_timeout=1,keep_alive_max_attempt=3",
+                *(["--etcd", etcd] if etcd else []), *(extra or []),
+                str(DDP_SCRIPT), *(script_args or [])]  # fmt: skip
+        return self.start(name, argv, env)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait(timeout=10)
+
+
+def ddp_args(workdir: Path, epochs: int, sleep: float = 0.0) -> list[str]:
+    return ["--epochs", str(epochs), "--ckpt", str(workdir / "ckpt.pt"),
+            "--out", str(workdir / "final.pt"), "--sleep", str(sleep)]  # fmt: skip
+
+
+def checkpoint_epoch(workdir: Path) -> int:
+    path = workdir / "ckpt.pt"
+    try:
+        return int(torch.load(path, map_location="cpu")["epoch"])
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return -1
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def load_params(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu")
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"parameter {key} differs"

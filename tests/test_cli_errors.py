@@ -1,0 +1,76 @@
+"""Bad input: one line (plus a hint), a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from elastictrain.coord.embedded import free_loopback_port
+
+ETRAIN = [sys.executable, "-m", "elastictrain.cli.main"]
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*ETRAIN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_clean_error(done: subprocess.CompletedProcess, needle: str, code: int | None = None):
+    assert done.returncode != 0
+    if code is not None:
+        assert done.returncode == code
+    assert "Traceback" not in done.stderr
+    assert needle in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["launch", "missing_script.py"], "training script 'missing_script.py' not found"),
+        (["launch", "--nnodes", "3:2", __file__], "MIN (3) is greater than MAX (2)"),
+        (["launch", "--nnodes", "x", __file__], "expected N or MIN:MAX"),
+        (["launch", "--nproc-per-node", "0", __file__], "--nproc-per-node '0'"),
+        (["launch", "--max-restarts", "-1", "--etcd", "127.0.0.1:1", __file__], "--max-restarts"),
+        (["launch", "--etcd", "nohost", __file__], "is not host:port"),
+        (["launch", "--rdzv-conf", "bogus=1", __file__], "--rdzv-conf 'bogus=1'"),
+        (["launch", "--job-id", "bad/id", "--etcd", "127.0.0.1:1", __file__], "job id 'bad/id'"),
+        (["launch", "--rdzv-backend", "c10d", __file__], "only etcd-v3"),
+        (["chaos", "kill", "--rank", "-1", "--etcd", "127.0.0.1:1"], "--rank -1"),
+        (
+            ["chaos", "kill", "--rank", "0", "--signal", "SIGNOPE", "--etcd", "127.0.0.1:1"],
+            "unknown signal",
+        ),
+        (["bogus-command"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line(args, needle, runtime_dir):
+    _assert_clean_error(_run(*args), needle)
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_etcd(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("print('never runs')\n")
+    port = free_loopback_port()
+    done = _run("launch", "--etcd", f"127.0.0.1:{port}", str(script))
+    _assert_clean_error(done, f"etcd at 127.0.0.1:{port} did not answer", code=3)
+
+
+@pytest.mark.timeout(60)
+def test_unknown_job(etcd_endpoint, runtime_dir):
+    for args in (["status", "--once"], ["chaos", "kill", "--rank", "0"]):
+        done = _run(*args, "--etcd", etcd_endpoint, "--job-id", "no-such-job")
+        _assert_clean_error(done, "no agent of job 'no-such-job' is registered", code=2)
+    done = _run("status", "--once", "--job-id", "no-such-local-job")
+    _assert_clean_error(done, "no running local job 'no-such-local-job'", code=2)
+
+
+@pytest.mark.timeout(30)
+def test_help_is_fast_and_lists_commands():
+    done = _run("--help")
+    assert done.returncode == 0
+    for command in ("launch", "status", "chaos"):
+        assert command in done.stdout

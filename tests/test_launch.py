@@ -1,0 +1,179 @@
+"""End-to-end: real agents, real etcd, real workers running DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from launch_harness import (
+    DDP_SCRIPT,
+    Cluster,
+    assert_bit_identical,
+    checkpoint_epoch,
+    ddp_args,
+    load_params,
+    wait_until,
+)
+
+EPOCHS = 6
+ETRAIN = [sys.executable, "-m", "elastictrain.cli.main"]
+
+
+@pytest.fixture
+def cluster(tmp_path, runtime_dir):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(tmp_path_factory):
+    """Final parameters of the script under torchrun, 4 ranks, no fault."""
+    workdir = tmp_path_factory.mktemp("torchrun")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        "--nproc-per-node", "4", str(DDP_SCRIPT), *ddp_args(workdir, EPOCHS),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return load_params(workdir / "final.pt")
+
+
+def _etrain(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*ETRAIN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _status(etcd: str, job_id: str) -> dict:
+    done = _etrain("status", "--json", "--etcd", etcd, "--job-id", job_id)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _running_count(etcd: str, job_id: str) -> int:
+    """Running workers, or 0 while the job is not (yet) registered."""
+    done = _etrain("status", "--json", "--etcd", etcd, "--job-id", job_id)
+    return len(_running_workers(json.loads(done.stdout))) if done.returncode == 0 else 0
+
+
+def _running_workers(status: dict) -> list[dict]:
+    return [w for n in status["nodes"] for w in n["workers"] if w["state"] == "RUNNING"]
+
+
+@pytest.mark.timeout(240)
+def test_two_agents_match_torchrun(cluster, etcd_endpoint, job_id, torchrun_reference):
+    args = ddp_args(cluster.workdir, EPOCHS)
+    a = cluster.agent("a", etcd=etcd_endpoint, job_id=job_id, script_args=args)
+    b = cluster.agent("b", etcd=etcd_endpoint, job_id=job_id, script_args=args)
+    assert a.wait(180) == 0, a.text()
+    assert b.wait(30) == 0, b.text()
+    assert_bit_identical(load_params(cluster.workdir / "final.pt"), torchrun_reference)
+
+
+@pytest.mark.timeout(240)
+def test_worker_sigkill_restarts_and_matches(cluster, etcd_endpoint, job_id, torchrun_reference):
+    args = ddp_args(cluster.workdir, EPOCHS, sleep=0.4)
+    a = cluster.agent("a", etcd=etcd_endpoint, job_id=job_id, script_args=args)
+    b = cluster.agent("b", etcd=etcd_endpoint, job_id=job_id, script_args=args)
+    wait_until(lambda: checkpoint_epoch(cluster.workdir) >= 1, 150, "epoch 1 checkpoint")
+
+    # While the job runs, status shows both nodes and all four workers with live pids.
+    status = _status(etcd_endpoint, job_id)
+    assert sorted(n["node_id"] for n in status["nodes"]) == ["a", "b"]
+    workers = _running_workers(status)
+    assert sorted(w["rank"] for w in workers) == [0, 1, 2, 3]
+    for worker in workers:
+        os.kill(worker["pid"], 0)  # exists
+    text = _etrain("status", "--once", "--etcd", etcd_endpoint, "--job-id", job_id).stdout
+    for worker in workers:
+        assert str(worker["pid"]) in text
+
+    killed = _etrain("chaos", "kill", "--rank", "3", "--etcd", etcd_endpoint, "--job-id", job_id)
+    assert killed.returncode == 0, killed.stderr
+    assert "rank 3" in killed.stdout
+
+    assert a.wait(180) == 0, a.text()
+    assert b.wait(30) == 0, b.text()
+    assert "request_restart" in b.text()
+    assert "restart count 1" in a.text()
+    assert_bit_identical(load_params(cluster.workdir / "final.pt"), torchrun_reference)
+
+
+@pytest.mark.timeout(240)
+def test_restarts_exhausted_fails_with_root_cause(cluster, etcd_endpoint, job_id):
+    args = ddp_args(cluster.workdir, 40, sleep=0.3)
+    a = cluster.agent("a", etcd=etcd_endpoint, job_id=job_id, max_restarts=0, script_args=args)
+    b = cluster.agent("b", etcd=etcd_endpoint, job_id=job_id, max_restarts=0, script_args=args)
+    wait_until(lambda: checkpoint_epoch(cluster.workdir) >= 0, 150, "first checkpoint")
+    status = _status(etcd_endpoint, job_id)
+    victim = next(w for w in _running_workers(status) if w["rank"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert a.wait(60) == 1, a.text()
+    assert b.wait(60) == 1, b.text()
+    for proc in (a, b):
+        text = proc.text()
+        assert "Root Cause (first observed failure)" in text
+        assert f"exitcode  : -9 (pid: {victim['pid']})" in text
+        assert "Traceback (most recent call last)" not in text
+
+
+@pytest.mark.timeout(240)
+def test_lost_agent_survivor_finishes_alone(cluster, etcd_endpoint, job_id):
+    args = ddp_args(cluster.workdir, EPOCHS, sleep=0.4)
+    a = cluster.agent("a", etcd=etcd_endpoint, job_id=job_id, nnodes="1:2", script_args=args)
+    b = cluster.agent("b", etcd=etcd_endpoint, job_id=job_id, nnodes="1:2", script_args=args)
+    wait_until(lambda: _running_count(etcd_endpoint, job_id) == 4, 150, "4 workers", poll=0.5)
+    wait_until(lambda: checkpoint_epoch(cluster.workdir) >= 1, 150, "epoch 1 checkpoint")
+    b_workers = [w["pid"] for n in _status(etcd_endpoint, job_id)["nodes"] if n["node_id"] == "b"
+                 for w in n["workers"]]  # fmt: skip
+    os.kill(b.popen.pid, signal.SIGKILL)
+    assert a.wait(180) == 0, a.text()
+    assert "group rank 0 of 1 (nodes a)" in a.text()
+    # the dead agent's workers died with it (parent-death signal), none is left behind
+    for pid in b_workers:
+        wait_until(lambda pid=pid: not _alive(pid), 10, f"worker {pid} of the dead agent to exit")
+    assert (cluster.workdir / "final.pt").exists()
+
+
+@pytest.mark.timeout(300)
+def test_third_agent_joins_at_next_round(cluster, etcd_endpoint, job_id):
+    args = ddp_args(cluster.workdir, 10, sleep=0.5)
+    procs = [
+        cluster.agent(n, etcd=etcd_endpoint, job_id=job_id, nnodes="2:3", nproc=1, script_args=args)
+        for n in ("a", "b")
+    ]
+    wait_until(lambda: checkpoint_epoch(cluster.workdir) >= 1, 150, "epoch 1 checkpoint")
+    procs.append(
+        cluster.agent(
+            "c", etcd=etcd_endpoint, job_id=job_id, nnodes="2:3", nproc=1, script_args=args
+        )  # fmt: skip
+    )
+    for proc in procs:
+        assert proc.wait(200) == 0, proc.text()
+    assert "of 3 (nodes a,b,c)" in procs[0].text()
+    assert "node(s) waiting to join" in procs[0].text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_embedded_etcd_default_runs_and_cleans_up(cluster, job_id, runtime_dir):
+    args = ddp_args(cluster.workdir, 2)
+    argv = [*ETRAIN, "launch", "--nproc-per-node", "2", "--job-id", job_id, str(DDP_SCRIPT), *args]
+    proc = cluster.start("solo", argv)
+    assert proc.wait(100) == 0, proc.text()
+    assert "started a private etcd" in proc.text()
+    assert (cluster.workdir / "final.pt").exists()
+    assert not (runtime_dir / job_id / "etcd.json").exists()
+    etcd_pids = subprocess.run(["pgrep", "-f", f"etrain-etcd-.*{job_id}"], capture_output=True)
+    assert etcd_pids.stdout == b""
