@@ -177,3 +177,17 @@ def test_embedded_etcd_default_runs_and_cleans_up(cluster, job_id, runtime_dir):
     assert not (runtime_dir / job_id / "etcd.json").exists()
     etcd_pids = subprocess.run(["pgrep", "-f", f"etrain-etcd-.*{job_id}"], capture_output=True)
     assert etcd_pids.stdout == b""
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_runs_on_our_etcd_v3_backend(tmp_path, etcd_endpoint, job_id):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+        "--rdzv-backend", "etcd-v3", "--rdzv-endpoint", etcd_endpoint, "--rdzv-id", job_id,
+        str(DDP_SCRIPT), *ddp_args(tmp_path, 2),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Exception while registering out of tree plugin" not in done.stderr
+    assert (tmp_path / "final.pt").exists()

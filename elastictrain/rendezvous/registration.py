@@ -1,7 +1,8 @@
 """Registers ``etcd-v3`` as a torch rendezvous backend.
 
-Our agent uses :func:`create_handler` directly. The ``torchrun.handlers`` entry point in
-``pyproject.toml`` also makes ``torchrun --rdzv-backend etcd-v3 --rdzv-endpoint host:port`` work.
+Our agent uses :func:`create_handler` directly. The ``torchrun.handlers`` entry point
+(:mod:`elastictrain.rendezvous.plugin`) also makes
+``torchrun --rdzv-backend etcd-v3 --rdzv-endpoint host:port`` work.
 """
 
 from __future__ import annotations
@@ -38,11 +39,6 @@ def create_handler(
     store_timeout = params.get_as_int("store_timeout", 300)
     store = EtcdStore(client, keys.store_prefix, timeout=timedelta(seconds=store_timeout))
     return dynamic_rendezvous.create_handler(store, backend, params)
-
-
-def torchrun_handler_creator():
-    """Entry point for torch's out-of-tree handler discovery (``torchrun.handlers``)."""
-    return create_handler
 
 
 def register() -> None:
