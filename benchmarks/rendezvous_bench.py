@@ -93,25 +93,39 @@ def bench_two_agents(etcd: str, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_simulated(etcd: str, agents: int) -> dict:
+def bench_simulated(etcd: str, agents: int, backend: str) -> dict:
+    """One round of ``agents`` threads; ``backend`` is ``etcd-v3`` (ours) or ``c10d`` (torch's,
+    on a TCPStore, for comparison). Returns the round time and the compare-and-set count."""
+    import torch.distributed as dist
     from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 
     from elastictrain.coord.etcd import EtcdClient
     from elastictrain.rendezvous.registration import create_handler
 
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     job = f"sim-{uuid.uuid4().hex[:8]}-{agents}"
-    clients = [EtcdClient.from_spec(etcd, timeout=30) for _ in range(agents)]
-    handlers = [
-        create_handler(
-            RendezvousParameters(
-                backend="etcd-v3", endpoint=etcd, run_id=job, min_nodes=agents, max_nodes=agents,
-                local_addr=f"sim{i}", join_timeout=600, last_call_timeout=1,
-            ),
-            client=clients[i],
-        )
-        for i in range(agents)
-    ]  # fmt: skip
+    closers = []
+    server = None
+    if backend == "c10d":
+        server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+    def make(i: int):
+        params = RendezvousParameters(
+            backend=backend, endpoint=etcd, run_id=job, min_nodes=agents, max_nodes=agents,
+            local_addr=f"sim{i}", join_timeout=600, last_call_timeout=1,
+        )  # fmt: skip
+        if backend == "c10d":
+            store = dist.TCPStore("127.0.0.1", server.port, is_master=False)
+            closers.append(store)
+            return dr.create_handler(store, C10dRendezvousBackend(store, job), params)
+        client = EtcdClient.from_spec(etcd, timeout=30)
+        closers.append(client)
+        return create_handler(params, client=client)
+
+    handlers = [make(i) for i in range(agents)]
+    sets = _count_sets(handlers)
     ranks: list[int] = []
     done_at: list[float] = []
     errors: list[BaseException] = []
@@ -138,9 +152,25 @@ def bench_simulated(etcd: str, agents: int) -> dict:
     assert sorted(ranks) == list(range(agents)), "ranks are not 0..N-1"
     for h in handlers:
         h._stop_heartbeats()
-    for c in clients:
-        c.close()
-    return {"agents": agents, "round": max(done_at) - t0, "first": min(done_at) - t0}
+    for c in closers:
+        if isinstance(c, EtcdClient):
+            c.close()
+    return {"backend": backend, "agents": agents, "round": max(done_at) - t0, "sets": sets[0]}
+
+
+def _count_sets(handlers) -> list[int]:
+    """Counts every set_state of the handlers' backends (one shared counter)."""
+    count = [0]
+    for h in handlers:
+        backend = h._state_holder._backend
+        original = backend.set_state
+
+        def counted(state, token=None, _original=original):
+            count[0] += 1
+            return _original(state, token)
+
+        backend.set_state = counted
+    return count
 
 
 def main() -> int:
@@ -163,12 +193,14 @@ def main() -> int:
                 f"| {system:<26} | {statistics.median(vals):7.2f} | {min(vals):7.2f} | "
                 f"{max(vals):7.2f} | {len(vals):4d} |"
             )
-        print("\n## simulated agents (threads, one etcd connection each): one rendezvous round (s)")
-        print("| agents | all joined | first joined |")
-        print("|-------:|-----------:|-------------:|")
+        print("\n## simulated agents (threads in one process, own connection each): one round")
+        print("| agents | backend              | round (s) | set_state calls |")
+        print("|-------:|----------------------|----------:|----------------:|")
         for n in args.agents:
-            r = bench_simulated(etcd.endpoint, n)
-            print(f"| {r['agents']:6d} | {r['round']:10.2f} | {r['first']:12.2f} |")
+            for backend in ("etcd-v3", "c10d"):
+                r = bench_simulated(etcd.endpoint, n, backend)
+                name = "etcd-v3 (ours)" if backend == "etcd-v3" else "c10d TCPStore (torch)"
+                print(f"| {n:6d} | {name:<20} | {r['round']:9.2f} | {r['sets']:15d} |")
     return 0
 
 

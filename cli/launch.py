@@ -229,7 +229,7 @@ def run(args) -> int:
         else:
             from elastictrain.coord.embedded import EmbeddedEtcd
 
-            embedded = EmbeddedEtcd().start()
+            embedded = EmbeddedEtcd(name=f"etrain-{job_id}").start()
             etcd = embedded.endpoint
             local_jobs.publish(job_id, etcd)
             logger.info("started a private etcd at %s for job %s", etcd, job_id)

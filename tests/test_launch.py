@@ -175,8 +175,10 @@ def test_embedded_etcd_default_runs_and_cleans_up(cluster, job_id, runtime_dir):
     assert "started a private etcd" in proc.text()
     assert (cluster.workdir / "final.pt").exists()
     assert not (runtime_dir / job_id / "etcd.json").exists()
-    etcd_pids = subprocess.run(["pgrep", "-f", f"etrain-etcd-.*{job_id}"], capture_output=True)
-    assert etcd_pids.stdout == b""
+    etcd_pids = subprocess.run(
+        ["pgrep", "-f", "--", f"--name etrain-{job_id} "], capture_output=True
+    )
+    assert etcd_pids.returncode == 1, etcd_pids.stdout  # no such process left
 
 
 @pytest.mark.timeout(120)

