@@ -36,6 +36,8 @@ from elastictrain.coord.etcd import EtcdClient, LeaseKeeper, PrefixWatch, WatchE
 from elastictrain.coord.keys import JobKeys
 from elastictrain.coord.nodes import NodeRecord, list_nodes
 from elastictrain.errors import ConfigError, CoordinationUnavailableError
+from elastictrain.rendezvous.backend import EtcdV3RendezvousBackend
+from elastictrain.rendezvous.eviction import evict_nodes
 from elastictrain.rendezvous.registration import create_handler
 
 from .config import AgentConfig
@@ -139,6 +141,7 @@ class Agent:
             tee=config.tee,
         )
         self._handler = None
+        self._backend: EtcdV3RendezvousBackend | None = None
         self.failure_report = ""
 
     # -- views for gRPC ------------------------------------------------------------------------
@@ -195,24 +198,9 @@ class Agent:
         self._prepare_job()
         self._server, port = start_server(self, cfg.grpc_host, cfg.grpc_port)
         self.endpoint = f"{cfg.grpc_host}:{port}"
-        self._lease = LeaseKeeper(self._client, cfg.node_ttl, on_lost=self._on_lease_lost)
-        record = NodeRecord(
-            node_id=cfg.node_id,
-            endpoint=self.endpoint,
-            hostname=self.hostname,
-            gpus=cfg.gpus,
-            nproc_per_node=cfg.nproc_per_node,
-            pid=os.getpid(),
-        )
-        if not self._client.create(
-            self.keys.node(cfg.node_id), record.encode(), self._lease.lease_id
-        ):
-            raise ConfigError(
-                f"node id {cfg.node_id!r} is already registered in job {cfg.job_id!r}; "
-                "give each agent its own --node-id"
-            )
-        self._load_view()
+        self._register_node()
         revision = self._client.revision()
+        self._load_view()  # at or after `revision`; the watches replay from just after it
         self._watches = [
             self._client.watch_prefix(self.keys.control_prefix, self._on_control, revision + 1),
             self._client.watch_prefix(self.keys.nodes_prefix, self._on_nodes, revision + 1),
@@ -234,6 +222,7 @@ class Agent:
         # Never share torch's per-agent TCPStore across attempts: we host a fresh one per round.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         self._handler = create_handler(params, client=self._client)
+        self._backend = EtcdV3RendezvousBackend(self._client, self.keys.rendezvous_state)
         logger.info(
             "agent %s of job %s registered (gRPC %s, etcd %s)",
             cfg.node_id,
@@ -241,6 +230,26 @@ class Agent:
             self.endpoint,
             cfg.etcd,
         )
+
+    def _register_node(self) -> None:
+        """Take a lease and create this node's key under it (refused if the id is taken)."""
+        cfg = self.config
+        self._lease = LeaseKeeper(self._client, cfg.node_ttl, on_lost=self._on_lease_lost)
+        record = NodeRecord(
+            node_id=cfg.node_id,
+            endpoint=self.endpoint,
+            hostname=self.hostname,
+            gpus=cfg.gpus,
+            nproc_per_node=cfg.nproc_per_node,
+            pid=os.getpid(),
+        )
+        node_key = self.keys.node(cfg.node_id)
+        if not self._client.create(node_key, record.encode(), self._lease.lease_id):
+            self._lease.close(revoke=True)
+            raise ConfigError(
+                f"node id {cfg.node_id!r} is already registered in job {cfg.job_id!r}; "
+                "give each agent its own --node-id"
+            )
 
     def _prepare_job(self) -> None:
         """A job id whose previous run ended (closed or failed) and has no live agent starts
@@ -330,13 +339,23 @@ class Agent:
         if not events:
             self._load_view()
             return
+        lost: set[str] = set()
         with self._view.lock:
             for event in events:
                 node = event.key[len(self.keys.nodes_prefix) :]
                 if event.deleted:
                     self._view.live_nodes.discard(node)
+                    lost.add(node)
                 else:
                     self._view.live_nodes.add(node)
+                    lost.discard(node)
+        lost.discard(self.config.node_id)
+        if lost and self._backend is not None:
+            # The lease is the liveness signal: drop the node now, not after stale heartbeats.
+            try:
+                evict_nodes(self._backend, lost, self.config.min_nodes)
+            except Exception:
+                logger.warning("evicting %s from the rendezvous failed", lost, exc_info=True)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -452,6 +471,7 @@ class Agent:
             group_world_size=len(plan.slots),
             restarts_used=plan.restart_count,
             max_restarts=self.config.max_restarts,
+            self_lost=self._lease is not None and self._lease.lost,
         )
 
     def _monitor(self, plan: RoundPlan) -> Decision:
@@ -501,6 +521,9 @@ class Agent:
         if action is not Action.FINISH:
             self._state = "STOPPING"
             self._workers.stop(cfg.stop_grace)
+        if action is Action.REJOIN and self._lease is not None and self._lease.lost:
+            logger.warning("agent %s: registering again with a new lease", cfg.node_id)
+            self._register_node()
 
     def _log_failure_summary(self) -> None:
         first = self.failure_report.strip().splitlines()

@@ -140,6 +140,7 @@ class Observation:
     group_world_size: int
     restarts_used: int
     max_restarts: int
+    self_lost: bool = False  # our own lease expired: peers consider us dead
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ def decide(obs: Observation) -> Decision:
         return Decision(
             Action.FOLLOW_RESTART, f"node {obs.restart_requested_by} requested a restart"
         )
+    if obs.self_lost:
+        return Decision(Action.REJOIN, "this node's lease expired: joining again")
     if obs.lost_peers:
         return Decision(Action.REJOIN, f"lost node(s) {', '.join(sorted(obs.lost_peers))}")
     if obs.local is LocalState.SUCCEEDED:
