@@ -190,7 +190,9 @@ def _entrypoint(args) -> tuple[str, list[str]]:
 
 def _configure_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[etrain %(asctime)s] %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("[etrain %(asctime)s.%(msecs)03d] %(message)s", "%H:%M:%S")
+    )
     for name in ("elastictrain",):
         log = logging.getLogger(name)
         log.setLevel(logging.DEBUG if os.environ.get("ETRAIN_DEBUG") else logging.INFO)
