@@ -74,3 +74,13 @@ def test_help_is_fast_and_lists_commands():
     assert done.returncode == 0
     for command in ("launch", "status", "chaos"):
         assert command in done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_no_etcd_binary_says_how_to_install_one(tmp_path, monkeypatch, runtime_dir):
+    script = tmp_path / "train.py"
+    script.write_text("print('never runs')\n")
+    monkeypatch.setenv("ETRAIN_ETCD_BIN", str(tmp_path / "no-etcd-here"))
+    done = _run("launch", str(script))
+    _assert_clean_error(done, "is not an executable")
+    assert "apt-get install etcd-server" in done.stderr

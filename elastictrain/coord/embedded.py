@@ -148,6 +148,14 @@ class EmbeddedEtcd:
         self._kill()
         return False
 
+    def restart(self) -> None:
+        """Stop the server and start it again on the same ports and data (for fault tests)."""
+        self._kill()
+        if not self._try_start():
+            raise CoordinationUnavailableError(
+                f"the embedded etcd did not restart; see its log {self._log_path}"
+            )
+
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
