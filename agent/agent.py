@@ -39,6 +39,7 @@ from elastictrain.errors import ConfigError, CoordinationUnavailableError
 from elastictrain.rendezvous.backend import EtcdV3RendezvousBackend
 from elastictrain.rendezvous.eviction import evict_nodes
 from elastictrain.rendezvous.registration import create_handler
+from elastictrain.snapshot.memory_store import SnapshotStore
 
 from .config import AgentConfig
 from .plan import (
@@ -53,6 +54,7 @@ from .plan import (
     worker_env,
 )
 from .server import start_server
+from .snapshots import SnapshotCoordinator
 from .workers import WorkerGroup, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ class Agent:
         )
         self._handler = None
         self._backend: EtcdV3RendezvousBackend | None = None
+        self.snapshots: SnapshotCoordinator | None = None
         self.failure_report = ""
 
     # -- views for gRPC ------------------------------------------------------------------------
@@ -198,6 +201,13 @@ class Agent:
         self._prepare_job()
         self._server, port = start_server(self, cfg.grpc_host, cfg.grpc_port)
         self.endpoint = f"{cfg.grpc_host}:{port}"
+        self.snapshots = SnapshotCoordinator(
+            self._client,
+            self.keys,
+            cfg.node_id,
+            SnapshotStore(prefix=f"etrain-{cfg.job_id}-{cfg.node_id}"),
+            self._round_members,
+        )
         self._register_node()
         revision = self._client.revision()
         self._load_view()  # at or after `revision`; the watches replay from just after it
@@ -286,6 +296,8 @@ class Agent:
             logger.exception("stopping workers failed")
         for watch in self._watches:
             watch.cancel()
+        if self.snapshots is not None:
+            self.snapshots.close()
         self._tcp_store = None
         if self._handler is not None:
             try:
@@ -298,6 +310,16 @@ class Agent:
             self._server.stop(grace=0.5)
         if self._client is not None:
             self._client.close()
+
+    def _round_members(self) -> tuple[frozenset[str], frozenset[int]]:
+        """(participant node ids, this node's global ranks) of the current round."""
+        plan, assignments = self._plan, self._assignments
+        if plan is None:
+            return frozenset(), frozenset()
+        return plan.participants, frozenset(a.global_rank for a in assignments)
+
+    def agent_endpoints(self) -> list[str]:
+        return [n.endpoint for n in list_nodes(self._client, self.keys)]
 
     def _on_lease_lost(self) -> None:
         logger.error(
@@ -328,6 +350,9 @@ class Agent:
                 view.restart_by = json.loads(event.value).get("by", "?")
             elif event.key == self.keys.outcome and not event.deleted:
                 view.outcome = json.loads(event.value)
+            elif event.key == self.keys.snapshot_committed and not event.deleted:
+                if self.snapshots is not None:
+                    self.snapshots.on_committed(event.value)
             elif event.key.startswith(self.keys.rounds_prefix) and "/done/" in event.key:
                 round_id, _, node = event.key[len(self.keys.rounds_prefix) :].partition("/done/")
                 if event.deleted:
@@ -449,6 +474,11 @@ class Agent:
                 run_id=cfg.job_id,
                 parent_env=os.environ,
             )
+            | {
+                "ETRAIN_AGENT_ENDPOINT": self.endpoint,
+                "ETRAIN_JOB_ID": cfg.job_id,
+                "ETRAIN_NODE_ID": cfg.node_id,
+            }
             for a in self._assignments
         ]
         self._workers.start(self._assignments, envs)

@@ -10,11 +10,15 @@ from typing import TYPE_CHECKING
 import grpc
 
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
+from elastictrain.snapshot.memory_store import SnapshotError
+from elastictrain.snapshot.shm import shm_dir
 
 if TYPE_CHECKING:
     from .agent import Agent
 
 logger = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 1 << 20  # gRPC's default message limit is 4 MiB
 
 
 class AgentServicer(etrain_pb2_grpc.AgentServicer):
@@ -67,9 +71,67 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             message=f"sent signal {sig} to rank {request.rank} (pid {killed.pid})",
         )
 
+    def BeginSnapshot(self, request, context) -> etrain_pb2.BeginSnapshotResponse:  # noqa: N802
+        record = self._call(context, self._snapshots().begin, request.rank, request.step,
+                            request.nbytes)  # fmt: skip
+        return etrain_pb2.BeginSnapshotResponse(segment=record.segment.name, shm_dir=shm_dir())
+
+    def EndSnapshot(self, request, context) -> etrain_pb2.EndSnapshotResponse:  # noqa: N802
+        committed = self._call(context, self._snapshots().end, request.rank, request.step,
+                               bytes(request.meta), request.checksum)  # fmt: skip
+        return etrain_pb2.EndSnapshotResponse(committed=committed)
+
+    def GetSnapshotIndex(self, request, context) -> etrain_pb2.SnapshotIndex:  # noqa: N802
+        store = self._snapshots().store
+        committed = store.committed
+        return etrain_pb2.SnapshotIndex(
+            node_id=self._agent.config.node_id,
+            committed_step=-1 if committed is None else committed,
+            records=[
+                etrain_pb2.SnapshotRecordInfo(
+                    rank=r.rank,
+                    step=r.step,
+                    nbytes=r.nbytes,
+                    meta=r.meta,
+                    checksum=r.checksum,
+                    segment=r.segment.name,
+                )  # fmt: skip
+                for r in store.list()
+                if r.complete
+            ],
+            agents=self._agent.agent_endpoints(),
+            memory_bytes=store.memory_bytes(),
+        )
+
+    def ReadSnapshot(self, request, context):  # noqa: N802
+        record = self._snapshots().store.get(request.rank, request.step)
+        if record is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"no record of rank {request.rank} step {request.step} here")  # fmt: skip
+        end = (
+            record.nbytes
+            if request.length < 0
+            else min(record.nbytes, request.offset + request.length)
+        )
+        view = record.segment.view(0, record.nbytes)
+        for start in range(request.offset, end, READ_CHUNK_BYTES):
+            yield etrain_pb2.DataChunk(data=bytes(view[start : min(start + READ_CHUNK_BYTES, end)]))
+
+    def _snapshots(self):
+        if self._agent.snapshots is None:
+            raise RuntimeError("the agent is not set up yet")
+        return self._agent.snapshots
+
+    @staticmethod
+    def _call(context, fn, *args):
+        try:
+            return fn(*args)
+        except SnapshotError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
 
 def start_server(agent: Agent, host: str, port: int) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-rpc"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="agent-rpc"))
     etrain_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -65,13 +65,14 @@ class Cluster:
         extra: list[str] | None = None,
         script_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        script: Path = DDP_SCRIPT,
     ) -> Proc:
         argv = [sys.executable, "-m", "elastictrain.cli.main", "launch",
                 "--nnodes", nnodes, "--nproc-per-node", str(nproc),
                 "--max-restarts", str(max_restarts), "--job-id", job_id, "--node-id", name,
                 "--node-ttl", "3", "--rdzv-conf", "last_call_timeout=1,keep_alive_max_attempt=3",
                 *(["--etcd", etcd] if etcd else []), *(extra or []),
-                str(DDP_SCRIPT), *(script_args or [])]  # fmt: skip
+                str(script), *(script_args or [])]  # fmt: skip
         return self.start(name, argv, env)
 
     def close(self) -> None:

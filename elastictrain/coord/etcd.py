@@ -270,6 +270,15 @@ class EtcdClient:
     def delete(self, key: str) -> bool:
         return bool(self.call(f"delete {key}", lambda: self._client.delete(key)))
 
+    def delete_range(self, start: str, end: str) -> int:
+        """Delete keys in ``[start, end)``."""
+
+        def op():
+            request = self._client._build_delete_request(_as_bytes(start), _as_bytes(end))
+            return self._client.kvstub.DeleteRange(request, self._rpc_timeout)
+
+        return int(self.call(f"delete range {start}", op).deleted)
+
     def delete_prefix(self, prefix: str) -> int:
         resp = self.call(f"delete prefix {prefix}", lambda: self._client.delete_prefix(prefix))
         return int(resp.deleted)

@@ -67,3 +67,16 @@ class JobKeys:
 
     def round_done(self, round_id: str, node_id: str) -> str:
         return f"{self.rounds_prefix}{round_id}/done/{node_id}"
+
+    @property
+    def snapshot_committed(self) -> str:
+        """``{"step": s, ...}``: the newest snapshot every node has stored."""
+        return f"{self.control_prefix}snapshot"
+
+    @property
+    def snapshot_done_prefix(self) -> str:
+        return f"{self.root}snap/done/"
+
+    def snapshot_done(self, step: int, node_id: str = "") -> str:
+        """A node that holds every local rank's record of ``step`` (prefix without a node)."""
+        return f"{self.snapshot_done_prefix}{step:012d}/{node_id}"

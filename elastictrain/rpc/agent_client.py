@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import grpc
 
-from elastictrain.errors import AgentUnavailableError
+from elastictrain.errors import AgentUnavailableError, ElasticTrainError
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
+
+
+class SnapshotRefusedError(ElasticTrainError):
+    """The agent refused a snapshot request (e.g. a step at or before the committed one)."""
 
 
 class AgentClient:
@@ -32,6 +36,45 @@ class AgentClient:
         except grpc.RpcError as exc:
             raise AgentUnavailableError(
                 f"agent at {self.endpoint} did not answer: {exc.code().name}"
+            ) from exc
+
+    def begin_snapshot(self, rank: int, step: int, nbytes: int) -> etrain_pb2.BeginSnapshotResponse:
+        request = etrain_pb2.BeginSnapshotRequest(rank=rank, step=step, nbytes=nbytes)
+        return self._call("BeginSnapshot", self._stub.BeginSnapshot, request)
+
+    def end_snapshot(
+        self, rank: int, step: int, meta: bytes, checksum: int
+    ) -> etrain_pb2.EndSnapshotResponse:
+        request = etrain_pb2.EndSnapshotRequest(rank=rank, step=step, meta=meta, checksum=checksum)
+        return self._call("EndSnapshot", self._stub.EndSnapshot, request)
+
+    def snapshot_index(self) -> etrain_pb2.SnapshotIndex:
+        return self._call("GetSnapshotIndex", self._stub.GetSnapshotIndex,
+                          etrain_pb2.GetSnapshotIndexRequest())  # fmt: skip
+
+    def read_snapshot(self, rank: int, step: int, into: bytearray | memoryview) -> int:
+        """Stream one record into ``into``; returns the number of bytes read."""
+        request = etrain_pb2.ReadSnapshotRequest(rank=rank, step=step, offset=0, length=-1)
+        position = 0
+        try:
+            for chunk in self._stub.ReadSnapshot(request, timeout=max(self.timeout, 60.0)):
+                n = len(chunk.data)
+                into[position : position + n] = chunk.data
+                position += n
+        except grpc.RpcError as exc:
+            raise AgentUnavailableError(
+                f"agent at {self.endpoint}: ReadSnapshot failed: {exc.code().name}: {exc.details()}"
+            ) from exc
+        return position
+
+    def _call(self, what: str, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise SnapshotRefusedError(exc.details()) from exc
+            raise AgentUnavailableError(
+                f"agent at {self.endpoint}: {what} failed: {exc.code().name}"
             ) from exc
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65lastictrain/rpc/etrain.proto\x12\x0f\x65lastictrain.v1\"\x12\n\x10GetStatusRequest\"o\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12\x11\n\texit_code\x18\x06 \x01(\x05\"\xaa\x02\n\x0b\x41gentStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x15\n\rrestart_count\x18\x06 \x01(\x05\x12\x14\n\x0cmax_restarts\x18\x07 \x01(\x05\x12\r\n\x05round\x18\x08 \x01(\x05\x12\x12\n\ngroup_rank\x18\t \x01(\x05\x12\x18\n\x10group_world_size\x18\n \x01(\x05\x12\x12\n\nworld_size\x18\x0b \x01(\x05\x12\x0c\n\x04gpus\x18\x0c \x01(\x05\x12.\n\x07workers\x18\r \x03(\x0b\x32\x1d.elastictrain.v1.WorkerStatus\x12\x0b\n\x03pid\x18\x0e \x01(\x05\"|\n\x12InjectFaultRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x36\n\x04kind\x18\x02 \x01(\x0e\x32(.elastictrain.v1.InjectFaultRequest.Kind\x12\x0e\n\x06signal\x18\x03 \x01(\x05\"\x10\n\x04Kind\x12\x08\n\x04KILL\x10\x00\"P\n\x13InjectFaultResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t2\xaf\x01\n\x05\x41gent\x12L\n\tGetStatus\x12!.elastictrain.v1.GetStatusRequest\x1a\x1c.elastictrain.v1.AgentStatus\x12X\n\x0bInjectFault\x12#.elastictrain.v1.InjectFaultRequest\x1a$.elastictrain.v1.InjectFaultResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65lastictrain/rpc/etrain.proto\x12\x0f\x65lastictrain.v1\"\x12\n\x10GetStatusRequest\"o\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12\x11\n\texit_code\x18\x06 \x01(\x05\"\xaa\x02\n\x0b\x41gentStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x15\n\rrestart_count\x18\x06 \x01(\x05\x12\x14\n\x0cmax_restarts\x18\x07 \x01(\x05\x12\r\n\x05round\x18\x08 \x01(\x05\x12\x12\n\ngroup_rank\x18\t \x01(\x05\x12\x18\n\x10group_world_size\x18\n \x01(\x05\x12\x12\n\nworld_size\x18\x0b \x01(\x05\x12\x0c\n\x04gpus\x18\x0c \x01(\x05\x12.\n\x07workers\x18\r \x03(\x0b\x32\x1d.elastictrain.v1.WorkerStatus\x12\x0b\n\x03pid\x18\x0e \x01(\x05\"|\n\x12InjectFaultRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x36\n\x04kind\x18\x02 \x01(\x0e\x32(.elastictrain.v1.InjectFaultRequest.Kind\x12\x0e\n\x06signal\x18\x03 \x01(\x05\"\x10\n\x04Kind\x12\x08\n\x04KILL\x10\x00\"P\n\x13InjectFaultResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"B\n\x14\x42\x65ginSnapshotRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"9\n\x15\x42\x65ginSnapshotResponse\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0f\n\x07shm_dir\x18\x02 \x01(\t\"P\n\x12\x45ndSnapshotRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04meta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\"(\n\x13\x45ndSnapshotResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\"\x19\n\x17GetSnapshotIndexRequest\"q\n\x12SnapshotRecordInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\x12\x0c\n\x04meta\x18\x04 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\r\x12\x0f\n\x07segment\x18\x06 \x01(\t\"\x94\x01\n\rSnapshotIndex\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x02 \x01(\x03\x12\x34\n\x07records\x18\x03 \x03(\x0b\x32#.elastictrain.v1.SnapshotRecordInfo\x12\x0e\n\x06\x61gents\x18\x04 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\"Q\n\x13ReadSnapshotRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\x9b\x04\n\x05\x41gent\x12L\n\tGetStatus\x12!.elastictrain.v1.GetStatusRequest\x1a\x1c.elastictrain.v1.AgentStatus\x12X\n\x0bInjectFault\x12#.elastictrain.v1.InjectFaultRequest\x1a$.elastictrain.v1.InjectFaultResponse\x12^\n\rBeginSnapshot\x12%.elastictrain.v1.BeginSnapshotRequest\x1a&.elastictrain.v1.BeginSnapshotResponse\x12X\n\x0b\x45ndSnapshot\x12#.elastictrain.v1.EndSnapshotRequest\x1a$.elastictrain.v1.EndSnapshotResponse\x12\\\n\x10GetSnapshotIndex\x12(.elastictrain.v1.GetSnapshotIndexRequest\x1a\x1e.elastictrain.v1.SnapshotIndex\x12R\n\x0cReadSnapshot\x12$.elastictrain.v1.ReadSnapshotRequest\x1a\x1a.elastictrain.v1.DataChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INJECTFAULTREQUEST_KIND']._serialized_end=608
   _globals['_INJECTFAULTRESPONSE']._serialized_start=610
   _globals['_INJECTFAULTRESPONSE']._serialized_end=690
-  _globals['_AGENT']._serialized_start=693
-  _globals['_AGENT']._serialized_end=868
+  _globals['_BEGINSNAPSHOTREQUEST']._serialized_start=692
+  _globals['_BEGINSNAPSHOTREQUEST']._serialized_end=758
+  _globals['_BEGINSNAPSHOTRESPONSE']._serialized_start=760
+  _globals['_BEGINSNAPSHOTRESPONSE']._serialized_end=817
+  _globals['_ENDSNAPSHOTREQUEST']._serialized_start=819
+  _globals['_ENDSNAPSHOTREQUEST']._serialized_end=899
+  _globals['_ENDSNAPSHOTRESPONSE']._serialized_start=901
+  _globals['_ENDSNAPSHOTRESPONSE']._serialized_end=941
+  _globals['_GETSNAPSHOTINDEXREQUEST']._serialized_start=943
+  _globals['_GETSNAPSHOTINDEXREQUEST']._serialized_end=968
+  _globals['_SNAPSHOTRECORDINFO']._serialized_start=970
+  _globals['_SNAPSHOTRECORDINFO']._serialized_end=1083
+  _globals['_SNAPSHOTINDEX']._serialized_start=1086
+  _globals['_SNAPSHOTINDEX']._serialized_end=1234
+  _globals['_READSNAPSHOTREQUEST']._serialized_start=1236
+  _globals['_READSNAPSHOTREQUEST']._serialized_end=1317
+  _globals['_DATACHUNK']._serialized_start=1319
+  _globals['_DATACHUNK']._serialized_end=1344
+  _globals['_AGENT']._serialized_start=1347
+  _globals['_AGENT']._serialized_end=1886
 # @@protoc_insertion_point(module_scope)

@@ -84,3 +84,91 @@ class InjectFaultResponse(_message.Message):
     pid: int
     node_id: str
     def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class BeginSnapshotRequest(_message.Message):
+    __slots__ = ("rank", "step", "nbytes")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    step: int
+    nbytes: int
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class BeginSnapshotResponse(_message.Message):
+    __slots__ = ("segment", "shm_dir")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    shm_dir: str
+    def __init__(self, segment: _Optional[str] = ..., shm_dir: _Optional[str] = ...) -> None: ...
+
+class EndSnapshotRequest(_message.Message):
+    __slots__ = ("rank", "step", "meta", "checksum")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    step: int
+    meta: bytes
+    checksum: int
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class EndSnapshotResponse(_message.Message):
+    __slots__ = ("committed",)
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    committed: bool
+    def __init__(self, committed: _Optional[bool] = ...) -> None: ...
+
+class GetSnapshotIndexRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SnapshotRecordInfo(_message.Message):
+    __slots__ = ("rank", "step", "nbytes", "meta", "checksum", "segment")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    step: int
+    nbytes: int
+    meta: bytes
+    checksum: int
+    segment: str
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., nbytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksum: _Optional[int] = ..., segment: _Optional[str] = ...) -> None: ...
+
+class SnapshotIndex(_message.Message):
+    __slots__ = ("node_id", "committed_step", "records", "agents", "memory_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    committed_step: int
+    records: _containers.RepeatedCompositeFieldContainer[SnapshotRecordInfo]
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    memory_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., committed_step: _Optional[int] = ..., records: _Optional[_Iterable[_Union[SnapshotRecordInfo, _Mapping]]] = ..., agents: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class ReadSnapshotRequest(_message.Message):
+    __slots__ = ("rank", "step", "offset", "length")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    step: int
+    offset: int
+    length: int
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

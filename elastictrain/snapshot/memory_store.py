@@ -1,0 +1,151 @@
+"""The agent's in-memory snapshot store: shared-memory records that outlive workers.
+
+A *record* is one rank's bytes for one step (its slice of the replicated state plus its own
+per-rank state), in a segment the agent created. Workers write into the segment directly
+(:mod:`elastictrain.snapshot.shm`) between ``begin`` and ``end``. Which steps are kept is the
+pure :func:`plan_retention`; the store only applies it. Thread-safe (gRPC threads call it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from elastictrain.errors import ElasticTrainError
+from elastictrain.snapshot.shm import ShmSegment
+
+logger = logging.getLogger(__name__)
+
+
+class SnapshotError(ElasticTrainError):
+    """A snapshot request the store cannot honour."""
+
+
+@dataclass
+class Record:
+    step: int
+    rank: int
+    segment: ShmSegment
+    nbytes: int
+    meta: bytes = b""
+    checksum: int = 0
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    free: frozenset[int]
+    reason: str
+
+
+def plan_retention(steps: Iterable[int], committed: int | None, max_pending: int) -> RetentionPlan:
+    """Which steps to free: everything older than the committed step, and the oldest
+    uncommitted steps beyond ``max_pending`` (they can no longer all be written in time)."""
+    present = sorted(set(steps))
+    older = {s for s in present if committed is not None and s < committed}
+    pending = [s for s in present if committed is None or s > committed]
+    dropped = set(pending[:-max_pending]) if max_pending and len(pending) > max_pending else set()
+    reason = []
+    if older:
+        reason.append(f"older than committed step {committed}: {sorted(older)}")
+    if dropped:
+        reason.append(f"more than {max_pending} uncommitted steps: dropped {sorted(dropped)}")
+    return RetentionPlan(frozenset(older | dropped), "; ".join(reason) or "nothing to free")
+
+
+@dataclass
+class SnapshotStore:
+    """Records of this node's ranks, keyed by (step, rank)."""
+
+    prefix: str
+    max_pending: int = 2
+    records: dict[tuple[int, int], Record] = field(default_factory=dict)
+    committed: int | None = None
+    _free: list[ShmSegment] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def begin(self, rank: int, step: int, nbytes: int) -> Record:
+        """A writable record for (step, rank), reusing a freed segment when one is big enough."""
+        if nbytes < 0 or step < 0 or rank < 0:
+            raise SnapshotError(f"invalid snapshot request: rank {rank} step {step} {nbytes} B")
+        with self._lock:
+            if self.committed is not None and step <= self.committed:
+                raise SnapshotError(f"step {step} is not after the committed step {self.committed}")
+            record = self.records.get((step, rank))
+            if record is not None and record.segment.size >= nbytes:
+                record.complete = False
+                record.nbytes = nbytes
+                return record
+            segment = self._take_segment(nbytes)
+            record = Record(step=step, rank=rank, segment=segment, nbytes=nbytes)
+            self.records[(step, rank)] = record
+            self._apply_retention_locked()
+            return record
+
+    def _take_segment(self, nbytes: int) -> ShmSegment:
+        for i, segment in enumerate(self._free):
+            if segment.size >= nbytes:
+                return self._free.pop(i)
+        return ShmSegment.create(self.prefix, nbytes)
+
+    def end(self, rank: int, step: int, meta: bytes, checksum: int) -> Record:
+        with self._lock:
+            record = self.records.get((step, rank))
+            if record is None:
+                raise SnapshotError(
+                    f"no snapshot of rank {rank} step {step} was begun (or it was dropped)"
+                )
+            record.meta, record.checksum, record.complete = meta, checksum, True
+            return record
+
+    def complete_steps(self, ranks: Iterable[int]) -> list[int]:
+        """Steps for which every one of ``ranks`` has a complete record."""
+        wanted = set(ranks)
+        with self._lock:
+            by_step: dict[int, set[int]] = {}
+            for (step, rank), record in self.records.items():
+                if record.complete:
+                    by_step.setdefault(step, set()).add(rank)
+        return sorted(s for s, have in by_step.items() if wanted <= have)
+
+    def get(self, rank: int, step: int) -> Record | None:
+        with self._lock:
+            record = self.records.get((step, rank))
+            return record if record is not None and record.complete else None
+
+    def list(self) -> list[Record]:
+        with self._lock:
+            return sorted(self.records.values(), key=lambda r: (r.step, r.rank))
+
+    def mark_committed(self, step: int) -> None:
+        with self._lock:
+            if self.committed is None or step > self.committed:
+                self.committed = step
+                self._apply_retention_locked()
+
+    def _apply_retention_locked(self) -> None:
+        plan = plan_retention({s for s, _ in self.records}, self.committed, self.max_pending)
+        if not plan.free:
+            return
+        for key in [k for k in self.records if k[0] in plan.free]:
+            self._free.append(self.records.pop(key).segment)
+        while len(self._free) > 2 * self.max_pending + 2:
+            self._free.pop(0).close()
+        logger.debug("freed snapshot steps: %s", plan.reason)
+
+    def memory_bytes(self) -> int:
+        with self._lock:
+            return sum(r.segment.size for r in self.records.values()) + sum(
+                s.size for s in self._free
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            for record in self.records.values():
+                record.segment.close()
+            for segment in self._free:
+                segment.close()
+            self.records.clear()
+            self._free.clear()

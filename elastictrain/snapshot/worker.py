@@ -1,0 +1,285 @@
+"""The training script's side of snapshots.
+
+::
+
+    snap = Snapshotter(model=model, optimizer=opt, scheduler=sched)
+    restored = snap.restore()               # None on a fresh start
+    start = restored.step + 1 if restored else 0
+    for step in range(start, steps):
+        ...; opt.step(); sched.step()
+        snap.snapshot(step, data_position={"epoch": e, "index": i})
+
+What is snapshotted: the model's and optimizer's (and scheduler's) state dicts, which DDP keeps
+identical on every rank (*replicated*: each rank copies only its slice), and per rank the step,
+the data position, the RNG states (torch CPU and CUDA, Python, NumPy) and user extras. The
+bytes go straight into a shared-memory segment that the node's agent owns, so a worker crash
+loses nothing already snapshotted. Without an agent (``ETRAIN_AGENT_ENDPOINT`` unset) it is a
+no-op and ``restore()`` returns None, so a script runs under plain torchrun too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from elastictrain.rpc.agent_client import AgentClient
+from elastictrain.snapshot.layout import (
+    StateLayout,
+    copy_slice,
+    flatten_state,
+    slice_range,
+    unflatten_state,
+)
+from elastictrain.snapshot.shm import ShmSegment
+
+logger = logging.getLogger(__name__)
+
+ENV_AGENT_ENDPOINT = "ETRAIN_AGENT_ENDPOINT"
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RecordMeta:
+    """What a rank's record holds, stored beside it by the agent."""
+
+    format: int
+    rank: int
+    world: int
+    step: int
+    start: int  # slice of the replicated stream
+    end: int
+    rank_bytes: int  # the per-rank blob that follows the slice
+    layout: bytes  # StateLayout.encode()
+
+    def encode(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def decode(raw: bytes) -> RecordMeta:
+        meta = pickle.loads(raw)
+        if not isinstance(meta, RecordMeta) or meta.format != _FORMAT:
+            raise ValueError("unknown snapshot record format")
+        return meta
+
+
+@dataclass
+class Restored:
+    step: int
+    data_position: Any = None
+    extras: Any = None
+    world: int = 0
+    source: str = "memory"
+    sources: dict[int, str] = field(default_factory=dict)  # rank -> agent it was read from
+
+
+class SnapshotCorruptError(RuntimeError):
+    """A record's bytes do not match its checksum."""
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        state["numpy"] = numpy.random.get_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state and "numpy" in sys.modules:
+        sys.modules["numpy"].random.set_state(state["numpy"])
+
+
+class Snapshotter:
+    """Takes per-step snapshots into the agent's memory and restores from them.
+
+    Args:
+        model, optimizer, scheduler: objects with ``state_dict()``/``load_state_dict()``
+            (a DDP-wrapped model is fine: its ``module`` is used).
+        extras: a picklable object, or a callable returning one, kept per rank.
+        every: snapshot every N steps (``snapshot()`` skips the others).
+        replicated: the model/optimizer state is identical on all ranks (DDP), so each rank
+            keeps 1/world of it. Set False to keep each rank's whole state.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        extras: Any | Callable[[], Any] = None,
+        *,
+        every: int = 1,
+        replicated: bool = True,
+        rank: int | None = None,
+        world: int | None = None,
+        agent: str | None = None,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.model = getattr(model, "module", model)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.extras = extras
+        self.every = every
+        self.replicated = replicated
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+        endpoint = agent or os.environ.get(ENV_AGENT_ENDPOINT)
+        self._client = AgentClient(endpoint, timeout=30.0) if endpoint else None
+        self._segments: dict[str, ShmSegment] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    # -- taking --------------------------------------------------------------------------------
+
+    def _replicated_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.model is not None:
+            state["model"] = self.model.state_dict()
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def _rank_state(self, step: int, data_position: Any) -> bytes:
+        extras = self.extras() if callable(self.extras) else self.extras
+        state = {"step": step, "data": data_position, "rng": capture_rng(), "extras": extras}
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def snapshot(self, step: int, data_position: Any = None) -> bool:
+        """Snapshot the state after ``step`` (call after ``optimizer.step()``).
+
+        Returns False when skipped (not a multiple of ``every``, or no agent).
+        """
+        if self._client is None or step % self.every:
+            return False
+        layout, tensors = flatten_state(self._replicated_state())
+        world, rank = (self.world, self.rank) if self.replicated else (1, 0)
+        start, end = slice_range(layout.total_bytes, world, rank)
+        rank_blob = self._rank_state(step, data_position)
+        nbytes = (end - start) + len(rank_blob)
+        reply = self._client.begin_snapshot(self.rank, step, nbytes)
+        buffer = self._segment(reply.segment).tensor()
+        copy_slice(layout, tensors, start, end, buffer[: end - start])
+        if rank_blob:
+            blob = torch.frombuffer(bytearray(rank_blob), dtype=torch.uint8)
+            buffer[end - start : nbytes].copy_(blob)
+        checksum = zlib.crc32(self._segments[reply.segment].view(0, nbytes))
+        meta = RecordMeta(_FORMAT, self.rank, self.world, step, start, end, len(rank_blob),
+                          layout.encode())  # fmt: skip
+        self._client.end_snapshot(self.rank, step, meta.encode(), checksum)
+        return True
+
+    def _segment(self, name: str) -> ShmSegment:
+        segment = self._segments.get(name)
+        if segment is None:
+            segment = self._segments[name] = ShmSegment.attach(name)
+        return segment
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def restore(self) -> Restored | None:
+        """Load the job's newest committed snapshot into the registered objects.
+
+        Returns None when there is none (a fresh start). Reads every rank's slice from the
+        agent that holds it; the world size may differ from the one that took the snapshot.
+        """
+        if self._client is None:
+            return None
+        local = self._client.snapshot_index()
+        step = local.committed_step
+        if step < 0:
+            return None
+        holders: dict[int, tuple[str, Any]] = {}
+        for endpoint in local.agents:
+            index = local if endpoint == self._client.endpoint else self._index_of(endpoint)
+            if index is None:
+                continue
+            for info in index.records:
+                if info.step == step:
+                    holders.setdefault(info.rank, (endpoint, info))
+        if not holders:
+            raise SnapshotCorruptError(f"committed step {step} is held by no live agent")
+        records = {rank: (endpoint, info, self._read(endpoint, info)) for rank, (endpoint, info)
+                   in holders.items()}  # fmt: skip
+        any_meta = RecordMeta.decode(next(iter(records.values()))[1].meta)
+        layout = StateLayout.decode(any_meta.layout)
+        stream = torch.zeros(layout.total_bytes, dtype=torch.uint8)
+        covered = 0
+        for _rank, (_endpoint, info, data) in sorted(records.items()):
+            meta = RecordMeta.decode(info.meta)
+            if not self.replicated and meta.rank != self.rank:
+                continue
+            if meta.end > meta.start:
+                piece = torch.frombuffer(data, dtype=torch.uint8, count=meta.end - meta.start)
+                stream[meta.start : meta.end] = piece
+            covered += meta.end - meta.start
+        if covered < layout.total_bytes:
+            raise SnapshotCorruptError(
+                f"step {step}: slices cover {covered} of {layout.total_bytes} bytes "
+                f"(ranks held: {sorted(records)})"
+            )
+        state = unflatten_state(layout, stream)
+        if self.model is not None:
+            self.model.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        restored = Restored(step=step, world=any_meta.world,
+                            sources={r: e for r, (e, _, _) in records.items()})  # fmt: skip
+        mine = records.get(self.rank)
+        if mine is not None:
+            meta = RecordMeta.decode(mine[1].meta)
+            blob = bytes(mine[2][meta.end - meta.start : meta.end - meta.start + meta.rank_bytes])
+            rank_state = pickle.loads(blob)
+            restore_rng(rank_state["rng"])
+            restored.data_position = rank_state["data"]
+            restored.extras = rank_state["extras"]
+        return restored
+
+    def _index_of(self, endpoint: str):
+        try:
+            with AgentClient(endpoint, timeout=10.0) as peer:
+                return peer.snapshot_index()
+        except Exception as exc:  # a peer that died since is simply not a source
+            logger.warning("agent %s gave no snapshot index: %s", endpoint, exc)
+            return None
+
+    def _read(self, endpoint: str, info) -> bytearray:
+        data = bytearray(info.nbytes)
+        if endpoint == self._client.endpoint:
+            n = self._client.read_snapshot(info.rank, info.step, data)
+        else:
+            with AgentClient(endpoint, timeout=30.0) as peer:
+                n = peer.read_snapshot(info.rank, info.step, data)
+        if n != info.nbytes or zlib.crc32(data) != info.checksum:
+            raise SnapshotCorruptError(
+                f"record of rank {info.rank} step {info.step} from {endpoint} is corrupt"
+            )
+        return data
+
+    def close(self) -> None:
+        for segment in self._segments.values():
+            segment.close()
+        self._segments.clear()
+        if self._client is not None:
+            self._client.close()

@@ -1,0 +1,189 @@
+"""In-memory snapshots: layout, retention, the agent's store, commits in etcd, and restore
+after a worker crash with real agents, workers and etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from elastictrain.agent.snapshots import SnapshotCoordinator, committable
+from launch_harness import SCRIPTS, Cluster, assert_bit_identical, load_params, wait_until
+
+from elastictrain.coord.keys import JobKeys
+from elastictrain.snapshot.layout import copy_slice, flatten_state, slice_range, unflatten_state
+from elastictrain.snapshot.memory_store import SnapshotError, SnapshotStore, plan_retention
+from elastictrain.snapshot.shm import ShmSegment
+
+SNAPSHOT_SCRIPT = SCRIPTS / "snapshot_train.py"
+
+
+def _state():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 7)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "n": 3,
+            "empty": torch.empty(0), "bf16": torch.randn(3, 3).bfloat16()}  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 64])
+def test_slices_of_any_world_rebuild_the_state_bit_for_bit(world):
+    state = _state()
+    layout, tensors = flatten_state(state)
+    stream = torch.full((layout.total_bytes,), 0xAB, dtype=torch.uint8)
+    ranges = [slice_range(layout.total_bytes, world, r) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == layout.total_bytes
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    for start, end in ranges:
+        part = torch.zeros(end - start, dtype=torch.uint8)
+        copy_slice(layout, tensors, start, end, part)
+        stream[start:end] = part
+    back = unflatten_state(layout, stream)
+    assert back["n"] == 3 and back["empty"].numel() == 0
+    assert torch.equal(back["bf16"], state["bf16"])
+    for key, value in state["model"].items():
+        assert torch.equal(back["model"][key], value)
+    exp_avg = state["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], exp_avg)
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+
+
+def test_retention_keeps_committed_and_bounded_pending():
+    plan = plan_retention([3, 4, 5, 6], committed=4, max_pending=2)
+    assert plan.free == {3}
+    plan = plan_retention([5, 6, 7, 8], committed=4, max_pending=2)
+    assert plan.free == {5, 6} and "dropped" in plan.reason
+    assert plan_retention([1, 2], committed=None, max_pending=2).free == set()
+
+
+def test_store_records_outlive_their_writer_and_are_reused(tmp_path):
+    store = SnapshotStore(prefix=f"etrain-test-{os.getpid()}", max_pending=2)
+    try:
+        record = store.begin(rank=0, step=1, nbytes=100)
+        writer = ShmSegment.attach(record.segment.name)  # what a worker does
+        writer.tensor()[:100] = torch.arange(100, dtype=torch.uint8)
+        writer.close()  # the worker goes away; the data stay
+        store.end(0, 1, b"meta", 7)
+        assert bytes(store.get(0, 1).segment.view(0, 5)) == bytes(range(5))
+        assert store.complete_steps([0]) == [1]
+        store.mark_committed(1)
+        with pytest.raises(SnapshotError, match="not after the committed step"):
+            store.begin(0, 1, 10)
+        second = store.begin(0, 2, 100)
+        store.end(0, 2, b"", 0)
+        store.mark_committed(2)  # step 1 is freed, its segment pooled
+        third = store.begin(0, 3, 50)
+        assert third.segment is record.segment  # reused, no new allocation
+        assert store.get(0, 1) is None and store.get(0, 2) is second
+        assert store.memory_bytes() == 200
+    finally:
+        store.close()
+
+
+def test_commit_rule():
+    assert committable({"a", "b"}, {"a", "b"})
+    assert not committable({"a"}, {"a", "b"})
+    assert not committable({"a"}, set())
+
+
+@pytest.mark.timeout(60)
+def test_interrupted_snapshot_never_commits_nor_shadows(etcd_client, job_id):
+    keys = JobKeys(job_id)
+    members = frozenset({"a", "b"})
+    nodes = {
+        name: SnapshotCoordinator(
+            etcd_client, keys, name, SnapshotStore(prefix=f"etrain-{job_id}-{name}"),
+            lambda rank=rank: (members, frozenset({rank})),
+        )
+        for rank, name in enumerate(("a", "b"))
+    }  # fmt: skip
+
+    def committed() -> int | None:
+        kv = etcd_client.get(keys.snapshot_committed)
+        return None if kv is None else json.loads(kv.value)["step"]
+
+    def snapshot(node: str, rank: int, step: int, finish: bool = True) -> None:
+        coord = nodes[node]
+        record = coord.begin(rank, step, 16)
+        record.segment.tensor()[:16] = step
+        if finish:
+            coord.end(rank, step, b"m", 0)
+
+    try:
+        for step in (1, 2):
+            snapshot("a", 0, step)
+            snapshot("b", 1, step)
+        wait_until(lambda: committed() == 2, 10, "step 2 committed")
+        for coord in nodes.values():  # what the agents' watches do
+            coord.on_committed(etcd_client.get(keys.snapshot_committed).value)
+        # step 3: a finishes, b dies between begin and end (its agent never announces)
+        snapshot("a", 0, 3)
+        snapshot("b", 1, 3, finish=False)
+        time.sleep(1.0)
+        assert committed() == 2
+        assert nodes["a"].store.get(0, 2) is not None  # the committed one is still held
+        assert nodes["b"].store.get(1, 3) is None  # incomplete: not readable
+    finally:
+        for coord in nodes.values():
+            coord.close()
+
+
+@pytest.fixture
+def cluster(tmp_path, runtime_dir):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def _snapshot_args(workdir, steps: int, sleep: float) -> list[str]:
+    return ["--steps", str(steps), "--out", str(workdir / "final.pt"), "--sleep", str(sleep)]
+
+
+def _last_step(text: str, rank: int) -> int:
+    steps = [int(line.split()[3]) for line in text.splitlines()
+             if line.startswith(f"rank {rank}: step ")]  # fmt: skip
+    return max(steps, default=-1)
+
+
+@pytest.mark.timeout(240)
+def test_worker_crash_restores_bit_identical_state_from_memory(cluster, etcd_endpoint, job_id):
+    steps = 12
+    # reference: the same script under torchrun (no agent, so snapshots are a no-op)
+    ref_dir = cluster.workdir / "ref"
+    ref_dir.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           str(SNAPSHOT_SCRIPT), *_snapshot_args(ref_dir, steps, 0)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ref_dir, capture_output=True, text=True, timeout=150,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    reference = load_params(ref_dir / "final.pt")
+
+    args = _snapshot_args(cluster.workdir, steps, 0.3)
+    agents = [
+        cluster.agent(
+            n, etcd=etcd_endpoint, job_id=job_id, script=SNAPSHOT_SCRIPT, script_args=args
+        )  # fmt: skip
+        for n in ("a", "b")
+    ]
+    wait_until(lambda: _last_step(agents[1].text(), 3) >= 4, 150, "rank 3 at step 4")
+    victim = random.choice([2, 3])
+    killed = subprocess.run(
+        [sys.executable, "-m", "elastictrain.cli.main", "chaos", "kill", "--rank", str(victim),
+         "--etcd", etcd_endpoint, "--job-id", job_id],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert killed.returncode == 0, killed.stderr
+    for agent in agents:
+        assert agent.wait(180) == 0, agent.text()
+    text = agents[0].text() + agents[1].text()
+    restored = [int(line.split()[4]) for line in text.splitlines() if "from memory" in line]
+    assert len(restored) == 4 and len(set(restored)) == 1, restored  # every rank, one step
+    assert restored[0] >= 3
+    assert_bit_identical(load_params(cluster.workdir / "final.pt"), reference)
