@@ -54,7 +54,7 @@ from .plan import (
     worker_env,
 )
 from .server import start_server
-from .snapshots import SnapshotCoordinator
+from .snapshots import RoundView, SnapshotCoordinator
 from .workers import WorkerGroup, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,9 @@ class Agent:
             self.keys,
             cfg.node_id,
             SnapshotStore(prefix=f"etrain-{cfg.job_id}-{cfg.node_id}"),
-            self._round_members,
+            self._round_view,
+            scheme=cfg.snapshot_scheme,
+            agent_endpoints=self.agent_endpoints,
         )
         self._register_node()
         revision = self._client.revision()
@@ -311,12 +313,16 @@ class Agent:
         if self._client is not None:
             self._client.close()
 
-    def _round_members(self) -> tuple[frozenset[str], frozenset[int]]:
-        """(participant node ids, this node's global ranks) of the current round."""
+    def _round_view(self) -> RoundView:
+        """The current round as the snapshot coordinator needs it."""
         plan, assignments = self._plan, self._assignments
         if plan is None:
-            return frozenset(), frozenset()
-        return plan.participants, frozenset(a.global_rank for a in assignments)
+            return RoundView()
+        return RoundView(
+            members=tuple(s.node_id for s in plan.slots),
+            endpoints={s.node_id: s.endpoint for s in plan.slots},
+            local_ranks=frozenset(a.global_rank for a in assignments),
+        )
 
     def agent_endpoints(self) -> list[str]:
         return [n.endpoint for n in list_nodes(self._client, self.keys)]
@@ -464,6 +470,8 @@ class Agent:
     def _start_workers(self, plan: RoundPlan) -> None:
         cfg = self.config
         self._assignments = assign_worker_ranks(plan.slots, plan.group_rank)
+        if self.snapshots is not None:
+            self.snapshots.new_round()
         envs = [
             worker_env(
                 a,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from elastictrain import constants
 from elastictrain.coord.keys import validate_name
 from elastictrain.errors import ConfigError
+from elastictrain.snapshot.erasure import ErasureScheme
 
 
 def parse_nnodes(text: str) -> tuple[int, int]:
@@ -74,6 +75,7 @@ class AgentConfig:
     grpc_port: int = 0
     gpus: int = 0
     rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
+    snapshot_scheme: ErasureScheme | None = None  # None: chosen from the node count
 
     def __post_init__(self) -> None:
         validate_name("job id", self.job_id)

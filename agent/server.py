@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
-from elastictrain.snapshot.memory_store import SnapshotError
+from elastictrain.snapshot.memory_store import ChunkInfo, SnapshotError
 from elastictrain.snapshot.shm import shm_dir
 
 if TYPE_CHECKING:
@@ -100,7 +100,22 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
                 if r.complete
             ],
             agents=self._agent.agent_endpoints(),
-            memory_bytes=store.memory_bytes(),
+            memory_bytes=self._snapshots().memory_bytes(),
+            chunks=[
+                etrain_pb2.ChunkHeader(
+                    owner=c.owner,
+                    step=c.step,
+                    index=c.index,
+                    k=c.k,
+                    m=c.m,
+                    redundancy=c.redundancy,
+                    payload_bytes=c.payload_bytes,
+                    chunk_bytes=c.chunk_bytes,
+                    checksums=list(c.checksums),
+                )  # fmt: skip
+                for c in self._snapshots().chunks.list()
+            ],
+            committed_nodes=list(self._snapshots().committed_nodes),
         )
 
     def ReadSnapshot(self, request, context):  # noqa: N802
@@ -116,6 +131,49 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
         view = record.segment.view(0, record.nbytes)
         for start in range(request.offset, end, READ_CHUNK_BYTES):
             yield etrain_pb2.DataChunk(data=bytes(view[start : min(start + READ_CHUNK_BYTES, end)]))
+
+    def PutChunk(self, request_iterator, context) -> etrain_pb2.PutChunkResponse:  # noqa: N802
+        header = None
+        data = bytearray()
+        for piece in request_iterator:
+            if header is None:
+                header = piece.header
+                data = bytearray(header.chunk_bytes)
+                position = 0
+            n = len(piece.data)
+            data[position : position + n] = piece.data
+            position += n
+        if header is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty chunk stream")
+        info = ChunkInfo(
+            owner=header.owner, step=header.step, index=header.index, k=header.k, m=header.m,
+            redundancy=header.redundancy, payload_bytes=header.payload_bytes,
+            chunk_bytes=header.chunk_bytes, checksums=tuple(header.checksums),
+        )  # fmt: skip
+        self._call(context, self._snapshots().put_chunk, info, data)
+        return etrain_pb2.PutChunkResponse(ok=True)
+
+    def GetChunk(self, request, context):  # noqa: N802
+        found = self._snapshots().chunks.get(request.owner, request.step, request.index)
+        if found is None:
+            missing = f"no chunk {request.index} of {request.owner} step {request.step}"
+            context.abort(grpc.StatusCode.NOT_FOUND, missing)
+        view = memoryview(found[1])
+        for start in range(0, len(view), READ_CHUNK_BYTES):
+            yield etrain_pb2.DataChunk(data=bytes(view[start : start + READ_CHUNK_BYTES]))
+
+    def RecoverSnapshot(  # noqa: N802
+        self, request, context
+    ) -> etrain_pb2.RecoverSnapshotResponse:
+        try:
+            owners, ranks = self._snapshots().recover(request.step)
+        except Exception as exc:  # reported to the caller, which decides
+            logger.warning("recovering step %d failed: %s", request.step, exc)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
+        return etrain_pb2.RecoverSnapshotResponse(
+            recovered_owners=owners, ranks=ranks,
+            message=f"rebuilt {len(owners)} node snapshot(s), {len(ranks)} rank record(s)",
+        )  # fmt: skip
 
     def _snapshots(self):
         if self._agent.snapshots is None:

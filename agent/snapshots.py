@@ -1,11 +1,17 @@
-"""The agent's side of snapshots: hold records, announce complete steps, commit in etcd.
+"""The agent's side of snapshots: hold records, spread erasure-coded copies, commit, recover.
 
-A step is *committed* when every participant of the current round holds complete records of
-all its local ranks for it: each agent writes ``snap/done/<step>/<node>`` once its local ranks
-are done, and whoever then sees all participants there raises ``ctl/snapshot`` to that step (a
-compare-and-set that only moves forward). Every agent watches ``ctl/snapshot`` and frees what
-the retention plan says. etcd I/O runs on one background thread so ``EndSnapshot`` returns at
-once.
+When every local rank has ended step ``s``, the agent packs their records into one node
+payload, encodes it (k data + m parity chunks, or full copies when there are too few nodes;
+:func:`plan_placement` decides from the round's membership alone) and sends each holder its
+chunk. Only when every holder has acknowledged does it write ``snap/done/<s>/<node>``; whoever
+then sees all participants there raises ``ctl/snapshot`` to ``s`` (a compare-and-set that only
+moves forward). So a committed step survives the loss of any m nodes. Every agent watches
+``ctl/snapshot`` and frees what the retention plan says. This work runs on one background
+thread, so a worker's ``EndSnapshot`` returns at once.
+
+Recovery (:meth:`SnapshotCoordinator.recover`) rebuilds the payloads of committed owners that
+are gone from any k intact chunks held by live agents (a chunk with a bad checksum counts as
+lost) and adopts their records, which this agent then serves like its own.
 """
 
 from __future__ import annotations
@@ -15,11 +21,24 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
-from elastictrain.errors import CoordinationUnavailableError
-from elastictrain.snapshot.memory_store import Record, SnapshotStore
+from elastictrain.errors import AgentUnavailableError, CoordinationUnavailableError
+from elastictrain.rpc.agent_client import AgentClient
+from elastictrain.snapshot.erasure import (
+    ErasureCodec,
+    ErasureScheme,
+    chunk_checksum,
+    decode_snapshot,
+    encode_snapshot,
+)
+from elastictrain.snapshot.memory_store import ChunkInfo, ChunkStore, Record, SnapshotStore
+from elastictrain.snapshot.payload import PayloadEntry, pack_payload, unpack_payload
+from elastictrain.snapshot.placement import Redundancy, choose_scheme, plan_placement
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +48,17 @@ def committable(done_nodes: Collection[str], participants: Collection[str]) -> b
     return bool(participants) and set(participants) <= set(done_nodes)
 
 
+@dataclass(frozen=True)
+class RoundView:
+    """What the coordinator needs of the current round."""
+
+    members: tuple[str, ...] = ()  # node ids in group-rank order
+    endpoints: dict[str, str] = field(default_factory=dict)  # node id -> gRPC endpoint
+    local_ranks: frozenset[int] = frozenset()
+
+
 class SnapshotCoordinator:
-    """Bridges the local :class:`SnapshotStore` and the job's commit state in etcd."""
+    """Bridges the local stores, the peers' agents and the job's commit state in etcd."""
 
     def __init__(
         self,
@@ -38,14 +66,21 @@ class SnapshotCoordinator:
         keys: JobKeys,
         node_id: str,
         store: SnapshotStore,
-        round_members: Callable[[], tuple[frozenset[str], frozenset[int]]],
+        round_view: Callable[[], RoundView],
+        scheme: ErasureScheme | None = None,
+        agent_endpoints: Callable[[], list[str]] = list,
     ) -> None:
         self._client = client
         self._keys = keys
         self._node_id = node_id
         self.store = store
-        self._round_members = round_members  # (participant node ids, local global ranks)
+        self.chunks = ChunkStore(max_pending=store.max_pending)
+        self._round_view = round_view
+        self._scheme = scheme
+        self._agent_endpoints = agent_endpoints
+        self.committed_nodes: tuple[str, ...] = ()
         self._announced: set[int] = set()
+        self._recover_lock = threading.Lock()
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="snapshot-commit", daemon=True)
         self._thread.start()
@@ -61,12 +96,24 @@ class SnapshotCoordinator:
         committed = self.store.committed
         return committed is not None and committed >= step
 
-    # -- called from the watch thread ----------------------------------------------------------
+    def put_chunk(self, info: ChunkInfo, data: bytearray) -> None:
+        self.chunks.put(info, data)
+
+    # -- called from the agent --------------------------------------------------------------------
 
     def on_committed(self, value: bytes) -> None:
-        step = int(json.loads(value)["step"])
+        decoded = json.loads(value)
+        step = int(decoded["step"])
+        self.committed_nodes = tuple(decoded.get("nodes", ()))
         self.store.mark_committed(step)
+        self.chunks.mark_committed(step)
         self._announced = {s for s in self._announced if s > step}
+
+    def new_round(self) -> None:
+        """Steps after the committed one belong to the old round: drop them."""
+        self.store.drop_uncommitted()
+        self.chunks.drop_uncommitted()
+        self._announced.clear()
 
     # -- background -----------------------------------------------------------------------------
 
@@ -76,24 +123,58 @@ class SnapshotCoordinator:
             if step is None:
                 return
             try:
-                self._announce_if_complete(step)
-            except CoordinationUnavailableError as exc:
-                logger.warning("snapshot step %d not announced: %s", step, exc)
+                self._distribute_and_announce(step)
+            except (CoordinationUnavailableError, AgentUnavailableError) as exc:
+                logger.warning("snapshot step %d not committed here: %s", step, exc)
             except Exception:
-                logger.exception("snapshot step %d not announced", step)
+                logger.exception("snapshot step %d not committed here", step)
 
-    def _announce_if_complete(self, step: int) -> None:
-        participants, local_ranks = self._round_members()
-        if step in self._announced or not local_ranks:
+    def _distribute_and_announce(self, step: int) -> None:
+        view = self._round_view()
+        if step in self._announced or not view.local_ranks:
             return
-        if step not in self.store.complete_steps(local_ranks):
+        if step not in self.store.complete_steps(view.local_ranks):
             return
+        records = [self.store.get(rank, step) for rank in sorted(view.local_ranks)]
+        if any(r is None for r in records):
+            return  # dropped meanwhile
+        self._distribute(step, view, records)
         self._client.put(self._keys.snapshot_done(step, self._node_id), b"1")
         self._announced.add(step)
         kvs, _ = self._client.get_prefix(self._keys.snapshot_done(step))
         done = {kv.key.rsplit("/", 1)[-1] for kv in kvs}
-        if committable(done, participants):
-            self._commit(step, sorted(participants))
+        if committable(done, view.members):
+            self._commit(step, list(view.members))
+
+    def _distribute(self, step: int, view: RoundView, records: list[Record]) -> None:
+        entries = [PayloadEntry(r.rank, r.nbytes, r.meta, r.checksum) for r in records]
+        payload = pack_payload(entries, [r.segment.view(0, r.nbytes) for r in records])
+        scheme = self._scheme or choose_scheme(len(view.members))
+        decision = plan_placement(view.members, scheme)
+        holders = decision.holders_of(self._node_id)
+        if decision.redundancy is Redundancy.ERASURE:
+            with ErasureCodec(scheme.k, scheme.m) as codec:
+                encoded = encode_snapshot(codec, payload)
+            chunks = [encoded.chunks[i] for i in range(len(holders))]
+            checksums = encoded.checksums
+            k, m = scheme.k, scheme.m
+        else:  # full copies (or only the local one)
+            copy = np.frombuffer(payload, dtype=np.uint8)
+            chunks = [copy] * len(holders)
+            checksums = (chunk_checksum(copy),) * len(holders)
+            k, m = 1, len(holders) - 1
+        for index, holder in enumerate(holders):
+            info = ChunkInfo(
+                owner=self._node_id, step=step, index=index, k=k, m=m,
+                redundancy=decision.redundancy.value, payload_bytes=len(payload),
+                chunk_bytes=int(chunks[index].nbytes), checksums=tuple(checksums),
+            )  # fmt: skip
+            data = chunks[index]
+            if holder == self._node_id:
+                self.chunks.put(info, bytearray(data.tobytes()))
+            else:
+                with AgentClient(view.endpoints[holder], timeout=30.0) as peer:
+                    peer.put_chunk(info, memoryview(data))
 
     def _commit(self, step: int, nodes: list[str]) -> None:
         key = self._keys.snapshot_committed
@@ -107,13 +188,81 @@ class SnapshotCoordinator:
             )
             if written:
                 logger.debug("snapshot step %d committed", step)
-                # announcements of older steps are no longer needed
                 self._client.delete_range(
                     self._keys.snapshot_done_prefix, self._keys.snapshot_done(step)
                 )
                 return
 
+    # -- recovery -------------------------------------------------------------------------------
+
+    def recover(self, step: int) -> tuple[list[str], list[int]]:
+        """Rebuild and adopt the records of step ``step`` whose owners hold them no more.
+
+        Returns (owners rebuilt, ranks adopted). Raises NotEnoughChunksError when an owner's
+        payload cannot be rebuilt.
+        """
+        with self._recover_lock:
+            indexes = []
+            for endpoint in self._agent_endpoints():
+                try:
+                    with AgentClient(endpoint, timeout=10.0) as peer:
+                        indexes.append((endpoint, peer.snapshot_index()))
+                except AgentUnavailableError:
+                    continue
+            held_ranks = {r.rank for _, index in indexes for r in index.records if r.step == step}
+            live = {index.node_id for _, index in indexes}
+            rebuilt: list[str] = []
+            ranks: list[int] = []
+            for owner in self.committed_nodes:
+                if owner in live:
+                    continue
+                sources = [(endpoint, c) for endpoint, index in indexes for c in index.chunks
+                           if c.owner == owner and c.step == step]  # fmt: skip
+                if not sources:
+                    logger.warning(
+                        "no chunk of node %s step %d is held by a live agent", owner, step
+                    )
+                    continue
+                payload = self._rebuild_payload(owner, step, sources)
+                for entry, data in unpack_payload(payload):
+                    if entry.rank in held_ranks:
+                        continue
+                    self.store.adopt(entry.rank, step, data, entry.meta, entry.checksum)
+                    ranks.append(entry.rank)
+                rebuilt.append(owner)
+                logger.info("rebuilt node %s's snapshot of step %d (ranks %s) from %d chunk(s)",
+                            owner, step, ranks, len(sources))  # fmt: skip
+            return rebuilt, ranks
+
+    def _rebuild_payload(self, owner: str, step: int, sources) -> np.ndarray:
+        header = sources[0][1]
+        chunks: dict[int, np.ndarray] = {}
+        for endpoint, info in sources:
+            if info.index in chunks:
+                continue
+            data = bytearray(info.chunk_bytes)
+            try:
+                with AgentClient(endpoint, timeout=30.0) as peer:
+                    peer.get_chunk(owner, step, info.index, data)
+            except AgentUnavailableError as exc:
+                logger.warning(
+                    "chunk %d of %s from %s unreadable: %s", info.index, owner, endpoint, exc
+                )
+                continue
+            chunks[info.index] = np.frombuffer(data, dtype=np.uint8)
+        if header.redundancy != Redundancy.ERASURE.value:
+            for index, chunk in chunks.items():
+                if chunk_checksum(chunk) == header.checksums[index]:
+                    return chunk[: header.payload_bytes]
+            raise CoordinationUnavailableError(f"no intact copy of node {owner}'s step {step}")
+        with ErasureCodec(header.k, header.m) as codec:
+            return decode_snapshot(codec, chunks, list(header.checksums), header.payload_bytes)
+
+    def memory_bytes(self) -> int:
+        return self.store.memory_bytes() + self.chunks.memory_bytes()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=5)
         self.store.close()
+        self.chunks.clear()

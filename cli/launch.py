@@ -74,6 +74,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--standalone", action="store_true", help="single node on a private etcd")
     p.add_argument(
+        "--snapshot-ec",
+        dest="snapshot_ec",
+        default=None,
+        metavar="K+M",
+        help="erasure code of in-memory snapshots across nodes (default: chosen by node count)",
+    )
+    p.add_argument(
         "--node-id", dest="node_id", default=None, help="this node's id (default hostname)"
     )
     p.add_argument(
@@ -171,6 +178,18 @@ def _rdzv_conf(text: str):
     return RendezvousConfig(**values)
 
 
+def _snapshot_scheme(text: str | None):
+    from elastictrain.errors import ConfigError
+    from elastictrain.snapshot.erasure import ErasureScheme
+
+    if text is None:
+        return None
+    k, sep, m = text.partition("+")
+    if not sep or not k.strip().isdigit() or not m.strip().isdigit():
+        raise ConfigError(f"--snapshot-ec {text!r}: expected K+M, e.g. 4+2")
+    return ErasureScheme(int(k), int(m))
+
+
 def _entrypoint(args) -> tuple[str, list[str]]:
     from elastictrain.errors import ConfigError
 
@@ -216,6 +235,7 @@ def run(args) -> int:
     nproc = _nproc(args.nproc_per_node)
     entrypoint, entry_args = _entrypoint(args)
     rdzv = _rdzv_conf(args.rdzv_conf)
+    scheme = _snapshot_scheme(args.snapshot_ec)
     _configure_logging()
 
     job_id = args.job_id or constants.DEFAULT_JOB_ID
@@ -261,6 +281,7 @@ def run(args) -> int:
             grpc_port=args.agent_port,
             gpus=_visible_gpus(),
             rendezvous=rdzv,
+            snapshot_scheme=scheme,
             **extra,
         )
         agent = Agent(config)

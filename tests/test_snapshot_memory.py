@@ -12,10 +12,11 @@ import time
 
 import pytest
 import torch
-from elastictrain.agent.snapshots import SnapshotCoordinator, committable
+from elastictrain.agent.snapshots import RoundView, SnapshotCoordinator, committable
 from launch_harness import SCRIPTS, Cluster, assert_bit_identical, load_params, wait_until
 
 from elastictrain.coord.keys import JobKeys
+from elastictrain.snapshot.erasure import ErasureScheme
 from elastictrain.snapshot.layout import copy_slice, flatten_state, slice_range, unflatten_state
 from elastictrain.snapshot.memory_store import SnapshotError, SnapshotStore, plan_retention
 from elastictrain.snapshot.shm import ShmSegment
@@ -96,11 +97,11 @@ def test_commit_rule():
 @pytest.mark.timeout(60)
 def test_interrupted_snapshot_never_commits_nor_shadows(etcd_client, job_id):
     keys = JobKeys(job_id)
-    members = frozenset({"a", "b"})
     nodes = {
         name: SnapshotCoordinator(
             etcd_client, keys, name, SnapshotStore(prefix=f"etrain-{job_id}-{name}"),
-            lambda rank=rank: (members, frozenset({rank})),
+            lambda rank=rank: RoundView(("a", "b"), {}, frozenset({rank})),
+            scheme=ErasureScheme(1, 0),  # local only: this test is about the commit protocol
         )
         for rank, name in enumerate(("a", "b"))
     }  # fmt: skip

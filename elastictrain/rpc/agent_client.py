@@ -7,6 +7,8 @@ import grpc
 from elastictrain.errors import AgentUnavailableError, ElasticTrainError
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
 
+STREAM_PIECE_BYTES = 1 << 20  # well under gRPC's default 4 MiB message limit
+
 
 class SnapshotRefusedError(ElasticTrainError):
     """The agent refused a snapshot request (e.g. a step at or before the committed one)."""
@@ -55,15 +57,48 @@ class AgentClient:
     def read_snapshot(self, rank: int, step: int, into: bytearray | memoryview) -> int:
         """Stream one record into ``into``; returns the number of bytes read."""
         request = etrain_pb2.ReadSnapshotRequest(rank=rank, step=step, offset=0, length=-1)
+        return self._stream_into("ReadSnapshot", self._stub.ReadSnapshot, request, into)
+
+    def put_chunk(self, info, data: memoryview) -> None:
+        """Send one chunk (``info``: a ChunkInfo) in bounded messages."""
+        header = etrain_pb2.ChunkHeader(
+            owner=info.owner, step=info.step, index=info.index, k=info.k, m=info.m,
+            redundancy=info.redundancy, payload_bytes=info.payload_bytes,
+            chunk_bytes=info.chunk_bytes, checksums=list(info.checksums),
+        )  # fmt: skip
+        raw = memoryview(data).cast("B")
+
+        def pieces():
+            yield etrain_pb2.ChunkPiece(header=header, data=bytes(raw[:STREAM_PIECE_BYTES]))
+            for start in range(STREAM_PIECE_BYTES, len(raw), STREAM_PIECE_BYTES):
+                yield etrain_pb2.ChunkPiece(data=bytes(raw[start : start + STREAM_PIECE_BYTES]))
+
+        self._call("PutChunk", self._stub.PutChunk, pieces())
+
+    def get_chunk(self, owner: str, step: int, index: int, into: bytearray) -> int:
+        request = etrain_pb2.GetChunkRequest(owner=owner, step=step, index=index)
+        return self._stream_into("GetChunk", self._stub.GetChunk, request, into)
+
+    def recover_snapshot(self, step: int) -> etrain_pb2.RecoverSnapshotResponse:
+        request = etrain_pb2.RecoverSnapshotRequest(step=step)
+        try:
+            return self._stub.RecoverSnapshot(request, timeout=max(self.timeout, 120.0))
+        except grpc.RpcError as exc:
+            raise AgentUnavailableError(
+                f"agent at {self.endpoint}: RecoverSnapshot failed: {exc.code().name}: "
+                f"{exc.details()}"
+            ) from exc
+
+    def _stream_into(self, what: str, method, request, into) -> int:
         position = 0
         try:
-            for chunk in self._stub.ReadSnapshot(request, timeout=max(self.timeout, 60.0)):
+            for chunk in method(request, timeout=max(self.timeout, 60.0)):
                 n = len(chunk.data)
                 into[position : position + n] = chunk.data
                 position += n
         except grpc.RpcError as exc:
             raise AgentUnavailableError(
-                f"agent at {self.endpoint}: ReadSnapshot failed: {exc.code().name}: {exc.details()}"
+                f"agent at {self.endpoint}: {what} failed: {exc.code().name}: {exc.details()}"
             ) from exc
         return position
 

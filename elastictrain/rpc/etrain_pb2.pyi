@@ -142,18 +142,84 @@ class SnapshotRecordInfo(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., nbytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksum: _Optional[int] = ..., segment: _Optional[str] = ...) -> None: ...
 
 class SnapshotIndex(_message.Message):
-    __slots__ = ("node_id", "committed_step", "records", "agents", "memory_bytes")
+    __slots__ = ("node_id", "committed_step", "records", "agents", "memory_bytes", "chunks", "committed_nodes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_NODES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     committed_step: int
     records: _containers.RepeatedCompositeFieldContainer[SnapshotRecordInfo]
     agents: _containers.RepeatedScalarFieldContainer[str]
     memory_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., committed_step: _Optional[int] = ..., records: _Optional[_Iterable[_Union[SnapshotRecordInfo, _Mapping]]] = ..., agents: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[ChunkHeader]
+    committed_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., committed_step: _Optional[int] = ..., records: _Optional[_Iterable[_Union[SnapshotRecordInfo, _Mapping]]] = ..., agents: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkHeader, _Mapping]]] = ..., committed_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ChunkHeader(_message.Message):
+    __slots__ = ("owner", "step", "index", "k", "m", "redundancy", "payload_bytes", "chunk_bytes", "checksums")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    M_FIELD_NUMBER: _ClassVar[int]
+    REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    step: int
+    index: int
+    k: int
+    m: int
+    redundancy: str
+    payload_bytes: int
+    chunk_bytes: int
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, owner: _Optional[str] = ..., step: _Optional[int] = ..., index: _Optional[int] = ..., k: _Optional[int] = ..., m: _Optional[int] = ..., redundancy: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ChunkPiece(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ChunkHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutChunkResponse(_message.Message):
+    __slots__ = ("ok",)
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    def __init__(self, ok: _Optional[bool] = ...) -> None: ...
+
+class GetChunkRequest(_message.Message):
+    __slots__ = ("owner", "step", "index")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    step: int
+    index: int
+    def __init__(self, owner: _Optional[str] = ..., step: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
+class RecoverSnapshotRequest(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
+
+class RecoverSnapshotResponse(_message.Message):
+    __slots__ = ("recovered_owners", "ranks", "message")
+    RECOVERED_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    recovered_owners: _containers.RepeatedScalarFieldContainer[str]
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    message: str
+    def __init__(self, recovered_owners: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ReadSnapshotRequest(_message.Message):
     __slots__ = ("rank", "step", "offset", "length")

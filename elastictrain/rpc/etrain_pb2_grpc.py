@@ -64,6 +64,21 @@ class AgentStub:
                 request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.ReadSnapshotRequest.SerializeToString,
                 response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.DataChunk.FromString,
                 _registered_method=True)
+        self.PutChunk = channel.stream_unary(
+                '/elastictrain.v1.Agent/PutChunk',
+                request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.ChunkPiece.SerializeToString,
+                response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.PutChunkResponse.FromString,
+                _registered_method=True)
+        self.GetChunk = channel.unary_stream(
+                '/elastictrain.v1.Agent/GetChunk',
+                request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.GetChunkRequest.SerializeToString,
+                response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.DataChunk.FromString,
+                _registered_method=True)
+        self.RecoverSnapshot = channel.unary_unary(
+                '/elastictrain.v1.Agent/RecoverSnapshot',
+                request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotRequest.SerializeToString,
+                response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -111,6 +126,27 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutChunk(self, request_iterator, context):
+        """Erasure-coded copies between agents: an owner sends each holder its chunk of a step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetChunk(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecoverSnapshot(self, request, context):
+        """Rebuild the records of committed step `step` whose owners are gone, from the chunks held
+        by the live agents; the rebuilt records are then served by this agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +179,21 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReadSnapshot,
                     request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.ReadSnapshotRequest.FromString,
                     response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.DataChunk.SerializeToString,
+            ),
+            'PutChunk': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutChunk,
+                    request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.ChunkPiece.FromString,
+                    response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.PutChunkResponse.SerializeToString,
+            ),
+            'GetChunk': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetChunk,
+                    request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.GetChunkRequest.FromString,
+                    response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.DataChunk.SerializeToString,
+            ),
+            'RecoverSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecoverSnapshot,
+                    request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotRequest.FromString,
+                    response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +358,87 @@ class Agent:
             '/elastictrain.v1.Agent/ReadSnapshot',
             elastictrain_dot_rpc_dot_etrain__pb2.ReadSnapshotRequest.SerializeToString,
             elastictrain_dot_rpc_dot_etrain__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutChunk(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/elastictrain.v1.Agent/PutChunk',
+            elastictrain_dot_rpc_dot_etrain__pb2.ChunkPiece.SerializeToString,
+            elastictrain_dot_rpc_dot_etrain__pb2.PutChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/elastictrain.v1.Agent/GetChunk',
+            elastictrain_dot_rpc_dot_etrain__pb2.GetChunkRequest.SerializeToString,
+            elastictrain_dot_rpc_dot_etrain__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elastictrain.v1.Agent/RecoverSnapshot',
+            elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotRequest.SerializeToString,
+            elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,13 +66,20 @@ class SnapshotStore:
     _free: list[ShmSegment] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def begin(self, rank: int, step: int, nbytes: int) -> Record:
-        """A writable record for (step, rank), reusing a freed segment when one is big enough."""
+    def begin(self, rank: int, step: int, nbytes: int, rebuilding: bool = False) -> Record:
+        """A writable record for (step, rank), reusing a freed segment when one is big enough.
+
+        Only steps after the committed one can be written, except when ``rebuilding`` a
+        record of the committed step from other nodes' chunks.
+        """
         if nbytes < 0 or step < 0 or rank < 0:
             raise SnapshotError(f"invalid snapshot request: rank {rank} step {step} {nbytes} B")
         with self._lock:
-            if self.committed is not None and step <= self.committed:
-                raise SnapshotError(f"step {step} is not after the committed step {self.committed}")
+            committed = self.committed
+            if committed is not None and (
+                step < committed or (step == committed and not rebuilding)
+            ):
+                raise SnapshotError(f"step {step} is not after the committed step {committed}")
             record = self.records.get((step, rank))
             if record is not None and record.segment.size >= nbytes:
                 record.complete = False
@@ -115,6 +122,23 @@ class SnapshotStore:
             record = self.records.get((step, rank))
             return record if record is not None and record.complete else None
 
+    def adopt(self, rank: int, step: int, data: memoryview, meta: bytes, checksum: int) -> Record:
+        """Hold a record rebuilt from other nodes' chunks (complete at once)."""
+        record = self.begin(rank, step, len(data), rebuilding=True)
+        if len(data):
+            record.segment.view(0, len(data))[:] = data
+        return self.end(rank, step, meta, checksum)
+
+    def drop_uncommitted(self) -> list[int]:
+        """Free every step after the committed one (a new round must not mix with them)."""
+        with self._lock:
+            stale = sorted(
+                {s for s, _ in self.records if self.committed is None or s > self.committed}
+            )
+            for key in [k for k in self.records if k[0] in stale]:
+                self._free.append(self.records.pop(key).segment)
+            return stale
+
     def list(self) -> list[Record]:
         with self._lock:
             return sorted(self.records.values(), key=lambda r: (r.step, r.rank))
@@ -149,3 +173,74 @@ class SnapshotStore:
                 segment.close()
             self.records.clear()
             self._free.clear()
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """One erasure-coded chunk (or full copy) of an owner node's payload for one step."""
+
+    owner: str
+    step: int
+    index: int
+    k: int
+    m: int
+    redundancy: str  # "erasure" or "replication"
+    payload_bytes: int
+    chunk_bytes: int
+    checksums: tuple[int, ...]
+
+
+@dataclass
+class ChunkStore:
+    """Chunks this agent holds for owner nodes (itself included), keyed (owner, step, index)."""
+
+    max_pending: int = 2
+    chunks: dict[tuple[str, int, int], tuple[ChunkInfo, bytearray]] = field(default_factory=dict)
+    committed: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def put(self, info: ChunkInfo, data: bytearray) -> None:
+        if len(data) != info.chunk_bytes:
+            raise SnapshotError(
+                f"chunk {info.index} of {info.owner} step {info.step}: {len(data)} bytes, "
+                f"expected {info.chunk_bytes}"
+            )
+        with self._lock:
+            if self.committed is not None and info.step < self.committed:
+                return  # already superseded
+            self.chunks[(info.owner, info.step, info.index)] = (info, data)
+            self._apply_retention_locked()
+
+    def get(self, owner: str, step: int, index: int) -> tuple[ChunkInfo, bytearray] | None:
+        with self._lock:
+            return self.chunks.get((owner, step, index))
+
+    def list(self) -> list[ChunkInfo]:
+        with self._lock:
+            return sorted((info for info, _ in self.chunks.values()),
+                          key=lambda i: (i.step, i.owner, i.index))  # fmt: skip
+
+    def mark_committed(self, step: int) -> None:
+        with self._lock:
+            if self.committed is None or step > self.committed:
+                self.committed = step
+                self._apply_retention_locked()
+
+    def _apply_retention_locked(self) -> None:
+        steps = {step for _, step, _ in self.chunks}
+        plan = plan_retention(steps, self.committed, self.max_pending)
+        for key in [k for k in self.chunks if k[1] in plan.free]:
+            del self.chunks[key]
+
+    def memory_bytes(self) -> int:
+        with self._lock:
+            return sum(len(data) for _, data in self.chunks.values())
+
+    def drop_uncommitted(self) -> None:
+        with self._lock:
+            for key in [k for k in self.chunks if self.committed is None or k[1] > self.committed]:
+                del self.chunks[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.chunks.clear()

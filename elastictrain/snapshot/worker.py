@@ -208,14 +208,12 @@ class Snapshotter:
         step = local.committed_step
         if step < 0:
             return None
-        holders: dict[int, tuple[str, Any]] = {}
-        for endpoint in local.agents:
-            index = local if endpoint == self._client.endpoint else self._index_of(endpoint)
-            if index is None:
-                continue
-            for info in index.records:
-                if info.step == step:
-                    holders.setdefault(info.rank, (endpoint, info))
+        holders = self._holders(local, step)
+        if not self._covers(holders):
+            # Some owner is gone: its agent-held records are rebuilt from erasure-coded chunks.
+            reply = self._client.recover_snapshot(step)
+            logger.info("rank %d: %s", self.rank, reply.message)
+            holders = self._holders(self._client.snapshot_index(), step)
         if not holders:
             raise SnapshotCorruptError(f"committed step {step} is held by no live agent")
         records = {rank: (endpoint, info, self._read(endpoint, info)) for rank, (endpoint, info)
@@ -255,6 +253,28 @@ class Snapshotter:
             restored.data_position = rank_state["data"]
             restored.extras = rank_state["extras"]
         return restored
+
+    def _holders(self, local, step: int) -> dict[int, tuple[str, Any]]:
+        """rank -> (agent endpoint, record info) for the records of ``step`` on live agents."""
+        holders: dict[int, tuple[str, Any]] = {}
+        for endpoint in local.agents:
+            index = local if endpoint == self._client.endpoint else self._index_of(endpoint)
+            if index is None:
+                continue
+            for info in index.records:
+                if info.step == step:
+                    holders.setdefault(info.rank, (endpoint, info))
+        return holders
+
+    def _covers(self, holders: dict[int, tuple[str, Any]]) -> bool:
+        """Whether the records cover the whole replicated stream (or hold our own state)."""
+        if not holders:
+            return False
+        if not self.replicated:
+            return self.rank in holders
+        metas = [RecordMeta.decode(info.meta) for _, info in holders.values()]
+        total = StateLayout.decode(metas[0].layout).total_bytes
+        return sum(m.end - m.start for m in metas) >= total and len(holders) >= metas[0].world
 
     def _index_of(self, endpoint: str):
         try:
