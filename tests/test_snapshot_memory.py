@@ -188,3 +188,72 @@ def test_worker_crash_restores_bit_identical_state_from_memory(cluster, etcd_end
     assert len(restored) == 4 and len(set(restored)) == 1, restored  # every rank, one step
     assert restored[0] >= 3
     assert_bit_identical(load_params(cluster.workdir / "final.pt"), reference)
+
+
+def _committed_step(client, job_id: str) -> int:
+    kv = client.get(JobKeys(job_id).snapshot_committed)
+    return -1 if kv is None else int(json.loads(kv.value)["step"])
+
+
+def _records(endpoint: str, step: int) -> dict[int, bytes]:
+    from elastictrain.rpc.agent_client import AgentClient
+
+    with AgentClient(endpoint) as agent:
+        index = agent.snapshot_index()
+        out = {}
+        for info in index.records:
+            if info.step == step:
+                data = bytearray(info.nbytes)
+                agent.read_snapshot(info.rank, step, data)
+                out[info.rank] = bytes(data)
+        return out
+
+
+@pytest.mark.timeout(300)
+def test_lost_node_snapshot_is_rebuilt_from_the_other_two(cluster, etcd_endpoint, etcd_client,
+                                                          job_id):  # fmt: skip
+    from elastictrain.coord.nodes import list_nodes
+    from elastictrain.rpc.agent_client import AgentClient
+
+    pause = cluster.workdir / "pause"
+    args = [*_snapshot_args(cluster.workdir, 30, 0.2), "--pause-file", str(pause)]
+    agents = {
+        n: cluster.agent(
+            n,
+            etcd=etcd_endpoint,
+            job_id=job_id,
+            nnodes="2:3",
+            nproc=1,
+            max_restarts=2,
+            extra=["--snapshot-ec", "2+1"],
+            script=SNAPSHOT_SCRIPT,
+            script_args=args,
+        )  # fmt: skip
+        for n in ("a", "b", "c")
+    }
+    wait_until(lambda: _committed_step(etcd_client, job_id) >= 3, 150, "step 3 committed")
+    pause.touch()
+    # let the last steps settle: the committed step stops moving
+    previous = -2
+    while (step := _committed_step(etcd_client, job_id)) != previous:
+        previous = step
+        time.sleep(1.5)
+    endpoints = {n.node_id: n.endpoint for n in list_nodes(etcd_client, JobKeys(job_id))}
+    original = _records(endpoints["c"], step)
+    assert original, "node c holds no record of the committed step"
+
+    os.kill(agents["c"].popen.pid, 9)
+    wait_until(lambda: "c" not in {n.node_id for n in list_nodes(etcd_client, JobKeys(job_id))},
+               20, "c's lease to expire")  # fmt: skip
+    with AgentClient(endpoints["a"], timeout=60) as a:
+        reply = a.recover_snapshot(step)
+    assert list(reply.recovered_owners) == ["c"]
+    assert sorted(reply.ranks) == sorted(original)
+    rebuilt = _records(endpoints["a"], step)
+    for rank, data in original.items():
+        assert rebuilt[rank] == data, f"rank {rank}'s record differs after the rebuild"
+    pause.unlink()
+    for name in ("a", "b"):
+        assert agents[name].wait(200) == 0, agents[name].text()
+    text = agents["a"].text() + agents["b"].text()
+    assert f"restored step {step} from memory" in text

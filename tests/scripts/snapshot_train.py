@@ -6,6 +6,7 @@ restoring the RNG state would see other data: bit-identical results prove the wh
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--out", required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--pause-file", default=None, help="hold before each step while it exists")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -40,6 +42,8 @@ def main() -> None:
         print(f"rank {rank}: restored step {restored.step} from memory", flush=True)
     ddp = DDP(model, find_unused_parameters=True)
     for step in range(start, args.steps):
+        while args.pause_file and os.path.exists(args.pause_file):
+            time.sleep(0.05)
         x = torch.randn(16, 8)
         y = torch.randn(16, 4)
         loss = nn.functional.mse_loss(ddp(x), y)
