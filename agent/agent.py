@@ -209,6 +209,8 @@ class Agent:
             self._round_view,
             scheme=cfg.snapshot_scheme,
             agent_endpoints=self.agent_endpoints,
+            disk_dir=cfg.snapshot_dir,
+            disk_every=cfg.snapshot_disk_every,
         )
         self._register_node()
         revision = self._client.revision()
@@ -299,7 +301,7 @@ class Agent:
         for watch in self._watches:
             watch.cancel()
         if self.snapshots is not None:
-            self.snapshots.close()
+            self.snapshots.close(save=True)
         self._tcp_store = None
         if self._handler is not None:
             try:
@@ -487,6 +489,7 @@ class Agent:
                 "ETRAIN_JOB_ID": cfg.job_id,
                 "ETRAIN_NODE_ID": cfg.node_id,
             }
+            | ({"ETRAIN_SNAPSHOT_DIR": cfg.snapshot_dir} if cfg.snapshot_dir else {})
             for a in self._assignments
         ]
         self._workers.start(self._assignments, envs)

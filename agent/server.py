@@ -175,6 +175,23 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             message=f"rebuilt {len(owners)} node snapshot(s), {len(ranks)} rank record(s)",
         )  # fmt: skip
 
+    def SaveSnapshot(self, request, context) -> etrain_pb2.SaveSnapshotResponse:  # noqa: N802
+        coordinator = self._snapshots()
+        if coordinator.disk_root is None:
+            return etrain_pb2.SaveSnapshotResponse(ok=False, message="no --snapshot-dir")
+        future = coordinator.save_to_disk(None if request.step < 0 else request.step)
+        if future is None:
+            return etrain_pb2.SaveSnapshotResponse(ok=False, message="no complete snapshot here")
+        try:
+            written = future.result(timeout=600)
+        except Exception as exc:  # reported to the caller
+            return etrain_pb2.SaveSnapshotResponse(ok=False, message=f"{type(exc).__name__}: {exc}")
+        return etrain_pb2.SaveSnapshotResponse(
+            ok=True, step=written.step, path=str(written.path), raw_bytes=written.raw_bytes,
+            compressed_bytes=written.compressed_bytes, seconds=written.seconds,
+            message=f"step {written.step} written",
+        )  # fmt: skip
+
     def _snapshots(self):
         if self._agent.snapshots is None:
             raise RuntimeError("the agent is not set up yet")

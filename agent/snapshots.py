@@ -22,6 +22,7 @@ import queue
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
 from elastictrain.errors import AgentUnavailableError, CoordinationUnavailableError
 from elastictrain.rpc.agent_client import AgentClient
+from elastictrain.snapshot.disk import DiskTierWriter
+from elastictrain.snapshot.disk import Snapshot as DiskSnapshot
+from elastictrain.snapshot.disk_records import to_disk_records
 from elastictrain.snapshot.erasure import (
     ErasureCodec,
     ErasureScheme,
@@ -69,6 +73,8 @@ class SnapshotCoordinator:
         round_view: Callable[[], RoundView],
         scheme: ErasureScheme | None = None,
         agent_endpoints: Callable[[], list[str]] = list,
+        disk_dir: str | None = None,
+        disk_every: int = 0,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -81,6 +87,10 @@ class SnapshotCoordinator:
         self.committed_nodes: tuple[str, ...] = ()
         self._announced: set[int] = set()
         self._recover_lock = threading.Lock()
+        self.disk_root = str(Path(disk_dir) / node_id) if disk_dir else None
+        self._disk = DiskTierWriter(self.disk_root) if self.disk_root else None
+        self._disk_every = disk_every
+        self._commits_since_disk = 0
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="snapshot-commit", daemon=True)
         self._thread.start()
@@ -108,6 +118,39 @@ class SnapshotCoordinator:
         self.store.mark_committed(step)
         self.chunks.mark_committed(step)
         self._announced = {s for s in self._announced if s > step}
+        self._commits_since_disk += 1
+        if (
+            self._disk is not None
+            and self._disk_every
+            and self._commits_since_disk >= self._disk_every
+        ):
+            self.save_to_disk(step)
+
+    def save_to_disk(self, step: int | None = None):
+        """Write this node's records of ``step`` (default: the committed one) to the disk tier
+        in the background; returns the write's future, or None if there is nothing to write."""
+        if self._disk is None:
+            return None
+        step = self.store.committed if step is None else step
+        records = (
+            [r for r in self.store.list() if r.step == step and r.complete]
+            if step is not None
+            else []
+        )
+        if not records:
+            return None
+        self._commits_since_disk = 0
+        self.store.pin(step)
+        pieces = [
+            piece
+            for r in records
+            for piece in to_disk_records(r.rank, r.segment.tensor()[: r.nbytes], r.meta, r.checksum)
+        ]
+        future = self._disk.submit(
+            DiskSnapshot(step=step, job_id=self._keys.job_id, records=pieces)
+        )
+        future.add_done_callback(lambda _f: self.store.unpin(step))
+        return future
 
     def new_round(self) -> None:
         """Steps after the committed one belong to the old round: drop them."""
@@ -261,8 +304,19 @@ class SnapshotCoordinator:
     def memory_bytes(self) -> int:
         return self.store.memory_bytes() + self.chunks.memory_bytes()
 
-    def close(self) -> None:
+    def close(self, save: bool = False) -> None:
+        """Stop; with ``save``, first write the committed step to the disk tier and wait."""
         self._queue.put(None)
         self._thread.join(timeout=5)
+        if self._disk is not None:
+            if save:
+                future = self.save_to_disk()
+                if future is not None:
+                    try:
+                        written = future.result(timeout=600)
+                        logger.info("snapshot step %d written to %s", written.step, written.path)
+                    except Exception as exc:
+                        logger.warning("writing the final snapshot failed: %s", exc)
+            self._disk.close()
         self.store.close()
         self.chunks.clear()

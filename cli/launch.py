@@ -81,6 +81,20 @@ def add_parser(sub) -> None:
         help="erasure code of in-memory snapshots across nodes (default: chosen by node count)",
     )
     p.add_argument(
+        "--snapshot-dir",
+        dest="snapshot_dir",
+        default=None,
+        help="disk tier of snapshots: written on demand, at exit, and every N commits",
+    )
+    p.add_argument(
+        "--snapshot-disk-every",
+        dest="snapshot_disk_every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write every N committed snapshots to --snapshot-dir",
+    )
+    p.add_argument(
         "--node-id", dest="node_id", default=None, help="this node's id (default hostname)"
     )
     p.add_argument(
@@ -282,6 +296,8 @@ def run(args) -> int:
             gpus=_visible_gpus(),
             rendezvous=rdzv,
             snapshot_scheme=scheme,
+            snapshot_dir=os.path.abspath(args.snapshot_dir) if args.snapshot_dir else None,
+            snapshot_disk_every=args.snapshot_disk_every,
             **extra,
         )
         agent = Agent(config)

@@ -257,3 +257,50 @@ def test_lost_node_snapshot_is_rebuilt_from_the_other_two(cluster, etcd_endpoint
         assert agents[name].wait(200) == 0, agents[name].text()
     text = agents["a"].text() + agents["b"].text()
     assert f"restored step {step} from memory" in text
+
+
+@pytest.mark.timeout(300)
+def test_disk_tier_snapshot_restores_a_whole_new_job(cluster, etcd_endpoint, job_id, tmp_path):
+    steps_first, steps_total = 5, 9
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           str(SNAPSHOT_SCRIPT), *_snapshot_args(ref_dir, steps_total, 0)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ref_dir, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    snapshots = tmp_path / "snapshots"
+    disk = ["--snapshot-dir", str(snapshots)]
+    first = [
+        cluster.agent(
+            n,
+            etcd=etcd_endpoint,
+            job_id=job_id,
+            extra=disk,
+            script=SNAPSHOT_SCRIPT,
+            script_args=_snapshot_args(cluster.workdir, steps_first, 0),
+        )  # fmt: skip
+        for n in ("a", "b")
+    ]
+    for agent in first:
+        assert agent.wait(150) == 0, agent.text()
+    assert sorted(p.name for p in snapshots.iterdir()) == ["a", "b"]  # one root per node
+    # a whole new job (new id, new agents, new etcd keys) starts from the disk tier
+    second = [
+        cluster.agent(
+            f"{n}2",
+            etcd=etcd_endpoint,
+            job_id=job_id + "-2",
+            extra=disk,
+            script=SNAPSHOT_SCRIPT,
+            script_args=_snapshot_args(cluster.workdir, steps_total, 0),
+        )  # fmt: skip
+        for n in ("a", "b")
+    ]
+    for agent in second:
+        assert agent.wait(150) == 0, agent.text()
+    text = second[0].text() + second[1].text()
+    assert text.count(f"restored step {steps_first - 1} from disk") == 4, text
+    assert_bit_identical(
+        load_params(cluster.workdir / "final.pt"), load_params(ref_dir / "final.pt")
+    )

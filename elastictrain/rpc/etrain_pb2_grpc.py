@@ -79,6 +79,11 @@ class AgentStub:
                 request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotRequest.SerializeToString,
                 response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotResponse.FromString,
                 _registered_method=True)
+        self.SaveSnapshot = channel.unary_unary(
+                '/elastictrain.v1.Agent/SaveSnapshot',
+                request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.SaveSnapshotRequest.SerializeToString,
+                response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.SaveSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -147,6 +152,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveSnapshot(self, request, context):
+        """Write this node's records of a step (default: the committed one) to the disk tier now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +206,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.RecoverSnapshot,
                     request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotRequest.FromString,
                     response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotResponse.SerializeToString,
+            ),
+            'SaveSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveSnapshot,
+                    request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.SaveSnapshotRequest.FromString,
+                    response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.SaveSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +456,33 @@ class Agent:
             '/elastictrain.v1.Agent/RecoverSnapshot',
             elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotRequest.SerializeToString,
             elastictrain_dot_rpc_dot_etrain__pb2.RecoverSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elastictrain.v1.Agent/SaveSnapshot',
+            elastictrain_dot_rpc_dot_etrain__pb2.SaveSnapshotRequest.SerializeToString,
+            elastictrain_dot_rpc_dot_etrain__pb2.SaveSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,7 @@ class SnapshotStore:
     max_pending: int = 2
     records: dict[tuple[int, int], Record] = field(default_factory=dict)
     committed: int | None = None
+    pinned: dict[int, int] = field(default_factory=dict)  # step -> pins (being written to disk)
     _free: list[ShmSegment] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -149,11 +150,26 @@ class SnapshotStore:
                 self.committed = step
                 self._apply_retention_locked()
 
+    def pin(self, step: int) -> None:
+        """Keep ``step``'s segments (not freed, not reused) until :meth:`unpin`."""
+        with self._lock:
+            self.pinned[step] = self.pinned.get(step, 0) + 1
+
+    def unpin(self, step: int) -> None:
+        with self._lock:
+            left = self.pinned.get(step, 0) - 1
+            if left > 0:
+                self.pinned[step] = left
+            else:
+                self.pinned.pop(step, None)
+                self._apply_retention_locked()
+
     def _apply_retention_locked(self) -> None:
         plan = plan_retention({s for s, _ in self.records}, self.committed, self.max_pending)
-        if not plan.free:
+        free = plan.free - set(self.pinned)
+        if not free:
             return
-        for key in [k for k in self.records if k[0] in plan.free]:
+        for key in [k for k in self.records if k[0] in free]:
             self._free.append(self.records.pop(key).segment)
         while len(self._free) > 2 * self.max_pending + 2:
             self._free.pop(0).close()

@@ -44,6 +44,7 @@ from elastictrain.snapshot.shm import ShmSegment
 logger = logging.getLogger(__name__)
 
 ENV_AGENT_ENDPOINT = "ETRAIN_AGENT_ENDPOINT"
+ENV_SNAPSHOT_DIR = "ETRAIN_SNAPSHOT_DIR"
 _FORMAT = 1
 
 
@@ -207,7 +208,7 @@ class Snapshotter:
         local = self._client.snapshot_index()
         step = local.committed_step
         if step < 0:
-            return None
+            return self._restore_from_disk()
         holders = self._holders(local, step)
         if not self._covers(holders):
             # Some owner is gone: its agent-held records are rebuilt from erasure-coded chunks.
@@ -216,14 +217,20 @@ class Snapshotter:
             holders = self._holders(self._client.snapshot_index(), step)
         if not holders:
             raise SnapshotCorruptError(f"committed step {step} is held by no live agent")
-        records = {rank: (endpoint, info, self._read(endpoint, info)) for rank, (endpoint, info)
-                   in holders.items()}  # fmt: skip
-        any_meta = RecordMeta.decode(next(iter(records.values()))[1].meta)
+        records = {
+            rank: (endpoint, info.meta, self._read(endpoint, info))
+            for rank, (endpoint, info) in holders.items()
+        }
+        return self._load(step, records, source="memory")
+
+    def _load(self, step: int, records: dict[int, tuple[str, bytes, bytearray]], source: str):
+        """Assemble the stream from rank records (rank -> (source, meta, bytes)) and load it."""
+        any_meta = RecordMeta.decode(next(iter(records.values()))[1])
         layout = StateLayout.decode(any_meta.layout)
         stream = torch.zeros(layout.total_bytes, dtype=torch.uint8)
         covered = 0
-        for _rank, (_endpoint, info, data) in sorted(records.items()):
-            meta = RecordMeta.decode(info.meta)
+        for _rank, (_endpoint, meta_raw, data) in sorted(records.items()):
+            meta = RecordMeta.decode(meta_raw)
             if not self.replicated and meta.rank != self.rank:
                 continue
             if meta.end > meta.start:
@@ -242,17 +249,46 @@ class Snapshotter:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        restored = Restored(step=step, world=any_meta.world,
+        restored = Restored(step=step, world=any_meta.world, source=source,
                             sources={r: e for r, (e, _, _) in records.items()})  # fmt: skip
         mine = records.get(self.rank)
         if mine is not None:
-            meta = RecordMeta.decode(mine[1].meta)
+            meta = RecordMeta.decode(mine[1])
             blob = bytes(mine[2][meta.end - meta.start : meta.end - meta.start + meta.rank_bytes])
             rank_state = pickle.loads(blob)
             restore_rng(rank_state["rng"])
             restored.data_position = rank_state["data"]
             restored.extras = rank_state["extras"]
         return restored
+
+    def _restore_from_disk(self) -> Restored | None:
+        """The newest disk-tier step whose node directories hold every rank's record."""
+        root = os.environ.get(ENV_SNAPSHOT_DIR)
+        if not root or not os.path.isdir(root):
+            return None
+        from elastictrain.snapshot.disk import list_snapshots, read_snapshot
+        from elastictrain.snapshot.disk_records import from_disk_records
+
+        by_step: dict[int, list[str]] = {}
+        for node_dir in sorted((p for p in os.scandir(root) if p.is_dir()), key=lambda p: p.name):
+            for info in list_snapshots(node_dir.path):
+                by_step.setdefault(info.step, []).append(node_dir.path)
+        for step in sorted(by_step, reverse=True):
+            records: dict[int, tuple[str, bytes, bytearray]] = {}
+            for node_root in by_step[step]:
+                _manifest, restored = read_snapshot(node_root, step)
+                for rank, (meta, checksum, data) in from_disk_records(restored.values()).items():
+                    if zlib.crc32(data) != checksum:
+                        raise SnapshotCorruptError(f"rank {rank} of step {step} in {node_root}")
+                    records[rank] = (node_root, meta, data)
+            if records and self._disk_records_cover(records):
+                logger.info("rank %d: restoring step %d from disk %s", self.rank, step, root)
+                return self._load(step, records, source="disk")
+        return None
+
+    def _disk_records_cover(self, records: dict[int, tuple[str, bytes, bytearray]]) -> bool:
+        metas = [RecordMeta.decode(meta) for _, meta, _ in records.values()]
+        return len({m.rank for m in metas}) >= metas[0].world
 
     def _holders(self, local, step: int) -> dict[int, tuple[str, Any]]:
         """rank -> (agent endpoint, record info) for the records of ``step`` on live agents."""

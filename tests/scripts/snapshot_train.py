@@ -39,7 +39,7 @@ def main() -> None:
     if restored is not None:
         start = restored.step + 1
         assert restored.data_position == {"next": start}, restored.data_position
-        print(f"rank {rank}: restored step {restored.step} from memory", flush=True)
+        print(f"rank {rank}: restored step {restored.step} from {restored.source}", flush=True)
     ddp = DDP(model, find_unused_parameters=True)
     for step in range(start, args.steps):
         while args.pause_file and os.path.exists(args.pause_file):
