@@ -258,17 +258,18 @@ def run(args) -> int:
     from elastictrain.coord import local_jobs
 
     if etcd is None:
-        existing = local_jobs.find(job_id)
-        if existing is not None:
-            etcd = existing.etcd
-            logger.info("joining local job %s on its etcd at %s", job_id, etcd)
-        else:
-            from elastictrain.coord.embedded import EmbeddedEtcd
+        with local_jobs.exclusive(job_id):
+            existing = local_jobs.find(job_id)
+            if existing is not None:
+                etcd = existing.etcd
+                logger.info("joining local job %s on its etcd at %s", job_id, etcd)
+            else:
+                from elastictrain.coord.embedded import EmbeddedEtcd
 
-            embedded = EmbeddedEtcd(name=f"etrain-{job_id}").start()
-            etcd = embedded.endpoint
-            local_jobs.publish(job_id, etcd)
-            logger.info("started a private etcd at %s for job %s", etcd, job_id)
+                embedded = EmbeddedEtcd(name=f"etrain-{job_id}").start()
+                etcd = embedded.endpoint
+                local_jobs.publish(job_id, etcd)
+                logger.info("started a private etcd at %s for job %s", etcd, job_id)
 
     extra = {}
     if args.node_id:

@@ -239,6 +239,20 @@ def test_lost_node_snapshot_is_rebuilt_from_the_other_two(cluster, etcd_endpoint
         previous = step
         time.sleep(1.5)
     endpoints = {n.node_id: n.endpoint for n in list_nodes(etcd_client, JobKeys(job_id))}
+    cli = [sys.executable, "-m", "elastictrain.cli.main", "snapshot"]
+    where = ["--etcd", etcd_endpoint, "--job-id", job_id]
+    listed = subprocess.run([*cli, "list", *where, "--json"], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    listing = json.loads(listed.stdout)
+    assert {n["node"] for n in listing["nodes"]} == {"a", "b", "c"}
+    assert {n["committed"] for n in listing["nodes"]} == {step}
+    health = listing["chunk_health"]
+    assert health["step"] == step and set(health["owners"]) == {"a", "b", "c"}
+    for info in health["owners"].values():  # 2+1 erasure over 3 nodes
+        assert (info["redundancy"], info["present"], info["k"]) == ("erasure", 3, 2)
+    verified = subprocess.run([*cli, "verify", *where], capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0 and "0 problem(s)" in verified.stdout, verified.stdout
     original = _records(endpoints["c"], step)
     assert original, "node c holds no record of the committed step"
 

@@ -7,8 +7,11 @@ when that agent stops.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def exclusive(job_id: str) -> Iterator[None]:
+    """Serialises "find or start the job's embedded etcd" among local agents of one job, so two
+    launches started together do not both start one."""
+    path = _job_file(job_id).with_name("lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def publish(job_id: str, etcd: str) -> Path:

@@ -89,6 +89,10 @@ class AgentClient:
                 f"{exc.details()}"
             ) from exc
 
+    def save_snapshot(self, step: int = -1) -> etrain_pb2.SaveSnapshotResponse:
+        request = etrain_pb2.SaveSnapshotRequest(step=step)
+        return self._call("SaveSnapshot", self._stub.SaveSnapshot, request)
+
     def _stream_into(self, what: str, method, request, into) -> int:
         position = 0
         try:
