@@ -205,7 +205,9 @@ class Agent:
             self._client,
             self.keys,
             cfg.node_id,
-            SnapshotStore(prefix=f"etrain-{cfg.job_id}-{cfg.node_id}"),
+            SnapshotStore(
+                prefix=f"etrain-{cfg.job_id}-{cfg.node_id}", max_bytes=cfg.snapshot_memory_limit
+            ),
             self._round_view,
             scheme=cfg.snapshot_scheme,
             agent_endpoints=self.agent_endpoints,

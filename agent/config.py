@@ -78,6 +78,7 @@ class AgentConfig:
     snapshot_scheme: ErasureScheme | None = None  # None: chosen from the node count
     snapshot_dir: str | None = None  # disk tier root (one subdirectory per node)
     snapshot_disk_every: int = 0  # write every N committed snapshots (0: on demand, at exit)
+    snapshot_memory_limit: int = 0  # bytes of records this agent may hold (0: unbounded)
 
     def __post_init__(self) -> None:
         validate_name("job id", self.job_id)
@@ -96,6 +97,8 @@ class AgentConfig:
             raise ConfigError(f"--monitor-interval must be > 0, got {self.monitor_interval}")
         if not 0 <= self.grpc_port < 65536:
             raise ConfigError(f"--agent-port {self.grpc_port} is out of range 0..65535")
+        if self.snapshot_memory_limit < 0:
+            raise ConfigError("--snapshot-memory-limit must be >= 0")
         if self.snapshot_disk_every < 0:
             raise ConfigError(f"--snapshot-disk-every must be >= 0, got {self.snapshot_disk_every}")
         if self.stop_grace < 0:

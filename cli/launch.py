@@ -299,6 +299,7 @@ def run(args) -> int:
             snapshot_scheme=scheme,
             snapshot_dir=os.path.abspath(args.snapshot_dir) if args.snapshot_dir else None,
             snapshot_disk_every=args.snapshot_disk_every,
+            snapshot_memory_limit=int(args.snapshot_memory_limit * 1e9),
             **extra,
         )
         agent = Agent(config)

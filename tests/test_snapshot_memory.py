@@ -88,6 +88,18 @@ def test_store_records_outlive_their_writer_and_are_reused(tmp_path):
         store.close()
 
 
+def test_store_refuses_beyond_its_memory_limit():
+    store = SnapshotStore(prefix=f"etrain-test-limit-{os.getpid()}", max_pending=2, max_bytes=250)
+    try:
+        store.begin(0, 1, 100)
+        store.begin(1, 1, 100)
+        with pytest.raises(SnapshotError, match="memory limit"):
+            store.begin(2, 1, 100)
+        assert store.memory_bytes() == 200
+    finally:
+        store.close()
+
+
 def test_commit_rule():
     assert committable({"a", "b"}, {"a", "b"})
     assert not committable({"a"}, {"a", "b"})

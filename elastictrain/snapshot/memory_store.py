@@ -61,6 +61,7 @@ class SnapshotStore:
 
     prefix: str
     max_pending: int = 2
+    max_bytes: int = 0  # 0: unbounded; else new segments beyond this are refused
     records: dict[tuple[int, int], Record] = field(default_factory=dict)
     committed: int | None = None
     pinned: dict[int, int] = field(default_factory=dict)  # step -> pins (being written to disk)
@@ -96,6 +97,15 @@ class SnapshotStore:
         for i, segment in enumerate(self._free):
             if segment.size >= nbytes:
                 return self._free.pop(i)
+        held = sum(r.segment.size for r in self.records.values())
+        if self.max_bytes and held + nbytes > self.max_bytes:
+            # pooled segments too small to reuse are given back first
+            while self._free and held + sum(s.size for s in self._free) + nbytes > self.max_bytes:
+                self._free.pop(0).close()
+            if held + nbytes > self.max_bytes:
+                raise SnapshotError(
+                    f"snapshot memory limit: {held + nbytes} bytes would exceed {self.max_bytes}"
+                )
         return ShmSegment.create(self.prefix, nbytes)
 
     def end(self, rank: int, step: int, meta: bytes, checksum: int) -> Record:

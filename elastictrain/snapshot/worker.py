@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from elastictrain.rpc.agent_client import AgentClient
+from elastictrain.rpc.agent_client import AgentClient, SnapshotRefusedError
 from elastictrain.snapshot.layout import (
     StateLayout,
     copy_slice,
@@ -177,7 +177,11 @@ class Snapshotter:
         start, end = slice_range(layout.total_bytes, world, rank)
         rank_blob = self._rank_state(step, data_position)
         nbytes = (end - start) + len(rank_blob)
-        reply = self._client.begin_snapshot(self.rank, step, nbytes)
+        try:
+            reply = self._client.begin_snapshot(self.rank, step, nbytes)
+        except SnapshotRefusedError as exc:
+            logger.warning("rank %d: snapshot of step %d skipped: %s", self.rank, step, exc)
+            return False
         buffer = self._segment(reply.segment).tensor()
         copy_slice(layout, tensors, start, end, buffer[: end - start])
         if rank_blob:
