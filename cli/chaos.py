@@ -36,23 +36,15 @@ def parse_signal(text: str) -> int:
 
 def run_kill(args) -> int:
     from elastictrain.coord import local_jobs
-    from elastictrain.coord.etcd import EtcdClient
-    from elastictrain.coord.keys import JobKeys
-    from elastictrain.coord.nodes import list_nodes
-    from elastictrain.errors import AgentUnavailableError, ConfigError, JobNotFoundError
+    from elastictrain.coord.nodes import running_job_nodes
+    from elastictrain.errors import AgentUnavailableError, ConfigError
     from elastictrain.rpc.agent_client import AgentClient
 
     if args.rank < 0:
         raise ConfigError(f"--rank {args.rank}: must be >= 0")
     sig = parse_signal(args.signal)
     etcd, job_id = local_jobs.resolve_etcd(args.etcd, args.job_id)
-    client = EtcdClient.from_spec(etcd, timeout=5.0)
-    try:
-        records = list_nodes(client, JobKeys(job_id))
-    finally:
-        client.close()
-    if not records:
-        raise JobNotFoundError(f"no agent of job {job_id!r} is registered in etcd at {etcd}")
+    records = running_job_nodes(etcd, job_id)
     for record in records:
         try:
             with AgentClient(record.endpoint) as agent:

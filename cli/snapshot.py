@@ -29,22 +29,14 @@ def add_parser(sub) -> None:
 def _indexes(args):
     """(job id, [(node record, snapshot index)]) of the job's live agents."""
     from elastictrain.coord import local_jobs
-    from elastictrain.coord.etcd import EtcdClient
-    from elastictrain.coord.keys import JobKeys
-    from elastictrain.coord.nodes import list_nodes
-    from elastictrain.errors import AgentUnavailableError, JobNotFoundError
+    from elastictrain.coord.nodes import running_job_nodes
+    from elastictrain.errors import AgentUnavailableError
     from elastictrain.rpc.agent_client import AgentClient
 
     if args.dir and not args.etcd and not args.job_id:
         return None, []
     etcd, job_id = local_jobs.resolve_etcd(args.etcd, args.job_id)
-    client = EtcdClient.from_spec(etcd, timeout=5.0)
-    try:
-        records = list_nodes(client, JobKeys(job_id))
-    finally:
-        client.close()
-    if not records:
-        raise JobNotFoundError(f"no agent of job {job_id!r} is registered in etcd at {etcd}")
+    records = running_job_nodes(etcd, job_id)
     out = []
     for record in records:
         try:

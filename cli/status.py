@@ -47,19 +47,11 @@ class JobStatus:
 
 def collect(etcd: str, job_id: str) -> JobStatus:
     """Read the job's registered nodes from etcd, then ask each agent for its status."""
-    from elastictrain.coord.etcd import EtcdClient
-    from elastictrain.coord.keys import JobKeys
-    from elastictrain.coord.nodes import list_nodes
-    from elastictrain.errors import AgentUnavailableError, JobNotFoundError
+    from elastictrain.coord.nodes import running_job_nodes
+    from elastictrain.errors import AgentUnavailableError
     from elastictrain.rpc.agent_client import AgentClient
 
-    client = EtcdClient.from_spec(etcd, timeout=5.0)
-    try:
-        records = list_nodes(client, JobKeys(job_id))
-    finally:
-        client.close()
-    if not records:
-        raise JobNotFoundError(f"no agent of job {job_id!r} is registered in etcd at {etcd}")
+    records = running_job_nodes(etcd, job_id)
     rows: list[NodeRow] = []
     for record in records:
         row = NodeRow(record.node_id, record.endpoint, record.hostname, "UNREACHABLE")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
+from elastictrain.errors import JobNotFoundError
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,15 @@ def list_nodes(client: EtcdClient, keys: JobKeys) -> list[NodeRecord]:
     """The job's live agents (registration keys vanish with their agent's lease)."""
     kvs, _ = client.get_prefix(keys.nodes_prefix)
     return [NodeRecord.decode(kv.value) for kv in kvs]
+
+
+def running_job_nodes(etcd: str, job_id: str) -> list[NodeRecord]:
+    """The live agents of a running job, read once; :class:`JobNotFoundError` if none."""
+    client = EtcdClient.from_spec(etcd, timeout=5.0)
+    try:
+        records = list_nodes(client, JobKeys(job_id))
+    finally:
+        client.close()
+    if not records:
+        raise JobNotFoundError(f"no agent of job {job_id!r} is registered in etcd at {etcd}")
+    return records
