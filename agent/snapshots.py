@@ -190,11 +190,15 @@ class SnapshotCoordinator:
             self._commit(step, list(view.members))
 
     def _distribute(self, step: int, view: RoundView, records: list[Record]) -> None:
-        entries = [PayloadEntry(r.rank, r.nbytes, r.meta, r.checksum) for r in records]
-        payload = pack_payload(entries, [r.segment.view(0, r.nbytes) for r in records])
+        """Send each peer holder its chunk. The owner's own chunk (index 0) is not stored: while
+        the owner lives its records serve, and when it dies its chunk dies with it."""
         scheme = self._scheme or choose_scheme(len(view.members))
         decision = plan_placement(view.members, scheme)
         holders = decision.holders_of(self._node_id)
+        if len(holders) < 2:
+            return  # no peer: the records stay local only
+        entries = [PayloadEntry(r.rank, r.nbytes, r.meta, r.checksum) for r in records]
+        payload = pack_payload(entries, [r.segment.view(0, r.nbytes) for r in records])
         if decision.redundancy is Redundancy.ERASURE:
             with ErasureCodec(scheme.k, scheme.m) as codec:
                 encoded = encode_snapshot(codec, payload)
@@ -212,12 +216,10 @@ class SnapshotCoordinator:
                 redundancy=decision.redundancy.value, payload_bytes=len(payload),
                 chunk_bytes=int(chunks[index].nbytes), checksums=tuple(checksums),
             )  # fmt: skip
-            data = chunks[index]
             if holder == self._node_id:
-                self.chunks.put(info, bytearray(data.tobytes()))
-            else:
-                with AgentClient(view.endpoints[holder], timeout=30.0) as peer:
-                    peer.put_chunk(info, memoryview(data))
+                continue
+            with AgentClient(view.endpoints[holder], timeout=30.0) as peer:
+                peer.put_chunk(info, memoryview(chunks[index]))
 
     def _commit(self, step: int, nodes: list[str]) -> None:
         key = self._keys.snapshot_committed

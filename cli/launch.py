@@ -95,6 +95,14 @@ def add_parser(sub) -> None:
         help="write every N committed snapshots to --snapshot-dir",
     )
     p.add_argument(
+        "--snapshot-memory-limit",
+        dest="snapshot_memory_limit",
+        type=float,
+        default=0,
+        metavar="GB",
+        help="snapshot records this node's agent may hold in memory (default: unbounded)",
+    )
+    p.add_argument(
         "--node-id", dest="node_id", default=None, help="this node's id (default hostname)"
     )
     p.add_argument(

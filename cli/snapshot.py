@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zlib
 from collections import defaultdict
 
 
@@ -59,7 +58,8 @@ def chunk_health(indexes) -> dict[str, dict]:
             if chunk.step != committed:
                 continue
             present[chunk.owner].add(chunk.index)
-            owners[chunk.owner] = {"k": chunk.k, "total": chunk.k + chunk.m,
+            # the owner keeps no chunk of its own (its records serve while it lives)
+            owners[chunk.owner] = {"k": chunk.k, "total": chunk.k + chunk.m - 1,
                                    "redundancy": chunk.redundancy}  # fmt: skip
     for owner, info in owners.items():
         info["present"] = len(present[owner])
@@ -179,6 +179,7 @@ def run_verify(args) -> int:
     from elastictrain.errors import AgentUnavailableError
     from elastictrain.rpc.agent_client import AgentClient
     from elastictrain.snapshot.erasure import chunk_checksum
+    from elastictrain.snapshot.erasure import chunk_checksum as record_checksum
 
     problems: list[str] = []
     checked = 0
@@ -193,7 +194,7 @@ def run_verify(args) -> int:
                     data = bytearray(info.nbytes)
                     agent.read_snapshot(info.rank, info.step, data)
                     checked += 1
-                    if zlib.crc32(data) != info.checksum:
+                    if record_checksum(data) != info.checksum:
                         problems.append(f"node {record.node_id}: record rank {info.rank} "
                                         f"step {info.step}: checksum mismatch")  # fmt: skip
                 for chunk in index.chunks:

@@ -18,7 +18,12 @@ from launch_harness import SCRIPTS, Cluster, assert_bit_identical, load_params, 
 from elastictrain.coord.keys import JobKeys
 from elastictrain.snapshot.erasure import ErasureScheme
 from elastictrain.snapshot.layout import copy_slice, flatten_state, slice_range, unflatten_state
-from elastictrain.snapshot.memory_store import SnapshotError, SnapshotStore, plan_retention
+from elastictrain.snapshot.memory_store import (
+    SnapshotError,
+    SnapshotStore,
+    plan_retention,
+    segment_size_for,
+)
 from elastictrain.snapshot.shm import ShmSegment
 
 SNAPSHOT_SCRIPT = SCRIPTS / "snapshot_train.py"
@@ -83,19 +88,20 @@ def test_store_records_outlive_their_writer_and_are_reused(tmp_path):
         third = store.begin(0, 3, 50)
         assert third.segment is record.segment  # reused, no new allocation
         assert store.get(0, 1) is None and store.get(0, 2) is second
-        assert store.memory_bytes() == 200
+        assert store.memory_bytes() == 2 * segment_size_for(100)
     finally:
         store.close()
 
 
 def test_store_refuses_beyond_its_memory_limit():
-    store = SnapshotStore(prefix=f"etrain-test-limit-{os.getpid()}", max_pending=2, max_bytes=250)
+    limit = segment_size_for(100) * 5 // 2  # room for two records, not three
+    store = SnapshotStore(prefix=f"etrain-test-limit-{os.getpid()}", max_pending=2, max_bytes=limit)
     try:
         store.begin(0, 1, 100)
         store.begin(1, 1, 100)
         with pytest.raises(SnapshotError, match="memory limit"):
             store.begin(2, 1, 100)
-        assert store.memory_bytes() == 200
+        assert store.memory_bytes() == 2 * segment_size_for(100)
     finally:
         store.close()
 
@@ -261,8 +267,13 @@ def test_lost_node_snapshot_is_rebuilt_from_the_other_two(cluster, etcd_endpoint
     assert {n["committed"] for n in listing["nodes"]} == {step}
     health = listing["chunk_health"]
     assert health["step"] == step and set(health["owners"]) == {"a", "b", "c"}
-    for info in health["owners"].values():  # 2+1 erasure over 3 nodes
-        assert (info["redundancy"], info["present"], info["k"]) == ("erasure", 3, 2)
+    for info in health["owners"].values():  # 2+1 erasure over 3 nodes, 2 chunks on peers
+        assert (info["redundancy"], info["present"], info["total"], info["k"]) == (
+            "erasure",
+            2,
+            2,
+            2,
+        )
     verified = subprocess.run([*cli, "verify", *where], capture_output=True, text=True, timeout=60)
     assert verified.returncode == 0 and "0 problem(s)" in verified.stdout, verified.stdout
     original = _records(endpoints["c"], step)

@@ -34,6 +34,15 @@ class Record:
     complete: bool = False
 
 
+_SEGMENT_GRAIN = 1 << 20
+
+
+def segment_size_for(nbytes: int) -> int:
+    """A record of ``nbytes`` gets a segment with 1/64 headroom, rounded up to 1 MiB."""
+    padded = nbytes + nbytes // 64 + 4096
+    return -(-padded // _SEGMENT_GRAIN) * _SEGMENT_GRAIN
+
+
 @dataclass(frozen=True)
 class RetentionPlan:
     free: frozenset[int]
@@ -97,6 +106,9 @@ class SnapshotStore:
         for i, segment in enumerate(self._free):
             if segment.size >= nbytes:
                 return self._free.pop(i)
+        # (The headroom lets the next steps' records, whose per-rank part varies by a few
+        # bytes, reuse this segment instead of faulting in a fresh one.)
+        nbytes = segment_size_for(nbytes)
         held = sum(r.segment.size for r in self.records.values())
         if self.max_bytes and held + nbytes > self.max_bytes:
             # pooled segments too small to reuse are given back first

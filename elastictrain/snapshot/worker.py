@@ -24,14 +24,15 @@ import os
 import pickle
 import random
 import sys
-import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from elastictrain.rpc.agent_client import AgentClient, SnapshotRefusedError
+from elastictrain.snapshot.erasure import chunk_checksum as record_checksum
 from elastictrain.snapshot.layout import (
     StateLayout,
     copy_slice,
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 ENV_AGENT_ENDPOINT = "ETRAIN_AGENT_ENDPOINT"
 ENV_SNAPSHOT_DIR = "ETRAIN_SNAPSHOT_DIR"
 _FORMAT = 1
+_MAPPED_SEGMENTS = 4
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,10 @@ class Snapshotter:
         endpoint = agent or os.environ.get(ENV_AGENT_ENDPOINT)
         self._client = AgentClient(endpoint, timeout=30.0) if endpoint else None
         self._segments: dict[str, ShmSegment] = {}
+        # The checksum and EndSnapshot of step s run beside training (ISA-L's CRC releases the
+        # GIL); step s+1 waits for them first, so records end in order.
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-end")
+        self._pending: Future | None = None
 
     @property
     def enabled(self) -> bool:
@@ -177,6 +183,7 @@ class Snapshotter:
         start, end = slice_range(layout.total_bytes, world, rank)
         rank_blob = self._rank_state(step, data_position)
         nbytes = (end - start) + len(rank_blob)
+        self.wait()
         try:
             reply = self._client.begin_snapshot(self.rank, step, nbytes)
         except SnapshotRefusedError as exc:
@@ -187,16 +194,32 @@ class Snapshotter:
         if rank_blob:
             blob = torch.frombuffer(bytearray(rank_blob), dtype=torch.uint8)
             buffer[end - start : nbytes].copy_(blob)
-        checksum = zlib.crc32(self._segments[reply.segment].view(0, nbytes))
         meta = RecordMeta(_FORMAT, self.rank, self.world, step, start, end, len(rank_blob),
                           layout.encode())  # fmt: skip
-        self._client.end_snapshot(self.rank, step, meta.encode(), checksum)
+        segment = self._segments[reply.segment]
+        self._pending = self._finisher.submit(self._end, segment, step, nbytes, meta.encode())
         return True
 
+    def _end(self, segment: ShmSegment, step: int, nbytes: int, meta: bytes) -> None:
+        checksum = record_checksum(segment.view(0, nbytes))
+        self._client.end_snapshot(self.rank, step, meta, checksum)
+
+    def wait(self) -> None:
+        """Block until the last snapshot has been handed to the agent (raises its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def _segment(self, name: str) -> ShmSegment:
-        segment = self._segments.get(name)
+        """The mapped segment ``name``; only the few most recent stay mapped (the agent frees
+        and unlinks old ones, and a mapping would keep their memory alive)."""
+        segment = self._segments.pop(name, None)
         if segment is None:
-            segment = self._segments[name] = ShmSegment.attach(name)
+            segment = ShmSegment.attach(name)
+        self._segments[name] = segment  # most recently used last
+        while len(self._segments) > _MAPPED_SEGMENTS:
+            oldest = next(iter(self._segments))
+            self._segments.pop(oldest).close()
         return segment
 
     # -- restoring ------------------------------------------------------------------------------
@@ -209,6 +232,7 @@ class Snapshotter:
         """
         if self._client is None:
             return None
+        self.wait()
         local = self._client.snapshot_index()
         step = local.committed_step
         if step < 0:
@@ -282,7 +306,7 @@ class Snapshotter:
             for node_root in by_step[step]:
                 _manifest, restored = read_snapshot(node_root, step)
                 for rank, (meta, checksum, data) in from_disk_records(restored.values()).items():
-                    if zlib.crc32(data) != checksum:
+                    if record_checksum(data) != checksum:
                         raise SnapshotCorruptError(f"rank {rank} of step {step} in {node_root}")
                     records[rank] = (node_root, meta, data)
             if records and self._disk_records_cover(records):
@@ -331,13 +355,17 @@ class Snapshotter:
         else:
             with AgentClient(endpoint, timeout=30.0) as peer:
                 n = peer.read_snapshot(info.rank, info.step, data)
-        if n != info.nbytes or zlib.crc32(data) != info.checksum:
+        if n != info.nbytes or record_checksum(data) != info.checksum:
             raise SnapshotCorruptError(
                 f"record of rank {info.rank} step {info.step} from {endpoint} is corrupt"
             )
         return data
 
     def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._finisher.shutdown(wait=True)
         for segment in self._segments.values():
             segment.close()
         self._segments.clear()
