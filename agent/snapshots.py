@@ -178,8 +178,9 @@ class SnapshotCoordinator:
             return
         if step not in self.store.complete_steps(view.local_ranks):
             return
-        records = [self.store.get(rank, step) for rank in sorted(view.local_ranks)]
-        if any(r is None for r in records):
+        # every record of the step (a sharded job's DCP metadata has a record of its own)
+        records = [r for r in self.store.list() if r.step == step and r.complete]
+        if not view.local_ranks <= {r.rank for r in records}:
             return  # dropped meanwhile
         self._distribute(step, view, records)
         self._client.put(self._keys.snapshot_done(step, self._node_id), b"1")

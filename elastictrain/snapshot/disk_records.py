@@ -45,8 +45,11 @@ def to_disk_records(
     rank: int, data: torch.Tensor, meta_raw: bytes, checksum: int
 ) -> list[SnapshotRecord]:
     """One rank's record (``data``: uint8, its exact bytes) as disk-tier records."""
-    meta = RecordMeta.decode(meta_raw)
     nbytes = data.numel()
+    try:
+        cuts = _cuts(RecordMeta.decode(meta_raw), nbytes)
+    except (ValueError, TypeError):  # a sharded (DCP) record: kept as opaque bytes
+        cuts = [(0, nbytes, OPAQUE_DTYPE)] if nbytes else []
     pieces = [
         SnapshotRecord(
             name=f"rank{rank:06d}/header",
@@ -56,7 +59,7 @@ def to_disk_records(
             meta={"rank": rank, "nbytes": nbytes, "checksum": checksum},
         )
     ]
-    for i, (start, end, dtype) in enumerate(_cuts(meta, nbytes)):
+    for i, (start, end, dtype) in enumerate(cuts):
         view = data[start:end]
         if dtype == OPAQUE_DTYPE:
             shape: tuple[int, ...] = (end - start,)

@@ -84,6 +84,23 @@ class Restored:
     sources: dict[int, str] = field(default_factory=dict)  # rank -> agent it was read from
 
 
+class _LazyRecords:
+    """rank -> record bytes, each read from its agent on first use (DCP reads only some)."""
+
+    def __init__(self, snapshotter: Snapshotter, holders: dict[int, tuple[str, Any]]) -> None:
+        self._snap = snapshotter
+        self._holders = holders
+        self._cache: dict[int, bytearray] = {}
+
+    def get(self, rank: int) -> bytearray | None:
+        if rank not in self._cache:
+            held = self._holders.get(rank)
+            if held is None:
+                return None
+            self._cache[rank] = self._snap._read(*held)
+        return self._cache[rank]
+
+
 class SnapshotCorruptError(RuntimeError):
     """A record's bytes do not match its checksum."""
 
@@ -117,6 +134,9 @@ class Snapshotter:
         every: snapshot every N steps (``snapshot()`` skips the others).
         replicated: the model/optimizer state is identical on all ranks (DDP), so each rank
             keeps 1/world of it. Set False to keep each rank's whole state.
+        sharded: the state is sharded (FSDP2/DTensor): it goes through
+            ``torch.distributed.checkpoint`` (``snapshot`` and ``restore`` become collective
+            calls) and can be restored into another world size.
     """
 
     def __init__(
@@ -128,6 +148,7 @@ class Snapshotter:
         *,
         every: int = 1,
         replicated: bool = True,
+        sharded: bool = False,
         rank: int | None = None,
         world: int | None = None,
         agent: str | None = None,
@@ -139,7 +160,8 @@ class Snapshotter:
         self.scheduler = scheduler
         self.extras = extras
         self.every = every
-        self.replicated = replicated
+        self.replicated = replicated and not sharded
+        self.sharded = sharded
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self.world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
         endpoint = agent or os.environ.get(ENV_AGENT_ENDPOINT)
@@ -178,31 +200,65 @@ class Snapshotter:
         """
         if self._client is None or step % self.every:
             return False
+        if self.sharded:
+            return self._snapshot_sharded(step, data_position)
         layout, tensors = flatten_state(self._replicated_state())
         world, rank = (self.world, self.rank) if self.replicated else (1, 0)
         start, end = slice_range(layout.total_bytes, world, rank)
         rank_blob = self._rank_state(step, data_position)
         nbytes = (end - start) + len(rank_blob)
-        self.wait()
-        try:
-            reply = self._client.begin_snapshot(self.rank, step, nbytes)
-        except SnapshotRefusedError as exc:
-            logger.warning("rank %d: snapshot of step %d skipped: %s", self.rank, step, exc)
+        segment = self._begin_record(self.rank, step, nbytes)
+        if segment is None:
             return False
-        buffer = self._segment(reply.segment).tensor()
+        buffer = segment.tensor()
         copy_slice(layout, tensors, start, end, buffer[: end - start])
         if rank_blob:
             blob = torch.frombuffer(bytearray(rank_blob), dtype=torch.uint8)
             buffer[end - start : nbytes].copy_(blob)
         meta = RecordMeta(_FORMAT, self.rank, self.world, step, start, end, len(rank_blob),
                           layout.encode())  # fmt: skip
-        segment = self._segments[reply.segment]
-        self._pending = self._finisher.submit(self._end, segment, step, nbytes, meta.encode())
+        self._end_record(segment, self.rank, step, nbytes, meta.encode())
         return True
 
-    def _end(self, segment: ShmSegment, step: int, nbytes: int, meta: bytes) -> None:
+    def _snapshot_sharded(self, step: int, data_position: Any) -> bool:
+        """DTensor/FSDP2 state through DCP into this rank's record (a collective call)."""
+        import torch.distributed.checkpoint as dcp
+
+        from elastictrain.snapshot.dcp_storage import AgentStorageWriter
+
+        writer = AgentStorageWriter(self, step, self._rank_state(step, data_position))
+        dcp.save(self._sharded_state(), storage_writer=writer)
+        return True
+
+    def _sharded_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(
+            self.model, self.optimizer if self.optimizer is not None else []
+        )
+        state: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def _begin_record(self, rank: int, step: int, nbytes: int) -> ShmSegment | None:
+        """A mapped segment for (rank, step) from the agent, or None if it refused."""
+        self.wait()
+        try:
+            reply = self._client.begin_snapshot(rank, step, nbytes)
+        except SnapshotRefusedError as exc:
+            logger.warning("rank %d: snapshot of step %d skipped: %s", self.rank, step, exc)
+            return None
+        return self._segment(reply.segment)
+
+    def _end_record(self, segment: ShmSegment, rank: int, step: int, nbytes: int,
+                    meta: bytes) -> None:  # fmt: skip
+        """Checksum and hand over the record beside training; records end in order."""
+        self._pending = self._finisher.submit(self._end, segment, rank, step, nbytes, meta)
+
+    def _end(self, segment: ShmSegment, rank: int, step: int, nbytes: int, meta: bytes) -> None:
         checksum = record_checksum(segment.view(0, nbytes))
-        self._client.end_snapshot(self.rank, step, meta, checksum)
+        self._client.end_snapshot(rank, step, meta, checksum)
 
     def wait(self) -> None:
         """Block until the last snapshot has been handed to the agent (raises its error)."""
@@ -237,6 +293,8 @@ class Snapshotter:
         step = local.committed_step
         if step < 0:
             return self._restore_from_disk()
+        if self.sharded and step < 0:
+            return None  # the disk tier holds replicated records only, for now
         holders = self._holders(local, step)
         if not self._covers(holders):
             # Some owner is gone: its agent-held records are rebuilt from erasure-coded chunks.
@@ -245,6 +303,8 @@ class Snapshotter:
             holders = self._holders(self._client.snapshot_index(), step)
         if not holders:
             raise SnapshotCorruptError(f"committed step {step} is held by no live agent")
+        if self.sharded:
+            return self._restore_sharded(step, holders)
         records = {
             rank: (endpoint, info.meta, self._read(endpoint, info))
             for rank, (endpoint, info) in holders.items()
@@ -330,10 +390,49 @@ class Snapshotter:
                     holders.setdefault(info.rank, (endpoint, info))
         return holders
 
+    def _restore_sharded(self, step: int, holders: dict[int, tuple[str, Any]]) -> Restored:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from elastictrain.snapshot.dcp_storage import AgentStorageReader
+
+        records = _LazyRecords(self, holders)
+        state = self._sharded_state()
+        dcp.load(state, storage_reader=AgentStorageReader(step, records))
+        set_state_dict(
+            self.model,
+            self.optimizer if self.optimizer is not None else [],
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        restored = Restored(step=step, source="memory",
+                            sources={r: e for r, (e, _) in holders.items()})  # fmt: skip
+        mine = holders.get(self.rank)
+        if mine is not None:
+            meta = pickle.loads(mine[1].meta)
+            restored.world = meta.world
+            data = records.get(self.rank)
+            blob = bytes(data[meta.blob_offset : meta.blob_offset + meta.blob_bytes])
+            if blob:
+                rank_state = pickle.loads(blob)
+                restore_rng(rank_state["rng"])
+                restored.data_position = rank_state["data"]
+                restored.extras = rank_state["extras"]
+        return restored
+
     def _covers(self, holders: dict[int, tuple[str, Any]]) -> bool:
         """Whether the records cover the whole replicated stream (or hold our own state)."""
         if not holders:
             return False
+        if self.sharded:
+            from elastictrain.snapshot.dcp_storage import METADATA_RANK
+
+            if METADATA_RANK not in holders:
+                return False
+            world = pickle.loads(holders[METADATA_RANK][1].meta).world
+            return all(rank in holders for rank in range(world))
         if not self.replicated:
             return self.rank in holders
         metas = [RecordMeta.decode(info.meta) for _, info in holders.values()]
