@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import grpc
 
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
-from elastictrain.snapshot.memory_store import ChunkInfo, SnapshotError
+from elastictrain.rpc.agent_client import chunk_header, chunk_info
+from elastictrain.snapshot.memory_store import SnapshotError
 from elastictrain.snapshot.shm import shm_dir
 
 if TYPE_CHECKING:
@@ -101,20 +102,7 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             ],
             agents=self._agent.agent_endpoints(),
             memory_bytes=self._snapshots().memory_bytes(),
-            chunks=[
-                etrain_pb2.ChunkHeader(
-                    owner=c.owner,
-                    step=c.step,
-                    index=c.index,
-                    k=c.k,
-                    m=c.m,
-                    redundancy=c.redundancy,
-                    payload_bytes=c.payload_bytes,
-                    chunk_bytes=c.chunk_bytes,
-                    checksums=list(c.checksums),
-                )  # fmt: skip
-                for c in self._snapshots().chunks.list()
-            ],
+            chunks=[chunk_header(c) for c in self._snapshots().chunks.list()],
             committed_nodes=list(self._snapshots().committed_nodes),
         )
 
@@ -145,12 +133,7 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             position += n
         if header is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty chunk stream")
-        info = ChunkInfo(
-            owner=header.owner, step=header.step, index=header.index, k=header.k, m=header.m,
-            redundancy=header.redundancy, payload_bytes=header.payload_bytes,
-            chunk_bytes=header.chunk_bytes, checksums=tuple(header.checksums),
-        )  # fmt: skip
-        self._call(context, self._snapshots().put_chunk, info, data)
+        self._call(context, self._snapshots().put_chunk, chunk_info(header), data)
         return etrain_pb2.PutChunkResponse(ok=True)
 
     def GetChunk(self, request, context):  # noqa: N802

@@ -10,6 +10,23 @@ from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
 STREAM_PIECE_BYTES = 1 << 20  # well under gRPC's default 4 MiB message limit
 
 
+_CHUNK_FIELDS = ("owner", "step", "index", "k", "m", "redundancy", "payload_bytes", "chunk_bytes")
+
+
+def chunk_header(info) -> etrain_pb2.ChunkHeader:
+    """A ChunkInfo as its wire message."""
+    fields = {name: getattr(info, name) for name in _CHUNK_FIELDS}
+    return etrain_pb2.ChunkHeader(**fields, checksums=list(info.checksums))
+
+
+def chunk_info(header: etrain_pb2.ChunkHeader):
+    """The wire message back as a ChunkInfo."""
+    from elastictrain.snapshot.memory_store import ChunkInfo
+
+    fields = {name: getattr(header, name) for name in _CHUNK_FIELDS}
+    return ChunkInfo(**fields, checksums=tuple(header.checksums))
+
+
 class SnapshotRefusedError(ElasticTrainError):
     """The agent refused a snapshot request (e.g. a step at or before the committed one)."""
 
@@ -61,11 +78,7 @@ class AgentClient:
 
     def put_chunk(self, info, data: memoryview) -> None:
         """Send one chunk (``info``: a ChunkInfo) in bounded messages."""
-        header = etrain_pb2.ChunkHeader(
-            owner=info.owner, step=info.step, index=info.index, k=info.k, m=info.m,
-            redundancy=info.redundancy, payload_bytes=info.payload_bytes,
-            chunk_bytes=info.chunk_bytes, checksums=list(info.checksums),
-        )  # fmt: skip
+        header = chunk_header(info)
         raw = memoryview(data).cast("B")
 
         def pieces():
