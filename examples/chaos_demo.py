@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ETRAIN = [sys.executable, "-m", "elastictrain.cli.main"]
 STEP = re.compile(r"^step (\d+) loss ([0-9.]+) world (\d+)", re.M)
-STAMP = re.compile(r"^\[etrain (\d\d:\d\d:\d\d)\] (.*)$", re.M)
+STAMP = re.compile(r"^\[etrain (\d\d:\d\d:\d\d(?:\.\d+)?)\] (.*)$", re.M)
 
 
 def _launch(workdir: Path, job: str, node: str, args) -> tuple[subprocess.Popen, Path]:
