@@ -411,7 +411,7 @@ class Agent:
                 self._state = "SUCCEEDED"
                 self._close_rendezvous()
                 return EXIT_OK
-            if decision.action in (Action.FAIL_JOB, Action.EXIT_FAILED):
+            if decision.action.is_terminal:
                 self._state = "FAILED"
                 return EXIT_FAILED
 
@@ -569,8 +569,7 @@ class Agent:
             self._register_node()
 
     def _log_failure_summary(self) -> None:
-        first = self.failure_report.strip().splitlines()
-        if first:
+        if self.failure_report.strip():
             logger.warning(
                 "agent %s: worker failure:\n%s", self.config.node_id, self.failure_report
             )
