@@ -79,7 +79,7 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
 
     def EndSnapshot(self, request, context) -> etrain_pb2.EndSnapshotResponse:  # noqa: N802
         committed = self._call(context, self._snapshots().end, request.rank, request.step,
-                               bytes(request.meta), request.checksum)  # fmt: skip
+                               bytes(request.meta))  # fmt: skip
         return etrain_pb2.EndSnapshotResponse(committed=committed)
 
     def GetSnapshotIndex(self, request, context) -> etrain_pb2.SnapshotIndex:  # noqa: N802

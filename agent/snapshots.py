@@ -1,13 +1,15 @@
 """The agent's side of snapshots: hold records, spread erasure-coded copies, commit, recover.
 
-When every local rank has ended step ``s``, the agent packs their records into one node
-payload, encodes it (k data + m parity chunks, or full copies when there are too few nodes;
-:func:`plan_placement` decides from the round's membership alone) and sends each holder its
-chunk. Only when every holder has acknowledged does it write ``snap/done/<s>/<node>``; whoever
-then sees all participants there raises ``ctl/snapshot`` to ``s`` (a compare-and-set that only
-moves forward). So a committed step survives the loss of any m nodes. Every agent watches
+When every local rank has ended step ``s``, the agent checksums their records (CRC32C on
+several threads: the workers only copy), packs them into one node payload, encodes it (k data
++ m parity chunks, or full copies when there are too few nodes; :func:`plan_placement`
+decides from the round's membership alone) and sends each holder its chunk. Only when every
+holder has acknowledged does it write ``snap/done/<s>/<node>``; whoever then sees all
+participants there raises ``ctl/snapshot`` to ``s`` (a compare-and-set that only moves
+forward). So a committed step survives the loss of any m nodes. Every agent watches
 ``ctl/snapshot`` and frees what the retention plan says. This work runs on one background
-thread, so a worker's ``EndSnapshot`` returns at once.
+thread, so a worker's ``EndSnapshot`` returns at once; when it falls behind the workers it
+goes straight to the newest step they have ended (the ones skipped are freed unannounced).
 
 Recovery (:meth:`SnapshotCoordinator.recover`) rebuilds the payloads of committed owners that
 are gone from any k intact chunks held by live agents (a chunk with a bad checksum counts as
@@ -21,15 +23,18 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from elastictrain.constants import snapshot_threads
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
 from elastictrain.errors import AgentUnavailableError, CoordinationUnavailableError
 from elastictrain.rpc.agent_client import AgentClient
+from elastictrain.snapshot.checksum import crc32c_parallel
 from elastictrain.snapshot.disk import DiskTierWriter
 from elastictrain.snapshot.disk import Snapshot as DiskSnapshot
 from elastictrain.snapshot.disk_records import to_disk_records
@@ -75,6 +80,7 @@ class SnapshotCoordinator:
         agent_endpoints: Callable[[], list[str]] = list,
         disk_dir: str | None = None,
         disk_every: int = 0,
+        checksum_threads: int | None = None,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -91,6 +97,12 @@ class SnapshotCoordinator:
         self._disk = DiskTierWriter(self.disk_root) if self.disk_root else None
         self._disk_every = disk_every
         self._commits_since_disk = 0
+        self.checksum_threads = checksum_threads or snapshot_threads()
+        self._checksum_pool = (
+            ThreadPoolExecutor(self.checksum_threads - 1, thread_name_prefix="snapshot-crc")
+            if self.checksum_threads > 1
+            else None
+        )
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="snapshot-commit", daemon=True)
         self._thread.start()
@@ -100,8 +112,8 @@ class SnapshotCoordinator:
     def begin(self, rank: int, step: int, nbytes: int) -> Record:
         return self.store.begin(rank, step, nbytes)
 
-    def end(self, rank: int, step: int, meta: bytes, checksum: int) -> bool:
-        self.store.end(rank, step, meta, checksum)
+    def end(self, rank: int, step: int, meta: bytes) -> bool:
+        self.store.end(rank, step, meta)
         self._queue.put(step)
         committed = self.store.committed
         return committed is not None and committed >= step
@@ -162,15 +174,36 @@ class SnapshotCoordinator:
 
     def _run(self) -> None:
         while True:
-            step = self._queue.get()
-            if step is None:
+            steps = {self._queue.get()}
+            while not self._queue.empty():  # a backlog: only its newest ended step matters
+                steps.add(self._queue.get_nowait())
+            if None in steps:
                 return
+            view = self._round_view()
+            ready = set(self.store.written_steps(view.local_ranks)) - self._announced
+            candidates = sorted(steps & ready)
+            if not candidates:
+                continue
+            step = candidates[-1]
             try:
+                self._checksum(step)
                 self._distribute_and_announce(step)
             except (CoordinationUnavailableError, AgentUnavailableError) as exc:
                 logger.warning("snapshot step %d not committed here: %s", step, exc)
             except Exception:
                 logger.exception("snapshot step %d not committed here", step)
+
+    def _checksum(self, step: int) -> None:
+        """CRC32C of the step's ended records (its segments are pinned meanwhile)."""
+        self.store.pin(step)
+        try:
+            for record in self.store.unchecked(step):
+                view = record.segment.view(0, record.nbytes)
+                checksum = crc32c_parallel(view, self._checksum_pool, self.checksum_threads)
+                view.release()
+                self.store.set_checksum(record, checksum)
+        finally:
+            self.store.unpin(step)
 
     def _distribute_and_announce(self, step: int) -> None:
         view = self._round_view()
@@ -311,6 +344,8 @@ class SnapshotCoordinator:
         """Stop; with ``save``, first write the committed step to the disk tier and wait."""
         self._queue.put(None)
         self._thread.join(timeout=5)
+        if self._checksum_pool is not None:
+            self._checksum_pool.shutdown(wait=False)
         if self._disk is not None:
             if save:
                 future = self.save_to_disk()

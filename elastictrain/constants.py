@@ -39,3 +39,26 @@ DEFAULT_STOP_GRACE_S = 3.0
 
 def runtime_dir() -> str:
     return os.environ.get(ENV_RUNTIME_DIR, DEFAULT_RUNTIME_DIR)
+
+
+# Uncommitted snapshot steps an agent keeps per rank, and so the steps a worker may have in
+# flight (one being copied, one being checksummed by the agent, one just begun).
+MAX_PENDING_SNAPSHOTS = 3
+
+# Threads that checksum snapshot records: in the agent (every record a worker ends) and in a
+# worker that restores (what it reads). Default: the CPUs, at most 8.
+ENV_SNAPSHOT_THREADS = "ETRAIN_SNAPSHOT_THREADS"
+MAX_DEFAULT_SNAPSHOT_THREADS = 8
+
+
+def snapshot_threads() -> int:
+    raw = os.environ.get(ENV_SNAPSHOT_THREADS)
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{ENV_SNAPSHOT_THREADS} must be an int >= 1, got {raw!r}")
+        return value
+    return max(1, min(MAX_DEFAULT_SNAPSHOT_THREADS, os.cpu_count() or 1))

@@ -61,6 +61,28 @@ def test_slices_of_any_world_rebuild_the_state_bit_for_bit(world):
     assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_rank_slices_load_without_a_stream_and_into_existing_tensors(world):
+    state = _state()
+    layout, tensors = flatten_state(state)
+    pieces = []
+    for rank in range(world):
+        start, end = slice_range(layout.total_bytes, world, rank)
+        part = torch.zeros(end - start, dtype=torch.uint8)
+        copy_slice(layout, tensors, start, end, part)
+        pieces.append((start, part))
+    targets = {"/model/0.weight": torch.zeros(5, 7), "/bf16": torch.zeros(3, 3)}  # bf16: no
+    back = unflatten_state(layout, list(reversed(pieces)), into=targets)
+    assert back["model"]["0.weight"] is targets["/model/0.weight"]  # written in place
+    assert torch.equal(targets["/model/0.weight"], state["model"]["0.weight"])
+    assert back["bf16"] is not targets["/bf16"] and torch.equal(back["bf16"], state["bf16"])
+    for _, part in pieces:
+        part.fill_(0)  # the sources may be reused: nothing aliases them
+    assert torch.equal(back["model"]["1.bias"], state["model"]["1.bias"])
+    with pytest.raises(ValueError, match="cover"):
+        unflatten_state(layout, pieces[1:] if world > 1 else [(0, pieces[0][1][:10])])
+
+
 def test_retention_keeps_committed_and_bounded_pending():
     plan = plan_retention([3, 4, 5, 6], committed=4, max_pending=2)
     assert plan.free == {3}
@@ -133,7 +155,7 @@ def test_interrupted_snapshot_never_commits_nor_shadows(etcd_client, job_id):
         record = coord.begin(rank, step, 16)
         record.segment.tensor()[:16] = step
         if finish:
-            coord.end(rank, step, b"m", 0)
+            coord.end(rank, step, b"m")
 
     try:
         for step in (1, 2):

@@ -53,3 +53,26 @@ def test_sharded_state_is_resharded_from_two_ranks_to_one(cluster, etcd_endpoint
     assert taken[step][0] == 2  # the state was snapshotted by two ranks
     assert digest == taken[step][1]  # and came back whole, resharded to one rank
     assert max(taken) == 13
+
+
+@pytest.mark.timeout(300)
+def test_sharded_disk_snapshot_restores_a_new_job_of_another_size(
+    cluster, etcd_endpoint, job_id, tmp_path
+):
+    disk = ["--snapshot-dir", str(tmp_path / "snapshots")]
+    first = [
+        cluster.agent(name, etcd=etcd_endpoint, job_id=job_id, nnodes="2", nproc=1, extra=disk,
+                      script=SHARDED_SCRIPT, script_args=["--steps", "5"])  # fmt: skip
+        for name in ("a", "b")
+    ]
+    for agent in first:
+        assert agent.wait(150) == 0, agent.text()
+    taken = _hashes(first[0].text() + first[1].text(), "snapshot")
+    # a whole new job of one rank: DCP reshards the two ranks' disk records into it
+    second = cluster.agent("c", etcd=etcd_endpoint, job_id=job_id + "-2", nnodes="1",
+                           nproc=1, extra=disk, script=SHARDED_SCRIPT,
+                           script_args=["--steps", "7"])  # fmt: skip
+    assert second.wait(150) == 0, second.text()
+    restored = _hashes(second.text(), "restored")
+    assert restored == {4: (1, taken[4][1])}, second.text()
+    assert taken[4][0] == 2

@@ -61,10 +61,9 @@ class AgentClient:
         request = etrain_pb2.BeginSnapshotRequest(rank=rank, step=step, nbytes=nbytes)
         return self._call("BeginSnapshot", self._stub.BeginSnapshot, request)
 
-    def end_snapshot(
-        self, rank: int, step: int, meta: bytes, checksum: int
-    ) -> etrain_pb2.EndSnapshotResponse:
-        request = etrain_pb2.EndSnapshotRequest(rank=rank, step=step, meta=meta, checksum=checksum)
+    def end_snapshot(self, rank: int, step: int, meta: bytes) -> etrain_pb2.EndSnapshotResponse:
+        """The record of (rank, step) is written; the agent checksums it."""
+        request = etrain_pb2.EndSnapshotRequest(rank=rank, step=step, meta=meta)
         return self._call("EndSnapshot", self._stub.EndSnapshot, request)
 
     def snapshot_index(self) -> etrain_pb2.SnapshotIndex:

@@ -104,16 +104,14 @@ class BeginSnapshotResponse(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., shm_dir: _Optional[str] = ...) -> None: ...
 
 class EndSnapshotRequest(_message.Message):
-    __slots__ = ("rank", "step", "meta", "checksum")
+    __slots__ = ("rank", "step", "meta")
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     rank: int
     step: int
     meta: bytes
-    checksum: int
-    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., meta: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., meta: _Optional[bytes] = ...) -> None: ...
 
 class EndSnapshotResponse(_message.Message):
     __slots__ = ("committed",)

@@ -61,6 +61,8 @@ class ShardedRecordMeta:
     step: int
     blob_offset: int
     blob_bytes: int
+    # (offset, nbytes, dtype) of each tensor item: the disk tier shuffles their bytes by dtype
+    items: tuple[tuple[int, int, str], ...] = ()
 
     def encode(self) -> bytes:
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
@@ -102,7 +104,7 @@ class AgentStorageWriter(StorageWriter):
         self._step = step
         self._blob = rank_blob
         self._coordinator = False
-        self._deferred: tuple | None = None
+        self._deferred: bytes | None = None
 
     def reset(self, checkpoint_id=None) -> None:
         self._deferred = None
@@ -137,12 +139,13 @@ class AgentStorageWriter(StorageWriter):
             buffer[blob_offset:nbytes].copy_(
                 torch.frombuffer(bytearray(self._blob), dtype=torch.uint8)
             )
+        typed = tuple((w.offset, w.nbytes, w.dtype) for _, _, w in placed if w.dtype is not None)
         meta = ShardedRecordMeta(_FORMAT, rank, self._snap.world, self._step, blob_offset,
-                                 len(self._blob)).encode()  # fmt: skip
+                                 len(self._blob), typed).encode()  # fmt: skip
         if self._coordinator:
-            self._deferred = (segment, nbytes, meta)  # ended after the metadata, in finish()
+            self._deferred = meta  # ended after the metadata, in finish()
         else:
-            self._snap._end_record(segment, rank, self._step, nbytes, meta)
+            self._snap._end_record(rank, self._step, meta)
         future: Future[list[WriteResult]] = Future()  # torch's, as DCP waits on it
         future.set_result([
             WriteResult(index=item.index, size_in_bytes=where.nbytes, storage_data=where)
@@ -159,10 +162,9 @@ class AgentStorageWriter(StorageWriter):
         if raw:
             segment.tensor()[: len(raw)].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         meta = ShardedRecordMeta(_FORMAT, METADATA_RANK, self._snap.world, self._step, 0, 0)
-        self._snap._end_record(segment, METADATA_RANK, self._step, len(raw), meta.encode())
+        self._snap._end_record(METADATA_RANK, self._step, meta.encode())
         if self._deferred is not None:
-            segment, nbytes, own = self._deferred
-            self._snap._end_record(segment, self._snap.rank, self._step, nbytes, own)
+            self._snap._end_record(self._snap.rank, self._step, self._deferred)
             self._deferred = None
 
     @classmethod

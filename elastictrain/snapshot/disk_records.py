@@ -1,40 +1,54 @@
 """Agent records <-> disk-tier records (pure).
 
-A rank's record is a slice of the replicated stream followed by its per-rank blob. On disk it
-is cut at tensor boundaries so that every piece carries its tensor's dtype and the disk tier
-can byte-shuffle it (bf16/fp32 compress far better shuffled); gaps and the blob are opaque
-``bytes`` pieces. The pieces cover the record exactly, so the rebuilt bytes (and their CRC)
-are the original ones.
+A rank's record is a slice of the replicated stream (or, sharded, DCP's write items) followed
+by its per-rank blob. On disk it is cut at tensor boundaries so that every piece carries its
+tensor's dtype and the disk tier can byte-shuffle it (bf16/fp32 compress far better
+shuffled); gaps and the blob are opaque ``bytes`` pieces. The pieces cover the record
+exactly, so the rebuilt bytes (and their CRC) are the original ones.
 """
 
 from __future__ import annotations
 
 import base64
+import pickle
 from collections.abc import Iterable
 
 import torch
 
+from elastictrain.snapshot.dcp_storage import ShardedRecordMeta
 from elastictrain.snapshot.disk import OPAQUE_DTYPE, SnapshotRecord, dtype_element_size
 from elastictrain.snapshot.layout import StateLayout
 from elastictrain.snapshot.worker import RecordMeta
 
 
-def _cuts(meta: RecordMeta, nbytes: int) -> list[tuple[int, int, str]]:
-    """(start, end, dtype) pieces covering ``[0, nbytes)`` of a record."""
-    layout = StateLayout.decode(meta.layout)
-    cuts: list[tuple[int, int, str]] = []
-    position = 0
-    for entry in layout.entries:
+def _typed_ranges(meta_raw: bytes) -> list[tuple[int, int, str]]:
+    """(start, end, dtype) of the tensor bytes of a record, from its description."""
+    meta = pickle.loads(meta_raw)
+    if isinstance(meta, ShardedRecordMeta):
+        return [(offset, offset + nbytes, dtype) for offset, nbytes, dtype in meta.items]
+    if not isinstance(meta, RecordMeta):
+        return []
+    ranges = []
+    for entry in StateLayout.decode(meta.layout).entries:
         lo = max(entry.offset, meta.start) - meta.start
         hi = min(entry.offset + entry.nbytes, meta.end) - meta.start
-        if lo >= hi:
-            continue
-        size = dtype_element_size(entry.dtype)
-        if lo % size or (hi - lo) % size:
-            continue  # not element-aligned (cannot happen with aligned slices): keep opaque
+        if lo < hi:
+            ranges.append((lo, hi, entry.dtype))
+    return ranges
+
+
+def _cuts(meta_raw: bytes, nbytes: int) -> list[tuple[int, int, str]]:
+    """(start, end, dtype) pieces covering ``[0, nbytes)`` of a record: tensors keep their
+    dtype, gaps and anything not element-aligned are opaque."""
+    cuts: list[tuple[int, int, str]] = []
+    position = 0
+    for lo, hi, dtype in sorted(_typed_ranges(meta_raw)):
+        size = dtype_element_size(dtype)
+        if lo < position or hi > nbytes or lo % size or (hi - lo) % size:
+            continue  # cannot happen with aligned slices: those bytes stay opaque
         if lo > position:
             cuts.append((position, lo, OPAQUE_DTYPE))
-        cuts.append((lo, hi, entry.dtype))
+        cuts.append((lo, hi, dtype))
         position = hi
     if position < nbytes:
         cuts.append((position, nbytes, OPAQUE_DTYPE))
@@ -47,9 +61,9 @@ def to_disk_records(
     """One rank's record (``data``: uint8, its exact bytes) as disk-tier records."""
     nbytes = data.numel()
     try:
-        cuts = _cuts(RecordMeta.decode(meta_raw), nbytes)
-    except (ValueError, TypeError):  # a sharded (DCP) record: kept as opaque bytes
-        cuts = [(0, nbytes, OPAQUE_DTYPE)] if nbytes else []
+        cuts = _cuts(meta_raw, nbytes)
+    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError):
+        cuts = [(0, nbytes, OPAQUE_DTYPE)] if nbytes else []  # an unknown description
     pieces = [
         SnapshotRecord(
             name=f"rank{rank:06d}/header",

@@ -2,8 +2,13 @@
 
 A state is a nested structure (dicts, lists, tuples, scalars, tensors). :func:`flatten_state`
 lays its tensors end to end in one *stream* (each at a 64-byte aligned offset) and keeps the
-rest as a small pickled *skeleton* with numbered placeholders. Tensor data are never pickled:
-they are copied as raw bytes through ``uint8`` views.
+rest as a small pickled *skeleton* in which each tensor is a numbered persistent reference.
+Tensor data are never pickled: they are copied as raw bytes through ``uint8`` views. The
+skeleton is written by the C pickler (a call per tensor, not a Python walk over the whole
+state: about 0.5 ms for a 1B-parameter GPT with AdamW), and a state whose tensors have the
+same dtypes, shapes and devices as last time reuses the last layout's entries. Tensor *paths*
+(``/model/0.weight``) are only worked out on restore, where they match saved tensors to live
+ones.
 
 Replicated state (the same on every data-parallel rank, e.g. DDP's model and optimizer) is
 snapshotted in slices: rank ``r`` of ``n`` copies only bytes ``slice_range(total, n, r)`` of the
@@ -13,63 +18,59 @@ are one full copy, which any world size can reassemble.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 ALIGN = 64
-
-
-class _TensorSlot:
-    """Placeholder for the i-th tensor of the stream inside the pickled skeleton."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def __reduce__(self):
-        return (_TensorSlot, (self.index,))
+_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    path: str
     dtype: str  # torch dtype name without the "torch." prefix
     shape: tuple[int, ...]
     offset: int  # in the stream, ALIGN-aligned
     nbytes: int
+    device: str = "cpu"  # device type it was taken from ("cpu", "cuda"): where it goes back
 
 
 @dataclass(frozen=True)
 class StateLayout:
     entries: tuple[TensorEntry, ...]
     total_bytes: int
-    skeleton: bytes
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the layout (paths, dtypes, shapes): a restore must match it."""
-        digest = hashlib.blake2b(digest_size=12)
-        for e in self.entries:
-            digest.update(f"{e.path}|{e.dtype}|{e.shape}|{e.offset}|{e.nbytes};".encode())
-        return digest.hexdigest()
+    skeleton: bytes  # the state pickled with tensor i as persistent id i
+    # (dtype, shape, device) of each tensor it was made from: a cheap test of reuse
+    signature: tuple = field(default=(), compare=False, repr=False)
 
     def encode(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(
+            (_FORMAT, _entries_blob(self.entries), self.total_bytes, self.skeleton),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
 
     @staticmethod
     def decode(raw: bytes) -> StateLayout:
-        layout = pickle.loads(raw)
-        if not isinstance(layout, StateLayout):
-            raise TypeError("not a StateLayout")
-        return layout
+        decoded = pickle.loads(raw)
+        if not (isinstance(decoded, tuple) and len(decoded) == 4 and decoded[0] == _FORMAT):
+            raise TypeError("not a state layout of this version")
+        _, entries, total, skeleton = decoded
+        return StateLayout(pickle.loads(entries), total, skeleton)
+
+
+_last_entries: tuple[tuple[TensorEntry, ...], bytes] | None = None
+
+
+def _entries_blob(entries: tuple[TensorEntry, ...]) -> bytes:
+    """The entries pickled; the last result is kept, as steps mostly share their entries."""
+    global _last_entries
+    if _last_entries is None or _last_entries[0] is not entries:
+        _last_entries = (entries, pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL))
+    return _last_entries[1]
 
 
 def _align(value: int) -> int:
@@ -80,82 +81,146 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _same_dict(original: dict, items: dict) -> dict:
-    """``items`` in the original's dict type, keeping a state dict's ``_metadata``."""
-    if type(original) is dict:
-        return items
-    rebuilt = OrderedDict(items)
-    metadata = getattr(original, "_metadata", None)
-    if metadata is not None:
-        rebuilt._metadata = metadata  # type: ignore[attr-defined]
-    return rebuilt
+class _SkeletonPickler(pickle.Pickler):
+    """Pickles a state with every tensor replaced by its index in :attr:`tensors`."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: list[torch.Tensor] = []
+
+    def persistent_id(self, obj: Any) -> int | None:
+        if not isinstance(obj, torch.Tensor):
+            return None
+        if obj.layout != torch.strided:
+            raise TypeError("only dense tensors can be snapshotted")
+        self.tensors.append(obj)
+        return len(self.tensors) - 1
 
 
-def flatten_state(state: Mapping[str, Any]) -> tuple[StateLayout, list[torch.Tensor]]:
+class _SkeletonUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tensors: Sequence[Any]) -> None:
+        super().__init__(file)
+        self._tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._tensors[pid]
+
+
+def flatten_state(
+    state: Mapping[str, Any], previous: StateLayout | None = None
+) -> tuple[StateLayout, list[torch.Tensor]]:
     """Split ``state`` into a layout (skeleton + tensor entries) and its tensors, in stream order.
 
-    Tensors are returned as they are (no copy); the caller copies their bytes.
+    Tensors are returned as they are (no copy); the caller copies their bytes. When the tensors
+    have ``previous``'s dtypes, shapes and devices, its entries are reused (the same object).
     """
-    tensors: list[torch.Tensor] = []
+    buffer = io.BytesIO()
+    pickler = _SkeletonPickler(buffer)
+    pickler.dump(dict(state))
+    tensors = pickler.tensors
+    signature = tuple((t.dtype, t.shape, t.device.type) for t in tensors)
+    if previous is not None and previous.signature == signature:
+        layout = StateLayout(previous.entries, previous.total_bytes, buffer.getvalue(), signature)
+        return layout, tensors
     entries: list[TensorEntry] = []
     offset = 0
-
-    def walk(obj: Any, path: str) -> Any:
-        nonlocal offset
-        if isinstance(obj, torch.Tensor):
-            if obj.is_sparse or obj.layout != torch.strided:
-                raise TypeError(f"{path}: only dense tensors can be snapshotted")
-            index = len(tensors)
-            nbytes = obj.numel() * obj.element_size()
-            entries.append(
-                TensorEntry(path, _dtype_name(obj.dtype), tuple(obj.shape), offset, nbytes)
-            )
-            tensors.append(obj.detach())
-            offset = _align(offset + nbytes)
-            return _TensorSlot(index)
-        if isinstance(obj, dict):
-            return _same_dict(obj, {k: walk(v, f"{path}/{k}") for k, v in obj.items()})
-        if isinstance(obj, list):
-            return [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return tuple(walk(v, f"{path}/{i}") for i, v in enumerate(obj))
-        return obj
-
-    skeleton = walk(dict(state), "")
-    layout = StateLayout(tuple(entries), offset, pickle.dumps(skeleton, pickle.HIGHEST_PROTOCOL))
-    return layout, tensors
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append(TensorEntry(_dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes,
+                                   tensor.device.type))  # fmt: skip
+        offset = _align(offset + nbytes)
+    return StateLayout(tuple(entries), offset, buffer.getvalue(), signature), tensors
 
 
-def unflatten_state(layout: StateLayout, stream: torch.Tensor) -> dict[str, Any]:
-    """Rebuild the state from a full stream (``uint8``, ``layout.total_bytes`` long).
+def _paths(obj: Any, path: str, out: dict[str, Any], is_leaf) -> None:
+    """path -> leaf for every leaf of a nested structure of dicts, lists and tuples."""
+    if is_leaf(obj):
+        out[path] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _paths(value, f"{path}/{key}", out, is_leaf)
+    elif isinstance(obj, list | tuple):
+        for index, value in enumerate(obj):
+            _paths(value, f"{path}/{index}", out, is_leaf)
 
-    Every tensor is a new CPU tensor (a copy), so the stream buffer may be reused afterwards.
+
+def tensors_by_path(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """path -> tensor of a state (``/model/0.weight``, ``/optimizer/state/0/exp_avg``)."""
+    out: dict[str, Any] = {}
+    _paths(dict(state), "", out, lambda o: isinstance(o, torch.Tensor))
+    return out
+
+
+class _Slot(int):
+    """A tensor's index in the stream, standing in for it while paths are worked out."""
+
+
+def entry_paths(layout: StateLayout) -> list[str]:
+    """The path of each entry of a layout, in stream order."""
+    slots = [_Slot(i) for i in range(len(layout.entries))]
+    skeleton = _SkeletonUnpickler(io.BytesIO(layout.skeleton), slots).load()
+    found: dict[str, Any] = {}
+    _paths(skeleton, "", found, lambda o: isinstance(o, _Slot))
+    paths = [""] * len(slots)
+    for path, slot in found.items():
+        paths[int(slot)] = path
+    return paths
+
+
+def _target_device(entry: TensorEntry) -> torch.device:
+    """Where an entry is rebuilt: its own device type if this process has one, else the CPU."""
+    if entry.device == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def unflatten_state(
+    layout: StateLayout,
+    pieces: torch.Tensor | Sequence[tuple[int, torch.Tensor]],
+    into: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Rebuild the state from stream bytes.
+
+    ``pieces`` is the whole stream (``uint8``, at least ``layout.total_bytes`` long) or
+    non-overlapping ``(stream offset, uint8 tensor)`` parts that together cover every tensor's
+    bytes (a rank's slice each: no stream is assembled, each byte is copied once). A tensor is
+    rebuilt on the device type it was taken from (CUDA tensors on the current device, when
+    there is one), or written into ``into[path]`` when that tensor has the same dtype, shape
+    and device (a model's own parameters: nothing is allocated). The sources are never
+    aliased, so their buffers may be reused afterwards.
     """
-    if stream.dtype != torch.uint8 or stream.numel() < layout.total_bytes:
-        raise ValueError(
-            f"stream must be uint8 with at least {layout.total_bytes} bytes, "
-            f"got {stream.dtype} x {stream.numel()}"
-        )
+    if isinstance(pieces, torch.Tensor):
+        if pieces.dtype != torch.uint8 or pieces.numel() < layout.total_bytes:
+            raise ValueError(
+                f"stream must be uint8 with at least {layout.total_bytes} bytes, "
+                f"got {pieces.dtype} x {pieces.numel()}"
+            )
+        pieces = [(0, pieces)]
+    ordered = sorted(pieces, key=lambda p: p[0])
+    paths = entry_paths(layout) if into else [""] * len(layout.entries)
+    into = into or {}
     rebuilt: list[torch.Tensor] = []
-    for e in layout.entries:
+    for e, path in zip(layout.entries, paths, strict=True):
         dtype = getattr(torch, e.dtype)
-        raw = stream[e.offset : e.offset + e.nbytes].clone()
-        rebuilt.append(
-            raw.view(dtype).reshape(e.shape) if e.nbytes else torch.empty(e.shape, dtype=dtype)
-        )
-
-    def walk(obj: Any) -> Any:
-        if isinstance(obj, _TensorSlot):
-            return rebuilt[obj.index]
-        if isinstance(obj, dict):
-            return _same_dict(obj, {k: walk(v) for k, v in obj.items()})
-        if isinstance(obj, list):
-            return [walk(v) for v in obj]
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return tuple(walk(v) for v in obj)
-        return obj
-
-    return walk(pickle.load(io.BytesIO(layout.skeleton)))
+        target = into.get(path)
+        device = _target_device(e)
+        if not (
+            target is not None and target.dtype == dtype and tuple(target.shape) == e.shape
+            and target.device == device and target.is_contiguous()
+        ):  # fmt: skip
+            target = torch.empty(e.shape, dtype=dtype, device=device)
+        rebuilt.append(target)
+        if not e.nbytes:
+            continue
+        dest, covered = _as_bytes(target), 0
+        for offset, piece in ordered:
+            lo, hi = max(offset, e.offset), min(offset + piece.numel(), e.offset + e.nbytes)
+            if lo < hi:
+                dest[lo - e.offset : hi - e.offset].copy_(piece[lo - offset : hi - offset])
+                covered += hi - lo
+        if covered != e.nbytes:
+            raise ValueError(f"{path or e.offset}: the pieces cover {covered} of {e.nbytes} bytes")
+    return _SkeletonUnpickler(io.BytesIO(layout.skeleton), rebuilt).load()
 
 
 def slice_range(total: int, world: int, rank: int) -> tuple[int, int]:
@@ -173,6 +238,7 @@ def slice_range(total: int, world: int, rank: int) -> tuple[int, int]:
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a tensor's data (a contiguous copy if it is not contiguous)."""
+    tensor = tensor.detach()
     flat = tensor if tensor.is_contiguous() else tensor.contiguous()
     return flat.reshape(-1).view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
 

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from elastictrain.constants import MAX_PENDING_SNAPSHOTS
 from elastictrain.errors import ElasticTrainError
 from elastictrain.snapshot.shm import ShmSegment
 
@@ -25,6 +26,10 @@ class SnapshotError(ElasticTrainError):
 
 @dataclass
 class Record:
+    """``written``: the worker ended it; ``complete``: written and its CRC32C is known (the
+    agent computes it after the worker is done, so the worker's hot path is the copy alone).
+    Only complete records are read, listed, spread or committed."""
+
     step: int
     rank: int
     segment: ShmSegment
@@ -32,6 +37,7 @@ class Record:
     meta: bytes = b""
     checksum: int = 0
     complete: bool = False
+    written: bool = False
 
 
 _SEGMENT_GRAIN = 1 << 20
@@ -69,7 +75,7 @@ class SnapshotStore:
     """Records of this node's ranks, keyed by (step, rank)."""
 
     prefix: str
-    max_pending: int = 2
+    max_pending: int = MAX_PENDING_SNAPSHOTS
     max_bytes: int = 0  # 0: unbounded; else new segments beyond this are refused
     records: dict[tuple[int, int], Record] = field(default_factory=dict)
     committed: int | None = None
@@ -93,7 +99,7 @@ class SnapshotStore:
                 raise SnapshotError(f"step {step} is not after the committed step {committed}")
             record = self.records.get((step, rank))
             if record is not None and record.segment.size >= nbytes:
-                record.complete = False
+                record.complete = record.written = False
                 record.nbytes = nbytes
                 return record
             segment = self._take_segment(nbytes)
@@ -120,23 +126,46 @@ class SnapshotStore:
                 )
         return ShmSegment.create(self.prefix, nbytes)
 
-    def end(self, rank: int, step: int, meta: bytes, checksum: int) -> Record:
+    def end(self, rank: int, step: int, meta: bytes, checksum: int | None = None) -> Record:
+        """The worker is done writing; with ``checksum`` the record is complete at once, else
+        it waits for :meth:`set_checksum`."""
         with self._lock:
             record = self.records.get((step, rank))
             if record is None:
                 raise SnapshotError(
                     f"no snapshot of rank {rank} step {step} was begun (or it was dropped)"
                 )
-            record.meta, record.checksum, record.complete = meta, checksum, True
+            record.meta, record.written = meta, True
+            if checksum is not None:
+                record.checksum, record.complete = checksum, True
             return record
+
+    def unchecked(self, step: int) -> list[Record]:
+        """Written records of ``step`` whose checksum is still to compute."""
+        with self._lock:
+            return [r for (s, _), r in self.records.items()
+                    if s == step and r.written and not r.complete]  # fmt: skip
+
+    def written_steps(self, ranks: Iterable[int]) -> list[int]:
+        """Steps for which every one of ``ranks`` has ended its record (checksummed or not)."""
+        return self._steps_where(ranks, lambda r: r.written)
+
+    def set_checksum(self, record: Record, checksum: int) -> None:
+        """Complete a written record, unless it was rewritten or dropped meanwhile."""
+        with self._lock:
+            if self.records.get((record.step, record.rank)) is record and record.written:
+                record.checksum, record.complete = checksum, True
 
     def complete_steps(self, ranks: Iterable[int]) -> list[int]:
         """Steps for which every one of ``ranks`` has a complete record."""
+        return self._steps_where(ranks, lambda r: r.complete)
+
+    def _steps_where(self, ranks: Iterable[int], holds) -> list[int]:
         wanted = set(ranks)
         with self._lock:
             by_step: dict[int, set[int]] = {}
             for (step, rank), record in self.records.items():
-                if record.complete:
+                if holds(record):
                     by_step.setdefault(step, set()).add(rank)
         return sorted(s for s, have in by_step.items() if wanted <= have)
 
@@ -232,7 +261,7 @@ class ChunkInfo:
 class ChunkStore:
     """Chunks this agent holds for owner nodes (itself included), keyed (owner, step, index)."""
 
-    max_pending: int = 2
+    max_pending: int = MAX_PENDING_SNAPSHOTS
     chunks: dict[tuple[str, int, int], tuple[ChunkInfo, bytearray]] = field(default_factory=dict)
     committed: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)

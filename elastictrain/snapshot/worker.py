@@ -24,6 +24,8 @@ import os
 import pickle
 import random
 import sys
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,13 +33,25 @@ from typing import Any
 
 import torch
 
+from elastictrain.constants import MAX_PENDING_SNAPSHOTS, snapshot_threads
 from elastictrain.rpc.agent_client import AgentClient, SnapshotRefusedError
-from elastictrain.snapshot.erasure import chunk_checksum as record_checksum
+from elastictrain.snapshot.checksum import crc32c_parallel
+from elastictrain.snapshot.device_copy import (
+    CopyPlan,
+    CopyTargets,
+    InflightCopy,
+    LazyCopier,
+    StagingDecision,
+    copy_host_pieces,
+    optimizer_storages,
+    plan_copies,
+)
 from elastictrain.snapshot.layout import (
     StateLayout,
-    copy_slice,
     flatten_state,
     slice_range,
+    stream_pieces,
+    tensors_by_path,
     unflatten_state,
 )
 from elastictrain.snapshot.shm import ShmSegment
@@ -47,7 +61,9 @@ logger = logging.getLogger(__name__)
 ENV_AGENT_ENDPOINT = "ETRAIN_AGENT_ENDPOINT"
 ENV_SNAPSHOT_DIR = "ETRAIN_SNAPSHOT_DIR"
 _FORMAT = 1
-_MAPPED_SEGMENTS = 4
+# Segments a worker keeps mapped (and, on GPU, page-locked): the agent rotates a few per rank
+# (committed, pending, being written); a mapping of a freed segment would keep its memory.
+_MAPPED_SEGMENTS = 2 * MAX_PENDING_SNAPSHOTS + 2
 
 
 @dataclass(frozen=True)
@@ -84,21 +100,24 @@ class Restored:
     sources: dict[int, str] = field(default_factory=dict)  # rank -> agent it was read from
 
 
+# Record bytes as read: a view of a mapped agent segment, or a buffer streamed over gRPC.
+Buffer = memoryview | bytearray
+
+
 class _LazyRecords:
-    """rank -> record bytes, each read from its agent on first use (DCP reads only some)."""
+    """rank -> record bytes, each read on first use (DCP reads only the ranks it needs)."""
 
-    def __init__(self, snapshotter: Snapshotter, holders: dict[int, tuple[str, Any]]) -> None:
-        self._snap = snapshotter
-        self._holders = holders
-        self._cache: dict[int, bytearray] = {}
+    def __init__(self, read: Callable[[int], Buffer | None]) -> None:
+        self._read = read
+        self._cache: dict[int, Buffer | None] = {}
 
-    def get(self, rank: int) -> bytearray | None:
+    def get(self, rank: int) -> Buffer | None:
         if rank not in self._cache:
-            held = self._holders.get(rank)
-            if held is None:
-                return None
-            self._cache[rank] = self._snap._read(*held)
+            self._cache[rank] = self._read(rank)
         return self._cache[rank]
+
+    def clear(self) -> None:
+        self._cache.clear()
 
 
 class SnapshotCorruptError(RuntimeError):
@@ -167,10 +186,28 @@ class Snapshotter:
         endpoint = agent or os.environ.get(ENV_AGENT_ENDPOINT)
         self._client = AgentClient(endpoint, timeout=30.0) if endpoint else None
         self._segments: dict[str, ShmSegment] = {}
-        # The checksum and EndSnapshot of step s run beside training (ISA-L's CRC releases the
-        # GIL); step s+1 waits for them first, so records end in order.
+        # The checksum and EndSnapshot of step s (after its device copy landed, on GPU) run
+        # beside training on one thread, in order: records end in step order.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-end")
-        self._pending: Future | None = None
+        self._pending: deque[Future] = deque()
+        self.checksum_threads = snapshot_threads()
+        self._checksum_pool = (
+            ThreadPoolExecutor(self.checksum_threads - 1, thread_name_prefix="snapshot-crc")
+            if self.checksum_threads > 1 and self._client is not None
+            else None
+        )
+        self._copier: LazyCopier | None = None
+        self._layout: StateLayout | None = None  # the last one: its entries are reused
+        self._plan: tuple[tuple, tuple, CopyPlan] | None = None  # (entries, key, plan)
+        self._targets: dict[str, CopyTargets] = {}  # segment name -> where the pieces go
+        # page-locking cost, paid when a segment is first used on GPU (reported by benchmarks)
+        self.pinned_bytes = 0
+        self.pin_seconds = 0.0
+        self.staging: StagingDecision | None = None  # the last GPU snapshot's, with its reason
+        self._inflight: InflightCopy | None = None
+        self._fence_handle = None
+        if self._client is not None and hasattr(optimizer, "register_step_pre_hook"):
+            self._fence_handle = optimizer.register_step_pre_hook(self._fence_hook)
 
     @property
     def enabled(self) -> bool:
@@ -196,13 +233,18 @@ class Snapshotter:
     def snapshot(self, step: int, data_position: Any = None) -> bool:
         """Snapshot the state after ``step`` (call after ``optimizer.step()``).
 
-        Returns False when skipped (not a multiple of ``every``, or no agent).
+        On CPU the bytes are copied before it returns. On GPU the parameters and optimizer
+        state are copied lazily, during the next forward and backward, and the next
+        ``optimizer.step()`` waits for that copy on the device; anything else that changes
+        them in between must call :meth:`fence` first. Returns False when skipped (not a
+        multiple of ``every``, no agent, or the agent refused it).
         """
         if self._client is None or step % self.every:
             return False
         if self.sharded:
             return self._snapshot_sharded(step, data_position)
-        layout, tensors = flatten_state(self._replicated_state())
+        layout, tensors = flatten_state(self._replicated_state(), self._layout)
+        self._layout = layout
         world, rank = (self.world, self.rank) if self.replicated else (1, 0)
         start, end = slice_range(layout.total_bytes, world, rank)
         rank_blob = self._rank_state(step, data_position)
@@ -211,14 +253,63 @@ class Snapshotter:
         if segment is None:
             return False
         buffer = segment.tensor()
-        copy_slice(layout, tensors, start, end, buffer[: end - start])
+        plan = self._copy_plan(layout, tensors, start, end)
         if rank_blob:
             blob = torch.frombuffer(bytearray(rank_blob), dtype=torch.uint8)
             buffer[end - start : nbytes].copy_(blob)
         meta = RecordMeta(_FORMAT, self.rank, self.world, step, start, end, len(rank_blob),
-                          layout.encode())  # fmt: skip
-        self._end_record(segment, self.rank, step, nbytes, meta.encode())
+                          layout.encode()).encode()  # fmt: skip
+        targets = self._targets.get(segment.name)
+        if targets is None:
+            targets = self._targets[segment.name] = CopyTargets.of(plan, buffer)
+        if not plan.device_bytes:
+            copy_host_pieces(plan, targets)
+            self._end_record(self.rank, step, meta)
+            return True
+        device = next(piece.device for _, piece in plan.lazy + plan.staged)
+        if self._copier is None:
+            self._copier = LazyCopier(device)
+        if not segment.pinned:
+            started = time.perf_counter()
+            segment.pin()
+            self.pinned_bytes += segment.size
+            self.pin_seconds += time.perf_counter() - started
+        copy = self._copier.start(step, plan, targets)
+        self.staging = copy.decision
+        self._inflight = copy
+        self._pending.append(self._finisher.submit(self._end_device, copy, step, meta))
         return True
+
+    def _copy_plan(self, layout: StateLayout, tensors: list[torch.Tensor], start: int,
+                   end: int) -> CopyPlan:  # fmt: skip
+        """How this rank's slice is copied: kept while the tensors stay where they are (the
+        pieces are views of their memory), so a step costs no per-tensor planning."""
+        key = (start, end, tuple(t.data_ptr() for t in tensors))
+        reusable = all(t.is_contiguous() for t in tensors)  # else pieces are fresh copies
+        if not (reusable and self._plan is not None and self._plan[0] is layout.entries
+                and self._plan[1] == key):  # fmt: skip
+            plan = plan_copies(
+                stream_pieces(layout, tensors, start, end), optimizer_storages(self.optimizer)
+            )
+            self._plan = (layout.entries, key, plan)
+            self._targets.clear()
+        return self._plan[2]
+
+    def _end_device(self, copy: InflightCopy, step: int, meta: bytes) -> None:
+        assert self._copier is not None
+        self._copier.wait_done(copy)
+        self._client.end_snapshot(self.rank, step, meta)
+
+    def _fence_hook(self, *_args: Any) -> None:
+        self.fence()
+
+    def fence(self) -> None:
+        """Order the current CUDA stream after the last snapshot's device copy: call before
+        changing parameters or optimizer state other than through ``optimizer.step()``
+        (which fences by itself). The host does not wait."""
+        copy, self._inflight = self._inflight, None
+        if copy is not None and self._copier is not None:
+            self._copier.fence(copy)
 
     def _snapshot_sharded(self, step: int, data_position: Any) -> bool:
         """DTensor/FSDP2 state through DCP into this rank's record (a collective call)."""
@@ -243,7 +334,7 @@ class Snapshotter:
 
     def _begin_record(self, rank: int, step: int, nbytes: int) -> ShmSegment | None:
         """A mapped segment for (rank, step) from the agent, or None if it refused."""
-        self.wait()
+        self._drain(keep=MAX_PENDING_SNAPSHOTS - 1)  # the agent keeps that many unended
         try:
             reply = self._client.begin_snapshot(rank, step, nbytes)
         except SnapshotRefusedError as exc:
@@ -251,20 +342,19 @@ class Snapshotter:
             return None
         return self._segment(reply.segment)
 
-    def _end_record(self, segment: ShmSegment, rank: int, step: int, nbytes: int,
-                    meta: bytes) -> None:  # fmt: skip
-        """Checksum and hand over the record beside training; records end in order."""
-        self._pending = self._finisher.submit(self._end, segment, rank, step, nbytes, meta)
+    def _end_record(self, rank: int, step: int, meta: bytes) -> None:
+        """Hand the record over beside training (the agent checksums it); in step order."""
+        self._pending.append(self._finisher.submit(self._client.end_snapshot, rank, step, meta))
 
-    def _end(self, segment: ShmSegment, rank: int, step: int, nbytes: int, meta: bytes) -> None:
-        checksum = record_checksum(segment.view(0, nbytes))
-        self._client.end_snapshot(rank, step, meta, checksum)
+    def _drain(self, keep: int) -> None:
+        """Wait until at most ``keep`` snapshots are still being finished (raises their error)."""
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
 
     def wait(self) -> None:
-        """Block until the last snapshot has been handed to the agent (raises its error)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Block until every snapshot has been copied and handed to the agent (raises the
+        first error)."""
+        self._drain(keep=0)
 
     def _segment(self, name: str) -> ShmSegment:
         """The mapped segment ``name``; only the few most recent stay mapped (the agent frees
@@ -275,6 +365,7 @@ class Snapshotter:
         self._segments[name] = segment  # most recently used last
         while len(self._segments) > _MAPPED_SEGMENTS:
             oldest = next(iter(self._segments))
+            self._targets.pop(oldest, None)
             self._segments.pop(oldest).close()
         return segment
 
@@ -293,44 +384,61 @@ class Snapshotter:
         step = local.committed_step
         if step < 0:
             return self._restore_from_disk()
-        if self.sharded and step < 0:
-            return None  # the disk tier holds replicated records only, for now
         holders = self._holders(local, step)
-        if not self._covers(holders):
+        if not self._covers({rank: info.meta for rank, (_, info) in holders.items()}):
             # Some owner is gone: its agent-held records are rebuilt from erasure-coded chunks.
             reply = self._client.recover_snapshot(step)
             logger.info("rank %d: %s", self.rank, reply.message)
             holders = self._holders(self._client.snapshot_index(), step)
         if not holders:
             raise SnapshotCorruptError(f"committed step {step} is held by no live agent")
-        if self.sharded:
-            return self._restore_sharded(step, holders)
-        records = {
-            rank: (endpoint, info.meta, self._read(endpoint, info))
-            for rank, (endpoint, info) in holders.items()
-        }
-        return self._load(step, records, source="memory")
+        opened: list[ShmSegment] = []
+        records: dict[int, tuple[str, bytes, Buffer]] = {}
+        try:
+            if self.sharded:
+                lazy = _LazyRecords(
+                    lambda r: self._read(*holders[r], opened) if r in holders else None
+                )
+                try:
+                    mine = holders.get(self.rank)
+                    return self._restore_sharded(
+                        step, lazy, mine[1].meta if mine else None,
+                        {r: e for r, (e, _) in holders.items()}, "memory",
+                    )  # fmt: skip
+                finally:
+                    lazy.clear()
+            for rank, (endpoint, info) in holders.items():
+                records[rank] = (endpoint, info.meta, self._read(endpoint, info, opened))
+            return self._load(step, records, source="memory")
+        finally:
+            records.clear()  # drop the views before unmapping
+            for segment in opened:
+                segment.close()
 
-    def _load(self, step: int, records: dict[int, tuple[str, bytes, bytearray]], source: str):
-        """Assemble the stream from rank records (rank -> (source, meta, bytes)) and load it."""
+    def _load(self, step: int, records: dict[int, tuple[str, bytes, Buffer]], source: str):
+        """Load the state from rank records (rank -> (source, meta, bytes)): each slice is
+        copied once, straight into the model's tensors or new ones on their devices."""
         any_meta = RecordMeta.decode(next(iter(records.values()))[1])
         layout = StateLayout.decode(any_meta.layout)
-        stream = torch.zeros(layout.total_bytes, dtype=torch.uint8)
+        pieces: list[tuple[int, torch.Tensor]] = []
         covered = 0
         for _rank, (_endpoint, meta_raw, data) in sorted(records.items()):
             meta = RecordMeta.decode(meta_raw)
             if not self.replicated and meta.rank != self.rank:
                 continue
             if meta.end > meta.start:
-                piece = torch.frombuffer(data, dtype=torch.uint8, count=meta.end - meta.start)
-                stream[meta.start : meta.end] = piece
+                count = meta.end - meta.start
+                pieces.append((meta.start, torch.frombuffer(data, dtype=torch.uint8, count=count)))
             covered += meta.end - meta.start
         if covered < layout.total_bytes:
             raise SnapshotCorruptError(
                 f"step {step}: slices cover {covered} of {layout.total_bytes} bytes "
                 f"(ranks held: {sorted(records)})"
             )
-        state = unflatten_state(layout, stream)
+        into = tensors_by_path(self._replicated_state())
+        with torch.no_grad():
+            state = unflatten_state(layout, pieces, into=into)
+        del pieces
         if self.model is not None:
             self.model.load_state_dict(state["model"])
         if self.optimizer is not None:
@@ -366,17 +474,21 @@ class Snapshotter:
             for node_root in by_step[step]:
                 _manifest, restored = read_snapshot(node_root, step)
                 for rank, (meta, checksum, data) in from_disk_records(restored.values()).items():
-                    if record_checksum(data) != checksum:
+                    if self._checksum(data) != checksum:
                         raise SnapshotCorruptError(f"rank {rank} of step {step} in {node_root}")
                     records[rank] = (node_root, meta, data)
-            if records and self._disk_records_cover(records):
-                logger.info("rank %d: restoring step %d from disk %s", self.rank, step, root)
-                return self._load(step, records, source="disk")
+            if not self._covers({rank: meta for rank, (_, meta, _) in records.items()}):
+                continue
+            logger.info("rank %d: restoring step %d from disk %s", self.rank, step, root)
+            if self.sharded:
+                mine = records.get(self.rank)
+                return self._restore_sharded(
+                    step, {rank: data for rank, (_, _, data) in records.items()},
+                    mine[1] if mine else None,
+                    {rank: where for rank, (where, _, _) in records.items()}, "disk",
+                )  # fmt: skip
+            return self._load(step, records, source="disk")
         return None
-
-    def _disk_records_cover(self, records: dict[int, tuple[str, bytes, bytearray]]) -> bool:
-        metas = [RecordMeta.decode(meta) for _, meta, _ in records.values()]
-        return len({m.rank for m in metas}) >= metas[0].world
 
     def _holders(self, local, step: int) -> dict[int, tuple[str, Any]]:
         """rank -> (agent endpoint, record info) for the records of ``step`` on live agents."""
@@ -390,13 +502,14 @@ class Snapshotter:
                     holders.setdefault(info.rank, (endpoint, info))
         return holders
 
-    def _restore_sharded(self, step: int, holders: dict[int, tuple[str, Any]]) -> Restored:
+    def _restore_sharded(self, step: int, records: Any, own_meta: bytes | None,
+                         sources: dict[int, str], source: str) -> Restored:  # fmt: skip
+        """Load sharded state with DCP from ``records`` (``.get(rank)`` -> bytes)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         from elastictrain.snapshot.dcp_storage import AgentStorageReader
 
-        records = _LazyRecords(self, holders)
         state = self._sharded_state()
         dcp.load(state, storage_reader=AgentStorageReader(step, records))
         set_state_dict(
@@ -407,11 +520,9 @@ class Snapshotter:
         )
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        restored = Restored(step=step, source="memory",
-                            sources={r: e for r, (e, _) in holders.items()})  # fmt: skip
-        mine = holders.get(self.rank)
-        if mine is not None:
-            meta = pickle.loads(mine[1].meta)
+        restored = Restored(step=step, source=source, sources=sources)
+        if own_meta is not None:
+            meta = pickle.loads(own_meta)
             restored.world = meta.world
             data = records.get(self.rank)
             blob = bytes(data[meta.blob_offset : meta.blob_offset + meta.blob_bytes])
@@ -422,22 +533,23 @@ class Snapshotter:
                 restored.extras = rank_state["extras"]
         return restored
 
-    def _covers(self, holders: dict[int, tuple[str, Any]]) -> bool:
-        """Whether the records cover the whole replicated stream (or hold our own state)."""
-        if not holders:
+    def _covers(self, metas: dict[int, bytes]) -> bool:
+        """Whether records (rank -> their description) hold a whole state: every slice of the
+        replicated stream, every rank of a sharded one and its DCP metadata, or our own."""
+        if not metas:
             return False
         if self.sharded:
             from elastictrain.snapshot.dcp_storage import METADATA_RANK
 
-            if METADATA_RANK not in holders:
+            if METADATA_RANK not in metas:
                 return False
-            world = pickle.loads(holders[METADATA_RANK][1].meta).world
-            return all(rank in holders for rank in range(world))
+            world = pickle.loads(metas[METADATA_RANK]).world
+            return all(rank in metas for rank in range(world))
         if not self.replicated:
-            return self.rank in holders
-        metas = [RecordMeta.decode(info.meta) for _, info in holders.values()]
-        total = StateLayout.decode(metas[0].layout).total_bytes
-        return sum(m.end - m.start for m in metas) >= total and len(holders) >= metas[0].world
+            return self.rank in metas
+        decoded = [RecordMeta.decode(raw) for raw in metas.values()]
+        total = StateLayout.decode(decoded[0].layout).total_bytes
+        return sum(m.end - m.start for m in decoded) >= total and len(metas) >= decoded[0].world
 
     def _index_of(self, endpoint: str):
         try:
@@ -447,24 +559,52 @@ class Snapshotter:
             logger.warning("agent %s gave no snapshot index: %s", endpoint, exc)
             return None
 
-    def _read(self, endpoint: str, info) -> bytearray:
+    def _read(self, endpoint: str, info, opened: list[ShmSegment] | None = None) -> Buffer:
+        """A record's bytes, checksum verified: mapped straight from the local agent's segment
+        (appended to ``opened``, for the caller to close), else streamed over gRPC."""
+        if endpoint == self._client.endpoint and info.segment and opened is not None:
+            # one this worker wrote is still mapped (and page-locked on GPU: fast to load)
+            segment = self._segments.get(info.segment)
+            try:
+                if segment is None:
+                    segment = ShmSegment.attach(info.segment)
+                    opened.append(segment)
+            except OSError as exc:
+                logger.debug("segment %s not mapped (%s); reading over gRPC", info.segment, exc)
+            else:
+                if segment.size >= info.nbytes:
+                    view = segment.view(0, info.nbytes)
+                    if self._checksum(view) == info.checksum:
+                        return view
+                    view.release()
+                logger.warning("rank %d step %d: segment %s changed; reading over gRPC",
+                               info.rank, info.step, info.segment)  # fmt: skip
         data = bytearray(info.nbytes)
         if endpoint == self._client.endpoint:
             n = self._client.read_snapshot(info.rank, info.step, data)
         else:
             with AgentClient(endpoint, timeout=30.0) as peer:
                 n = peer.read_snapshot(info.rank, info.step, data)
-        if n != info.nbytes or record_checksum(data) != info.checksum:
+        if n != info.nbytes or self._checksum(data) != info.checksum:
             raise SnapshotCorruptError(
                 f"record of rank {info.rank} step {info.step} from {endpoint} is corrupt"
             )
         return data
+
+    def _checksum(self, data: Buffer) -> int:
+        return crc32c_parallel(data, self._checksum_pool, self.checksum_threads)
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
             self._finisher.shutdown(wait=True)
+            if self._checksum_pool is not None:
+                self._checksum_pool.shutdown(wait=True)
+            if self._fence_handle is not None:
+                self._fence_handle.remove()
+        self._inflight = None
+        self._targets.clear()
         for segment in self._segments.values():
             segment.close()
         self._segments.clear()
