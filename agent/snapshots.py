@@ -41,12 +41,18 @@ from elastictrain.snapshot.disk_records import to_disk_records
 from elastictrain.snapshot.erasure import (
     ErasureCodec,
     ErasureScheme,
+    allocate_chunks,
     chunk_checksum,
+    chunk_size,
     decode_snapshot,
-    encode_snapshot,
 )
 from elastictrain.snapshot.memory_store import ChunkInfo, ChunkStore, Record, SnapshotStore
-from elastictrain.snapshot.payload import PayloadEntry, pack_payload, unpack_payload
+from elastictrain.snapshot.payload import (
+    PayloadEntry,
+    pack_payload_into,
+    payload_layout,
+    unpack_payload,
+)
 from elastictrain.snapshot.placement import Redundancy, choose_scheme, plan_placement
 
 logger = logging.getLogger(__name__)
@@ -98,6 +104,8 @@ class SnapshotCoordinator:
         self._disk_every = disk_every
         self._commits_since_disk = 0
         self.checksum_threads = checksum_threads or snapshot_threads()
+        self._encode_buffer: np.ndarray | None = None  # payload + parity rows, reused
+        self._codecs: dict[tuple[int, int], ErasureCodec] = {}
         self._checksum_pool = (
             ThreadPoolExecutor(self.checksum_threads - 1, thread_name_prefix="snapshot-crc")
             if self.checksum_threads > 1
@@ -225,35 +233,62 @@ class SnapshotCoordinator:
 
     def _distribute(self, step: int, view: RoundView, records: list[Record]) -> None:
         """Send each peer holder its chunk. The owner's own chunk (index 0) is not stored: while
-        the owner lives its records serve, and when it dies its chunk dies with it."""
+        the owner lives its records serve, and when it dies its chunk dies with it.
+
+        The payload is packed straight into the data rows of one buffer kept across steps,
+        parity is encoded into its other rows (ISA-L, in place) and every chunk is sent from
+        it: no per-step allocation of payload-sized memory."""
         scheme = self._scheme or choose_scheme(len(view.members))
         decision = plan_placement(view.members, scheme)
         holders = decision.holders_of(self._node_id)
         if len(holders) < 2:
             return  # no peer: the records stay local only
         entries = [PayloadEntry(r.rank, r.nbytes, r.meta, r.checksum) for r in records]
-        payload = pack_payload(entries, [r.segment.view(0, r.nbytes) for r in records])
+        total = payload_layout(entries)[2]
+        views = [r.segment.view(0, r.nbytes) for r in records]
         if decision.redundancy is Redundancy.ERASURE:
-            with ErasureCodec(scheme.k, scheme.m) as codec:
-                encoded = encode_snapshot(codec, payload)
-            chunks = [encoded.chunks[i] for i in range(len(holders))]
-            checksums = encoded.checksums
             k, m = scheme.k, scheme.m
+            rows = self._encode_rows(k + m, chunk_size(total, k))
+            pack_payload_into(entries, views, memoryview(rows[:k].reshape(-1)))
+            self._codec(k, m).encode(rows[:k], rows[k:])
+            chunks = [rows[i] for i in range(len(holders))]
+            checksums = tuple(self._crc(row) for row in rows)
         else:  # full copies (or only the local one)
-            copy = np.frombuffer(payload, dtype=np.uint8)
+            rows = self._encode_rows(1, chunk_size(total, 1))
+            pack_payload_into(entries, views, memoryview(rows[0]))
+            copy = rows[0][:total]
             chunks = [copy] * len(holders)
-            checksums = (chunk_checksum(copy),) * len(holders)
+            checksums = (self._crc(copy),) * len(holders)
             k, m = 1, len(holders) - 1
+        for view_ in views:
+            view_.release()
         for index, holder in enumerate(holders):
             info = ChunkInfo(
                 owner=self._node_id, step=step, index=index, k=k, m=m,
-                redundancy=decision.redundancy.value, payload_bytes=len(payload),
+                redundancy=decision.redundancy.value, payload_bytes=total,
                 chunk_bytes=int(chunks[index].nbytes), checksums=tuple(checksums),
             )  # fmt: skip
             if holder == self._node_id:
                 continue
             with AgentClient(view.endpoints[holder], timeout=30.0) as peer:
                 peer.put_chunk(info, memoryview(chunks[index]))
+
+    def _encode_rows(self, count: int, length: int) -> np.ndarray:
+        """``count`` rows of ``length`` bytes over the reused encode buffer (grown by 1/64
+        headroom when too small; rows start on 64-byte boundaries as ``length`` is aligned)."""
+        needed = count * length
+        if self._encode_buffer is None or self._encode_buffer.nbytes < needed:
+            self._encode_buffer = allocate_chunks(needed + needed // 64, ErasureScheme(1, 0))[0]
+        return self._encode_buffer[:needed].reshape(count, length)
+
+    def _codec(self, k: int, m: int) -> ErasureCodec:
+        codec = self._codecs.get((k, m))
+        if codec is None:
+            codec = self._codecs[(k, m)] = ErasureCodec(k, m, threads=self.checksum_threads)
+        return codec
+
+    def _crc(self, buffer) -> int:
+        return crc32c_parallel(buffer, self._checksum_pool, self.checksum_threads)
 
     def _commit(self, step: int, nodes: list[str]) -> None:
         key = self._keys.snapshot_committed
@@ -346,6 +381,9 @@ class SnapshotCoordinator:
         self._thread.join(timeout=5)
         if self._checksum_pool is not None:
             self._checksum_pool.shutdown(wait=False)
+        for codec in self._codecs.values():
+            codec.close()
+        self._encode_buffer = None
         if self._disk is not None:
             if save:
                 future = self.save_to_disk()

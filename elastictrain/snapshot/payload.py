@@ -40,15 +40,30 @@ def payload_layout(entries: Sequence[PayloadEntry]) -> tuple[bytes, list[Payload
     return header, placed, offset
 
 
-def pack_payload(entries: Sequence[PayloadEntry], records: Sequence[memoryview]) -> bytearray:
-    """The payload of ``entries`` whose bytes are ``records`` (same order)."""
+def pack_payload_into(
+    entries: Sequence[PayloadEntry], records: Sequence[memoryview], out: memoryview
+) -> int:
+    """Write the payload into ``out`` (a writable buffer at least as long; a reused one: the
+    bytes between and after the records are zeroed, so equal payloads give equal bytes).
+    Returns the payload's length."""
     header, placed, total = payload_layout(entries)
-    out = bytearray(total)
+    out = memoryview(out).cast("B")
+    if len(out) < total:
+        raise ValueError(f"payload of {total} bytes does not fit {len(out)}")
+    position = 0
+
+    def fill_to(offset: int) -> None:
+        out[position:offset] = bytes(offset - position)
+
     _HEADER_LEN.pack_into(out, 0, len(header))
     out[_HEADER_LEN.size : _HEADER_LEN.size + len(header)] = header
+    position = _HEADER_LEN.size + len(header)
     for entry, data in zip(placed, records, strict=True):
+        fill_to(entry.offset)
         out[entry.offset : entry.offset + entry.nbytes] = data[: entry.nbytes]
-    return out
+        position = entry.offset + entry.nbytes
+    fill_to(len(out))
+    return total
 
 
 def unpack_payload(
