@@ -58,6 +58,21 @@ from elastictrain.snapshot.placement import Redundancy, choose_scheme, plan_plac
 logger = logging.getLogger(__name__)
 
 
+def encode_payload(
+    entries: list[PayloadEntry],
+    records: list[memoryview],
+    rows: np.ndarray,
+    codec: ErasureCodec,
+    checksum: Callable[[np.ndarray], int],
+) -> tuple[int, ...]:
+    """A node's step as k data + m parity chunks in ``rows`` (``(k + m, chunk length)``,
+    reused across steps): the records are packed straight into the data rows, parity is coded
+    into the others; returns every chunk's checksum. The agent's per-step hot path."""
+    pack_payload_into(entries, records, memoryview(rows[: codec.k].reshape(-1)))
+    codec.encode(rows[: codec.k], rows[codec.k :])
+    return tuple(checksum(row) for row in rows)
+
+
 def committable(done_nodes: Collection[str], participants: Collection[str]) -> bool:
     """Pure commit rule: every participant has announced the step."""
     return bool(participants) and set(participants) <= set(done_nodes)
@@ -249,10 +264,8 @@ class SnapshotCoordinator:
         if decision.redundancy is Redundancy.ERASURE:
             k, m = scheme.k, scheme.m
             rows = self._encode_rows(k + m, chunk_size(total, k))
-            pack_payload_into(entries, views, memoryview(rows[:k].reshape(-1)))
-            self._codec(k, m).encode(rows[:k], rows[k:])
+            checksums = encode_payload(entries, views, rows, self._codec(k, m), self._crc)
             chunks = [rows[i] for i in range(len(holders))]
-            checksums = tuple(self._crc(row) for row in rows)
         else:  # full copies (or only the local one)
             rows = self._encode_rows(1, chunk_size(total, 1))
             pack_payload_into(entries, views, memoryview(rows[0]))

@@ -76,6 +76,33 @@ def _ours(chunks: np.ndarray, codec: ErasureCodec) -> Contender:
     )
 
 
+def _agent_step(chunks: np.ndarray, codec: ErasureCodec) -> Contender:
+    """The agent's whole per-step path: two records packed into the reused rows, parity coded
+    in place, CRC32C of every chunk (on the codec's threads)."""
+    from elastictrain.agent.snapshots import encode_payload
+
+    from elastictrain.snapshot.checksum import crc32c_parallel
+    from elastictrain.snapshot.payload import PayloadEntry, payload_layout
+
+    source = chunks[: codec.k].reshape(-1).copy()
+    half = source.nbytes // 2 // 64 * 64
+    records = [memoryview(source[:half]), memoryview(source[half : source.nbytes - 4096])]
+    entries = [PayloadEntry(rank, len(r), b"", 0) for rank, r in enumerate(records)]
+    rows = np.zeros_like(chunks)
+    assert payload_layout(entries)[2] <= rows[: codec.k].nbytes
+    pool = codec._stripe_pool() if codec.threads > 1 else None
+
+    def checksum(row: np.ndarray) -> int:
+        return crc32c_parallel(row, pool, codec.threads)
+
+    return Contender(
+        "agent step: pack 2 records + encode + CRC32C of k+m chunks, reused rows",
+        codec.threads,
+        lambda: encode_payload(entries, records, rows, codec, checksum),
+        None,
+    )
+
+
 def _check_decode(chunks: np.ndarray, codec: ErasureCodec) -> None:
     rebuilt = {i: np.zeros(chunks.shape[1], dtype=np.uint8) for i in LOST}
     available = {i: chunks[i] for i in range(codec.scheme.total) if i not in LOST}
@@ -209,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             codecs = [stack.enter_context(ErasureCodec(k, m, threads=t)) for t in thread_counts]
             contenders = [_memcpy(chunks, k)]
             contenders += [_ours(chunks, codec) for codec in codecs]
+            contenders += [_agent_step(chunks, codec) for codec in codecs]
             contenders += [_zfec(chunks, scheme), _pyeclib(data, scheme)]
             rows += measure(code, contenders, chunks[:k].nbytes, args.repeats)
             for codec in codecs:
