@@ -18,7 +18,7 @@ import torch
 from elastictrain.snapshot.dcp_storage import ShardedRecordMeta
 from elastictrain.snapshot.disk import OPAQUE_DTYPE, SnapshotRecord, dtype_element_size
 from elastictrain.snapshot.layout import StateLayout
-from elastictrain.snapshot.worker import RecordMeta
+from elastictrain.snapshot.record_meta import RecordMeta
 
 
 def _typed_ranges(meta_raw: bytes) -> list[tuple[int, int, str]]:
