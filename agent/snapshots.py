@@ -34,7 +34,7 @@ from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
 from elastictrain.errors import AgentUnavailableError, CoordinationUnavailableError
 from elastictrain.rpc.agent_client import AgentClient
-from elastictrain.snapshot.checksum import crc32c_parallel
+from elastictrain.snapshot.checksum import crc32c_parallel, crc32c_pieces
 from elastictrain.snapshot.disk import DiskTierWriter
 from elastictrain.snapshot.disk import Snapshot as DiskSnapshot
 from elastictrain.snapshot.disk_records import to_disk_records
@@ -48,9 +48,13 @@ from elastictrain.snapshot.erasure import (
 )
 from elastictrain.snapshot.memory_store import ChunkInfo, ChunkStore, Record, SnapshotStore
 from elastictrain.snapshot.payload import (
+    ZEROS,
     PayloadEntry,
-    pack_payload_into,
+    Piece,
+    chunk_pieces,
+    column_cuts,
     payload_layout,
+    payload_prefix,
     unpack_payload,
 )
 from elastictrain.snapshot.placement import Redundancy, choose_scheme, plan_placement
@@ -61,16 +65,43 @@ logger = logging.getLogger(__name__)
 def encode_payload(
     entries: list[PayloadEntry],
     records: list[memoryview],
-    rows: np.ndarray,
     codec: ErasureCodec,
-    checksum: Callable[[np.ndarray], int],
-) -> tuple[int, ...]:
-    """A node's step as k data + m parity chunks in ``rows`` (``(k + m, chunk length)``,
-    reused across steps): the records are packed straight into the data rows, parity is coded
-    into the others; returns every chunk's checksum. The agent's per-step hot path."""
-    pack_payload_into(entries, records, memoryview(rows[: codec.k].reshape(-1)))
-    codec.encode(rows[: codec.k], rows[codec.k :])
-    return tuple(checksum(row) for row in rows)
+    parity: np.ndarray,
+    zeros: np.ndarray,
+    checksum: Callable[[list], int],
+) -> tuple[list[list[np.ndarray]], tuple[int, ...]]:
+    """A node's step as k data + m parity chunks, without assembling the payload.
+
+    The data chunks are views of where the bytes lie (the header prefix, the records in their
+    shared-memory segments, ``zeros`` for padding); parity is coded from them, piece by piece,
+    into ``parity`` (``(m, chunk length)``, reused across steps). Returns each data chunk's
+    views and every chunk's checksum (``checksum`` of a list of buffers). The agent's
+    per-step hot path: no copy of the records, no allocation of their size."""
+    prefix_bytes, placed, _total = payload_prefix(entries)
+    length = parity.shape[1]
+    layout = chunk_pieces(len(prefix_bytes), placed, codec.k, length)
+    sources = [np.frombuffer(prefix_bytes, dtype=np.uint8)]
+    sources += [np.frombuffer(r, dtype=np.uint8) if len(r) else zeros[:0] for r in records]
+
+    def source_of(piece: Piece) -> np.ndarray:
+        if piece.source == ZEROS:
+            return zeros[: piece.length]
+        return sources[piece.source][piece.offset : piece.offset + piece.length]
+
+    data = [[source_of(p) for p in pieces] for pieces in layout]
+    columns = []
+    cursor = [0] * codec.k
+    for column, nbytes in column_cuts(layout, length):
+        addresses = []
+        for chunk, pieces in enumerate(layout):
+            while pieces[cursor[chunk]].column + pieces[cursor[chunk]].length <= column:
+                cursor[chunk] += 1
+            piece, view = pieces[cursor[chunk]], data[chunk][cursor[chunk]]
+            base = view.__array_interface__["data"][0]
+            addresses.append(base + (0 if piece.source == ZEROS else column - piece.column))
+        columns.append((column, nbytes, addresses))
+    codec.encode_columns(columns, parity)
+    return data, tuple(checksum(d) for d in data) + tuple(checksum([row]) for row in parity)
 
 
 def committable(done_nodes: Collection[str], participants: Collection[str]) -> bool:
@@ -119,7 +150,8 @@ class SnapshotCoordinator:
         self._disk_every = disk_every
         self._commits_since_disk = 0
         self.checksum_threads = checksum_threads or snapshot_threads()
-        self._encode_buffer: np.ndarray | None = None  # payload + parity rows, reused
+        self._encode_buffer: np.ndarray | None = None  # parity rows, reused
+        self._zero_buffer: np.ndarray | None = None
         self._codecs: dict[tuple[int, int], ErasureCodec] = {}
         self._checksum_pool = (
             ThreadPoolExecutor(self.checksum_threads - 1, thread_name_prefix="snapshot-crc")
@@ -250,9 +282,9 @@ class SnapshotCoordinator:
         """Send each peer holder its chunk. The owner's own chunk (index 0) is not stored: while
         the owner lives its records serve, and when it dies its chunk dies with it.
 
-        The payload is packed straight into the data rows of one buffer kept across steps,
-        parity is encoded into its other rows (ISA-L, in place) and every chunk is sent from
-        it: no per-step allocation of payload-sized memory."""
+        The payload is never assembled: data chunks are coded and sent from the records'
+        segments where they lie, parity goes into rows kept across steps
+        (:func:`encode_payload`)."""
         scheme = self._scheme or choose_scheme(len(view.members))
         decision = plan_placement(view.members, scheme)
         holders = decision.holders_of(self._node_id)
@@ -261,38 +293,39 @@ class SnapshotCoordinator:
         entries = [PayloadEntry(r.rank, r.nbytes, r.meta, r.checksum) for r in records]
         total = payload_layout(entries)[2]
         views = [r.segment.view(0, r.nbytes) for r in records]
-        if decision.redundancy is Redundancy.ERASURE:
-            k, m = scheme.k, scheme.m
-            rows = self._encode_rows(k + m, chunk_size(total, k))
-            checksums = encode_payload(entries, views, rows, self._codec(k, m), self._crc)
-            chunks = [rows[i] for i in range(len(holders))]
-        else:  # full copies (or only the local one)
-            rows = self._encode_rows(1, chunk_size(total, 1))
-            pack_payload_into(entries, views, memoryview(rows[0]))
-            copy = rows[0][:total]
-            chunks = [copy] * len(holders)
-            checksums = (self._crc(copy),) * len(holders)
-            k, m = 1, len(holders) - 1
-        for view_ in views:
-            view_.release()
+        k, m = (scheme.k, scheme.m) if decision.redundancy is Redundancy.ERASURE else (1, 0)
+        length = chunk_size(total, k)
+        parity = self._encode_rows(m, length)
+        data, checksums = encode_payload(entries, views, self._codec(k, m), parity,
+                                         self._zeros(length), self._crc_pieces)  # fmt: skip
+        chunks: list = data + [memoryview(row) for row in parity]
+        if decision.redundancy is not Redundancy.ERASURE:  # full copies (or only the local)
+            chunks, checksums = chunks * len(holders), checksums * len(holders)
+            m = len(holders) - 1
         for index, holder in enumerate(holders):
             info = ChunkInfo(
                 owner=self._node_id, step=step, index=index, k=k, m=m,
                 redundancy=decision.redundancy.value, payload_bytes=total,
-                chunk_bytes=int(chunks[index].nbytes), checksums=tuple(checksums),
+                chunk_bytes=length, checksums=tuple(checksums),
             )  # fmt: skip
             if holder == self._node_id:
                 continue
             with AgentClient(view.endpoints[holder], timeout=30.0) as peer:
-                peer.put_chunk(info, memoryview(chunks[index]))
+                peer.put_chunk(info, chunks[index])
 
     def _encode_rows(self, count: int, length: int) -> np.ndarray:
-        """``count`` rows of ``length`` bytes over the reused encode buffer (grown by 1/64
+        """``count`` rows of ``length`` bytes over the reused parity buffer (grown by 1/64
         headroom when too small; rows start on 64-byte boundaries as ``length`` is aligned)."""
         needed = count * length
         if self._encode_buffer is None or self._encode_buffer.nbytes < needed:
             self._encode_buffer = allocate_chunks(needed + needed // 64, ErasureScheme(1, 0))[0]
         return self._encode_buffer[:needed].reshape(count, length)
+
+    def _zeros(self, length: int) -> np.ndarray:
+        """At least ``length`` zero bytes (read-only by convention), kept across steps."""
+        if self._zero_buffer is None or self._zero_buffer.nbytes < length:
+            self._zero_buffer = np.zeros(length + length // 64, dtype=np.uint8)
+        return self._zero_buffer
 
     def _codec(self, k: int, m: int) -> ErasureCodec:
         codec = self._codecs.get((k, m))
@@ -302,6 +335,9 @@ class SnapshotCoordinator:
 
     def _crc(self, buffer) -> int:
         return crc32c_parallel(buffer, self._checksum_pool, self.checksum_threads)
+
+    def _crc_pieces(self, pieces: list) -> int:
+        return crc32c_pieces(pieces, self._checksum_pool, self.checksum_threads)
 
     def _commit(self, step: int, nodes: list[str]) -> None:
         key = self._keys.snapshot_committed

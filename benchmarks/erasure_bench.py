@@ -77,28 +77,29 @@ def _ours(chunks: np.ndarray, codec: ErasureCodec) -> Contender:
 
 
 def _agent_step(chunks: np.ndarray, codec: ErasureCodec) -> Contender:
-    """The agent's whole per-step path: two records packed into the reused rows, parity coded
-    in place, CRC32C of every chunk (on the codec's threads)."""
+    """The agent's whole per-step path: two records coded where they lie (parity into reused
+    rows) and a CRC32C of every chunk, on the codec's threads."""
     from elastictrain.agent.snapshots import encode_payload
 
-    from elastictrain.snapshot.checksum import crc32c_parallel
+    from elastictrain.snapshot.checksum import crc32c_pieces
     from elastictrain.snapshot.payload import PayloadEntry, payload_layout
 
     source = chunks[: codec.k].reshape(-1).copy()
     half = source.nbytes // 2 // 64 * 64
     records = [memoryview(source[:half]), memoryview(source[half : source.nbytes - 4096])]
     entries = [PayloadEntry(rank, len(r), b"", 0) for rank, r in enumerate(records)]
-    rows = np.zeros_like(chunks)
-    assert payload_layout(entries)[2] <= rows[: codec.k].nbytes
+    assert payload_layout(entries)[2] <= source.nbytes
+    parity = np.zeros_like(chunks[codec.k :])
+    zeros = np.zeros(chunks.shape[1], dtype=np.uint8)
     pool = codec._stripe_pool() if codec.threads > 1 else None
 
-    def checksum(row: np.ndarray) -> int:
-        return crc32c_parallel(row, pool, codec.threads)
+    def checksum(pieces: list) -> int:
+        return crc32c_pieces(pieces, pool, codec.threads)
 
     return Contender(
-        "agent step: pack 2 records + encode + CRC32C of k+m chunks, reused rows",
+        "agent step: code 2 records in place + CRC32C of k+m chunks",
         codec.threads,
-        lambda: encode_payload(entries, records, rows, codec, checksum),
+        lambda: encode_payload(entries, records, codec, parity, zeros, checksum),
         None,
     )
 

@@ -41,3 +41,40 @@ def test_a_buffer_too_small_is_refused():
     total = payload_layout(entries)[2]
     with pytest.raises(ValueError, match="does not fit"):
         pack_payload_into(entries, [memoryview(bytes(10))], memoryview(bytearray(total - 1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 5000), max_size=4),
+    st.sampled_from([(1, 0), (2, 1), (3, 2), (4, 2)]),
+    st.sampled_from([1, 3]),
+)
+def test_chunks_coded_in_place_equal_those_of_the_packed_payload(sizes, code, threads):
+    """The agent codes and checksums the records where they lie: its chunks must be the
+    chunks of the assembled payload, byte for byte."""
+    import numpy as np
+    from elastictrain.agent.snapshots import encode_payload
+
+    from elastictrain.snapshot.checksum import crc32c_pieces
+    from elastictrain.snapshot.erasure import ErasureCodec, chunk_checksum, chunk_size
+
+    k, m = code
+    records = [os.urandom(n) for n in sizes]
+    entries = [PayloadEntry(rank, len(r), b"", 0) for rank, r in enumerate(records)]
+    total = payload_layout(entries)[2]
+    length = chunk_size(total, k)
+    packed = np.zeros((k + m, length), dtype=np.uint8)
+    views = [memoryview(bytearray(r)) for r in records]
+    pack_payload_into(entries, views, memoryview(packed[:k].reshape(-1)))
+    with ErasureCodec(k, m, threads=threads) as codec:
+        codec.encode(packed[:k], packed[k:])
+        parity = np.full((m, length), 0xAB, dtype=np.uint8)
+        data, checksums = encode_payload(
+            entries, views, codec, parity, np.zeros(length, dtype=np.uint8),
+            lambda pieces: crc32c_pieces(pieces, None, 1),
+        )  # fmt: skip
+    assert [b"".join(bytes(p) for p in pieces) for pieces in data] == [
+        bytes(row) for row in packed[:k]
+    ]
+    assert np.array_equal(parity, packed[k:])
+    assert checksums == tuple(chunk_checksum(row) for row in packed)

@@ -75,17 +75,26 @@ class AgentClient:
         request = etrain_pb2.ReadSnapshotRequest(rank=rank, step=step, offset=0, length=-1)
         return self._stream_into("ReadSnapshot", self._stub.ReadSnapshot, request, into)
 
-    def put_chunk(self, info, data: memoryview) -> None:
-        """Send one chunk (``info``: a ChunkInfo) in bounded messages."""
+    def put_chunk(self, info, data) -> None:
+        """Send one chunk (``info``: a ChunkInfo) in messages of at most 1 MiB. ``data`` is a
+        buffer, or a list of buffers whose concatenation is the chunk (sent from where
+        they lie, not joined first)."""
         header = chunk_header(info)
-        raw = memoryview(data).cast("B")
+        parts = list(data) if isinstance(data, list | tuple) else [data]
 
-        def pieces():
-            yield etrain_pb2.ChunkPiece(header=header, data=bytes(raw[:STREAM_PIECE_BYTES]))
-            for start in range(STREAM_PIECE_BYTES, len(raw), STREAM_PIECE_BYTES):
-                yield etrain_pb2.ChunkPiece(data=bytes(raw[start : start + STREAM_PIECE_BYTES]))
+        def messages():
+            first = True
+            for part in parts:
+                raw = memoryview(part).cast("B")
+                for start in range(0, len(raw), STREAM_PIECE_BYTES):
+                    piece = bytes(raw[start : start + STREAM_PIECE_BYTES])
+                    yield etrain_pb2.ChunkPiece(header=header, data=piece) if first else \
+                        etrain_pb2.ChunkPiece(data=piece)  # fmt: skip
+                    first = False
+            if first:  # an empty chunk still carries its header
+                yield etrain_pb2.ChunkPiece(header=header)
 
-        self._call("PutChunk", self._stub.PutChunk, pieces())
+        self._call("PutChunk", self._stub.PutChunk, messages())
 
     def get_chunk(self, owner: str, step: int, index: int, into: bytearray) -> int:
         request = etrain_pb2.GetChunkRequest(owner=owner, step=step, index=index)

@@ -100,3 +100,14 @@ def combine_all(crcs: Sequence[int], lengths: Sequence[int]) -> int:
     for crc, length in zip(crcs[1:], lengths[1:], strict=True):
         total = crc32c_combine(total, crc, length)
     return total
+
+
+def crc32c_pieces(pieces: Sequence[ChunkBuffer], pool: Executor | None, threads: int) -> int:
+    """CRC32C of the concatenation of ``pieces`` (each on up to ``threads`` threads), without
+    concatenating them."""
+    crcs, lengths = [], []
+    for piece in pieces:
+        data = _byte_array(piece, writable=False, name="piece")
+        crcs.append(crc32c_parallel(data, pool, threads))
+        lengths.append(data.nbytes)
+    return combine_all(crcs, lengths) if crcs else chunk_checksum(b"")

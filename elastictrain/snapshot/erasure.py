@@ -409,6 +409,41 @@ class ErasureCodec:
         if self.m and length:
             self._code(self._encode_tables, sources, targets, length)
 
+    def encode_columns(
+        self,
+        columns: Sequence[tuple[int, int, Sequence[int]]],
+        parity_out: Sequence[ChunkBuffer],
+    ) -> None:
+        """Parity of k data chunks that lie in pieces of other buffers: each ``(column,
+        length, addresses)`` says that bytes ``[column, column + length)`` of data chunk ``i``
+        start at raw address ``addresses[i]`` (in memory the caller keeps alive and does not
+        change meanwhile). Parity goes to ``parity_out`` (m writable buffers of the chunk
+        length). Long columns are split across the codec's threads."""
+        if not self.m:
+            return
+        targets = _spans(parity_out, self.m, writable=True, name="parity_out")
+        length = _common_length(targets)
+        work: list[tuple[int, int, Sequence[int]]] = []
+        for column, nbytes, addresses in columns:
+            if len(addresses) != self.k:
+                raise ChunkLayoutError(f"{len(addresses)} addresses for k={self.k}")
+            if column < 0 or nbytes < 0 or column + nbytes > length:
+                raise ChunkLayoutError(f"column {column}+{nbytes} outside 0..{length}")
+            for offset, piece in _stripes(nbytes, self.threads):
+                work.append((column + offset, piece, [a + offset for a in addresses]))
+
+        def code(item: tuple[int, int, Sequence[int]]) -> None:
+            column, nbytes, addresses = item
+            sources = [_Span(address - column, 0, None) for address in addresses]
+            self._code_range(self._encode_tables, sources, targets, column, nbytes)
+
+        if self.threads == 1 or len(work) == 1:
+            for item in work:
+                code(item)
+            return
+        for future in [self._stripe_pool().submit(code, item) for item in work]:
+            future.result()
+
     def decode(
         self,
         available: Mapping[int, ChunkBuffer],

@@ -3,6 +3,11 @@
 Layout: an 8-byte little-endian header length, the pickled header (one entry per local rank:
 rank, length, the worker's record description, its CRC32), then the records, each at an
 offset aligned to 64 bytes. Pure: no I/O.
+
+The payload need not be assembled: :func:`chunk_pieces` says where each byte of each of the k
+data chunks comes from (the small header prefix, a record, or zeros), so the records are coded
+and sent from where they lie, and :func:`pack_payload_into` assembles it when a contiguous
+copy is wanted.
 """
 
 from __future__ import annotations
@@ -78,3 +83,59 @@ def unpack_payload(
     if total > len(view):
         raise ValueError(f"payload is {len(view)} bytes, its header describes {total}")
     return [(e, view[e.offset : e.offset + e.nbytes]) for e in placed]
+
+
+PREFIX = 0  # source index of the header prefix in :func:`payload_sources`
+ZEROS = -1  # source index of padding
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes ``[column, column + length)`` of a chunk are bytes ``[offset, offset + length)``
+    of source ``source`` (:data:`PREFIX`, record ``i`` as ``i + 1``, or :data:`ZEROS`)."""
+
+    column: int
+    length: int
+    source: int
+    offset: int
+
+
+def payload_prefix(entries: Sequence[PayloadEntry]) -> tuple[bytes, list[PayloadEntry], int]:
+    """(the header prefix: length + header, entries with offsets, total payload length)."""
+    header, placed, total = payload_layout(entries)
+    return _HEADER_LEN.pack(len(header)) + header, placed, total
+
+
+def chunk_pieces(
+    prefix_len: int, placed: Sequence[PayloadEntry], k: int, length: int
+) -> list[list[Piece]]:
+    """Where the bytes of each of the ``k`` data chunks of ``length`` bytes come from: the
+    payload (prefix, records at their offsets, zeros between and after) cut into chunks."""
+    regions: list[tuple[int, int, int]] = [(0, prefix_len, PREFIX)]  # (start, end, source)
+    position = prefix_len
+    for index, entry in enumerate(placed):
+        if entry.offset > position:
+            regions.append((position, entry.offset, ZEROS))
+        if entry.nbytes:
+            regions.append((entry.offset, entry.offset + entry.nbytes, index + 1))
+        position = max(position, entry.offset + entry.nbytes)
+    if k * length > position:
+        regions.append((position, k * length, ZEROS))
+    chunks: list[list[Piece]] = []
+    for chunk in range(k):
+        lo, hi = chunk * length, (chunk + 1) * length
+        pieces = []
+        for start, end, source in regions:
+            a, b = max(start, lo), min(end, hi)
+            if a < b:
+                offset = 0 if source == ZEROS else a - start
+                pieces.append(Piece(a - lo, b - a, source, offset))
+        chunks.append(pieces)
+    return chunks
+
+
+def column_cuts(chunks: Sequence[Sequence[Piece]], length: int) -> list[tuple[int, int]]:
+    """``(column, length)`` ranges in which every chunk reads one contiguous source: the unit
+    of a coding call that takes one pointer per chunk."""
+    cuts = sorted({0, length} | {p.column for pieces in chunks for p in pieces})
+    return [(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
