@@ -7,13 +7,17 @@ Run it as the worker of a one-node job, so snapshots go into a real agent's shar
     etrain launch --nproc-per-node 1 --snapshot-memory-limit 64 \\
         benchmarks/snapshot_gpu_bench.py --layers 16 --width 2048
 
+With ``--nproc-per-node 2`` (or more) it trains under DDP, one GPU a rank, and each rank
+snapshots its own 1/world slice beside the all-reduce; rank 0 prints the table.
+
 Rows (each after warm-up steps of its own, so segments are allocated and page-locked):
 
 - ``lazy 1/2 slice``: ``Snapshotter(rank=0, world=2)``: the 1/2 slice that each rank of a
   2-GPU data-parallel job copies (the other half is its peer's). On one GPU this is the
   per-rank copy cost of that job without the peer's all-reduce traffic.
-- ``lazy full``: world 1, the whole state every step (more than PCIe moves in one step on
-  most machines), and every 2 steps.
+- ``lazy full``: world 1, the whole state every 1, 2 and 3 steps (more than PCIe moves in
+  one step on most machines: the copier stages the overflow on the device when the next
+  snapshot leaves time for it).
 - ``sync pinned copy``: ``copy_`` into preallocated pinned buffers, then synchronize: the floor
   for a copy that does not overlap compute.
 - ``torch.save`` and ``dcp.async_save``: the stall of the call, at the same frequency (a few
@@ -103,6 +107,13 @@ def main() -> int:
     groups = set(filter(None, args.rows.split(",")))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    ddp = world > 1  # one rank a GPU, DDP: each rank snapshots its own 1/world slice
+    if ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group("cuda:nccl,cpu:gloo")
+        groups.discard("full")  # a whole state per rank is not what a DDP job snapshots
     torch.backends.cuda.matmul.allow_tf32 = True
 
     def build():
@@ -111,6 +122,12 @@ def main() -> int:
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     model, opt = build()
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index])
+    else:
+        net = model
     params = sum(p.numel() for p in model.parameters())
     data = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
 
@@ -122,7 +139,7 @@ def main() -> int:
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         marks[0].record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(data[:, :-1])
+            logits = net(data[:, :-1])
             loss = F.cross_entropy(logits.float().view(-1, args.vocab), data[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,21 +227,24 @@ def main() -> int:
 
             pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 
-    snap = Snapshotter(model=model, optimizer=opt, rank=0, world=1)
+    snap = Snapshotter(model=model, optimizer=opt, rank=rank, world=world)
     assert snap.enabled, "run me under `etrain launch`"
 
-    def every(world: int, k: int) -> Callable[[int], object]:
+    def every(slices: int, k: int) -> Callable[[int], object]:
+        """Snapshot every k steps: this rank's slice of a DDP job, or on one GPU rank 0's
+        1/``slices`` (``slices`` = 2: one rank's share of a 2-GPU job; 1: the whole state)."""
+
         def extra(step: int) -> object:
-            snap.world = world  # rank 0 of `world`: its 1/world slice
+            snap.world = world if ddp else slices
             return step % k == 0 and snap.snapshot(step)
 
         return extra
 
-    def pinned_copy(world: int) -> Callable[[int], None]:
-        """Rank 0's slice of ``world`` (the same bytes a snapshot copies) into a pinned buffer
+    def pinned_copy(slices: int) -> Callable[[int], None]:
+        """The slice a snapshot would copy (as in :func:`every`) into a pinned buffer
         allocated once, then a synchronization."""
         layout, _ = flatten_state({"model": model.state_dict(), "optimizer": opt.state_dict()})
-        start, end = slice_range(layout.total_bytes, world, 0)
+        start, end = slice_range(layout.total_bytes, world if ddp else slices, rank)
         buffer = torch.empty(end - start, dtype=torch.uint8, pin_memory=True)
 
         def extra(_step: int) -> None:
@@ -241,8 +261,10 @@ def main() -> int:
     # full-size segments first: the 1/2 slices then reuse them (no new page-locking)
     for k in (1, 2, 3) if "full" in groups else ():
         row(f"lazy full state, every {k} step(s)", every(1, k), state_bytes / k)
+    share = world if ddp else 2
+    part = f"this rank's 1/{world} slice" if ddp else "1/2 slice"
     for k in (1, 2) if "half" in groups else ():
-        row(f"lazy 1/2 slice, every {k} step(s)", every(2, k), state_bytes / 2 / k,
+        row(f"lazy {part}, every {k} step(s)", every(2, k), state_bytes / share / k,
             profile=args.profile and k == 1)  # fmt: skip
     snap.wait()
     if args.trace:
@@ -262,8 +284,9 @@ def main() -> int:
             torch.cuda.synchronize()
         trace.export_chrome_trace(args.trace)
     if "sync" in groups:
-        row("sync pinned copy of the 1/2 slice, every step", pinned_copy(2), state_bytes / 2)
-        row("sync pinned copy of the full state, every step", pinned_copy(1), state_bytes)
+        row(f"sync pinned copy of the {part}, every step", pinned_copy(2), state_bytes / share)
+        if not ddp:
+            row("sync pinned copy of the full state, every step", pinned_copy(1), state_bytes)
     if hasattr(torch._C, "_host_emptyCache"):
         torch._C._host_emptyCache()  # give the pinned buffers back
 
@@ -272,15 +295,17 @@ def main() -> int:
         path = os.path.join(workdir, "state.pt")
 
         def save(_step: int) -> None:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+            if rank == 0:  # the others wait for it in the next step's all-reduce
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
 
-        row("torch.save, every step", save, state_bytes, args.save_steps, 1)
+        row("torch.save (rank 0), every step", save, state_bytes, args.save_steps, 1)
     if "dcp" in groups:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        dist.init_process_group("cuda:nccl,cpu:gloo")
+        if not dist.is_initialized():
+            dist.init_process_group("cuda:nccl,cpu:gloo")
         pending = [None]
 
         def async_save(step: int) -> None:
@@ -301,7 +326,7 @@ def main() -> int:
     # the segment afresh).
     restores = []
     if "restore" in groups:
-        row("lazy full state, every 3 step(s), before the restore", every(1, 3),
+        row("lazy full state (or DDP slices), every 3 step(s), before the restore", every(1, 3),
             state_bytes / 3, steps=6, warmup=0)  # fmt: skip
         snap.wait()
     for target in ("in place", "fresh") if "restore" in groups else ():
@@ -310,17 +335,23 @@ def main() -> int:
             del model, opt
             torch.cuda.empty_cache()
             model, opt = build()
-            snap = Snapshotter(model=model, optimizer=opt, rank=0, world=1)
+            snap = Snapshotter(model=model, optimizer=opt, rank=rank, world=world)
         torch.cuda.synchronize()
         started = time.perf_counter()
         restored = snap.restore()
         torch.cuda.synchronize()
         restores.append((target, time.perf_counter() - started, restored.step))
     snap.close()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank:
+        return 0
 
     print(f"\n{params / 1e6:.0f} M params, state {state_bytes / 1e9:.2f} GB (fp32 params + "
           f"AdamW moments), batch {args.batch} x {args.seq} tokens, bf16 autocast, "
-          f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}; "
+          f"{world} x {torch.cuda.get_device_name(device)}{' (DDP)' if ddp else ''}, "
+          f"torch {torch.__version__}; "
           + ", ".join(f"{k} {v:.1f} GB/s" for k, v in link.items()))  # fmt: skip
     base = rows[0]["step"]
     print("| per step | step time (s) | vs no snapshot | GB copied per step | host stall (s) "
