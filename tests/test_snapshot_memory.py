@@ -17,7 +17,12 @@ from launch_harness import SCRIPTS, Cluster, assert_bit_identical, load_params, 
 
 from elastictrain.coord.keys import JobKeys
 from elastictrain.snapshot.erasure import ErasureScheme
-from elastictrain.snapshot.layout import copy_slice, flatten_state, slice_range, unflatten_state
+from elastictrain.snapshot.layout import (
+    flatten_state,
+    slice_range,
+    stream_pieces,
+    unflatten_state,
+)
 from elastictrain.snapshot.memory_store import (
     SnapshotError,
     SnapshotStore,
@@ -27,6 +32,12 @@ from elastictrain.snapshot.memory_store import (
 from elastictrain.snapshot.shm import ShmSegment
 
 SNAPSHOT_SCRIPT = SCRIPTS / "snapshot_train.py"
+
+
+def copy_slice(layout, tensors, start: int, end: int, dest: torch.Tensor) -> None:
+    """Stream bytes ``[start, end)`` into ``dest``, as a rank's snapshot copies them."""
+    for position, piece in stream_pieces(layout, tensors, start, end):
+        dest[position : position + piece.numel()].copy_(piece)
 
 
 def _state():

@@ -46,10 +46,14 @@ class StateLayout:
     skeleton: bytes  # the state pickled with tensor i as persistent id i
     # (dtype, shape, device) of each tensor it was made from: a cheap test of reuse
     signature: tuple = field(default=(), compare=False, repr=False)
+    # the entries pickled, shared by the layouts of later steps that reuse them
+    entries_blob: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     def encode(self) -> bytes:
+        if not self.entries_blob:
+            self.entries_blob.append(pickle.dumps(self.entries, pickle.HIGHEST_PROTOCOL))
         return pickle.dumps(
-            (_FORMAT, _entries_blob(self.entries), self.total_bytes, self.skeleton),
+            (_FORMAT, self.entries_blob[0], self.total_bytes, self.skeleton),
             protocol=pickle.HIGHEST_PROTOCOL,
         )
 
@@ -60,17 +64,6 @@ class StateLayout:
             raise TypeError("not a state layout of this version")
         _, entries, total, skeleton = decoded
         return StateLayout(pickle.loads(entries), total, skeleton)
-
-
-_last_entries: tuple[tuple[TensorEntry, ...], bytes] | None = None
-
-
-def _entries_blob(entries: tuple[TensorEntry, ...]) -> bytes:
-    """The entries pickled; the last result is kept, as steps mostly share their entries."""
-    global _last_entries
-    if _last_entries is None or _last_entries[0] is not entries:
-        _last_entries = (entries, pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL))
-    return _last_entries[1]
 
 
 def _align(value: int) -> int:
@@ -120,7 +113,8 @@ def flatten_state(
     tensors = pickler.tensors
     signature = tuple((t.dtype, t.shape, t.device.type) for t in tensors)
     if previous is not None and previous.signature == signature:
-        layout = StateLayout(previous.entries, previous.total_bytes, buffer.getvalue(), signature)
+        layout = StateLayout(previous.entries, previous.total_bytes, buffer.getvalue(),
+                             signature, previous.entries_blob)  # fmt: skip
         return layout, tensors
     entries: list[TensorEntry] = []
     offset = 0
@@ -257,11 +251,3 @@ def stream_pieces(
             continue
         raw = _as_bytes(tensor)
         yield lo - start, raw[lo - entry.offset : hi - entry.offset]
-
-
-def copy_slice(
-    layout: StateLayout, tensors: list[torch.Tensor], start: int, end: int, dest: torch.Tensor
-) -> None:
-    """Copy stream bytes ``[start, end)`` into ``dest`` (uint8, at least ``end - start`` long)."""
-    for position, piece in stream_pieces(layout, tensors, start, end):
-        dest[position : position + piece.numel()].copy_(piece, non_blocking=True)
