@@ -22,6 +22,7 @@ copies, fences and measures.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -42,7 +43,7 @@ class CopyPlan:
     lazy: tuple[Piece, ...] = ()  # device sources that only optimizer.step() changes
     staged: tuple[Piece, ...] = ()  # device sources that may change sooner: cloned first
 
-    @property
+    @functools.cached_property
     def device_bytes(self) -> int:
         return sum(piece.numel() for _, piece in self.lazy + self.staged)
 

@@ -209,6 +209,7 @@ class Snapshotter:
             )
             self._plan = (layout.entries, key, plan)
             self._targets.clear()
+            logger.debug("rank %d: new copy plan: %s", self.rank, plan.reason)
         return self._plan[2]
 
     def _end_device(self, copy: InflightCopy, step: int, meta: bytes) -> None:
