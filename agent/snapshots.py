@@ -1,9 +1,10 @@
 """The agent's side of snapshots: hold records, spread erasure-coded copies, commit, recover.
 
 When every local rank has ended step ``s``, the agent checksums their records (CRC32C on
-several threads: the workers only copy), packs them into one node payload, encodes it (k data
-+ m parity chunks, or full copies when there are too few nodes; :func:`plan_placement`
-decides from the round's membership alone) and sends each holder its chunk. Only when every
+several threads: the workers only copy), encodes them as one node payload without assembling
+it (k data + m parity chunks, or full copies when there are too few nodes;
+:func:`plan_placement` decides from the round's membership alone, :func:`encode_payload` codes
+from the segments) and sends each holder its chunk. Only when every
 holder has acknowledged does it write ``snap/done/<s>/<node>``; whoever then sees all
 participants there raises ``ctl/snapshot`` to ``s`` (a compare-and-set that only moves
 forward). So a committed step survives the loss of any m nodes. Every agent watches
@@ -332,9 +333,6 @@ class SnapshotCoordinator:
         if codec is None:
             codec = self._codecs[(k, m)] = ErasureCodec(k, m, threads=self.checksum_threads)
         return codec
-
-    def _crc(self, buffer) -> int:
-        return crc32c_parallel(buffer, self._checksum_pool, self.checksum_threads)
 
     def _crc_pieces(self, pieces: list) -> int:
         return crc32c_pieces(pieces, self._checksum_pool, self.checksum_threads)
