@@ -67,6 +67,7 @@ class AgentConfig:
     monitor_interval: float = constants.DEFAULT_MONITOR_INTERVAL_S
     membership_poll_interval: float = 1.0
     stop_grace: float = constants.DEFAULT_STOP_GRACE_S
+    coordination_timeout: float = constants.DEFAULT_COORDINATION_TIMEOUT_S
     log_dir: str | None = None
     redirects: str = "0"
     tee: str = "0"
@@ -101,5 +102,9 @@ class AgentConfig:
             raise ConfigError("--snapshot-memory-limit must be >= 0")
         if self.snapshot_disk_every < 0:
             raise ConfigError(f"--snapshot-disk-every must be >= 0, got {self.snapshot_disk_every}")
+        if self.coordination_timeout <= 0:
+            raise ConfigError(
+                f"coordination timeout must be > 0 s, got {self.coordination_timeout}"
+            )
         if self.stop_grace < 0:
             raise ConfigError(f"stop grace must be >= 0 s, got {self.stop_grace}")

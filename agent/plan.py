@@ -1,7 +1,7 @@
-"""Pure decisions of the agent: rank assignment, the worker env contract, what to do next.
+"""Pure plans of one rendezvous round: the round's data, rank assignment, the worker env.
 
-Nothing here touches etcd, gRPC or processes; the agent observes, calls these, and applies
-the result. Every decision carries a human-readable reason that ends up in logs and status.
+Nothing here touches etcd, gRPC or processes. What the agent does next is decided in
+:mod:`elastictrain.agent.machine`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,23 @@ class NodeSlot:
     local_world_size: int
     host: str
     endpoint: str
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One formed round, as every participant sees it."""
+
+    round_id: str
+    group_rank: int
+    slots: tuple[NodeSlot, ...]
+    master_addr: str
+    master_port: int
+    restart_revision: int  # mod_revision of the restart key when the round began (0: none)
+    restart_count: int
+
+    @property
+    def participants(self) -> frozenset[str]:
+        return frozenset(s.node_id for s in self.slots)
 
 
 @dataclass(frozen=True)
@@ -104,90 +121,3 @@ class LocalState(enum.Enum):
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
-
-
-class Action(enum.Enum):
-    """What the agent does after one look at the world."""
-
-    CONTINUE = "continue"  # nothing to do
-    WAIT_FOR_PEERS = "wait_for_peers"  # our workers are done, others are not
-    REQUEST_RESTART = "request_restart"  # our workers failed: restart the job (counts)
-    FOLLOW_RESTART = "follow_restart"  # someone else asked for a restart: re-rendezvous
-    REJOIN = "rejoin"  # membership changed: re-rendezvous (does not count)
-    FAIL_JOB = "fail_job"  # our workers failed and no restart is left
-    EXIT_FAILED = "exit_failed"  # another node failed the job
-    FINISH = "finish"  # every node's workers succeeded
-
-    @property
-    def restarts_workers(self) -> bool:
-        return self in (Action.REQUEST_RESTART, Action.FOLLOW_RESTART, Action.REJOIN)
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (Action.FAIL_JOB, Action.EXIT_FAILED, Action.FINISH)
-
-
-@dataclass(frozen=True)
-class Observation:
-    """Everything :func:`decide` needs, gathered by the agent."""
-
-    local: LocalState
-    restart_requested_by: str | None  # node that asked for a restart since this round began
-    job_failed_by: str | None  # node that declared the job failed
-    lost_peers: tuple[str, ...]  # participants of this round whose lease expired
-    nodes_waiting: int  # nodes waiting to join at the next round
-    peers_succeeded: int  # participants (us included) whose workers all succeeded
-    group_world_size: int
-    restarts_used: int
-    max_restarts: int
-    self_lost: bool = False  # our own lease expired: peers consider us dead
-
-
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    reason: str
-
-
-def decide(obs: Observation) -> Decision:
-    """The agent's policy, with torchrun's semantics for worker failures.
-
-    Precedence: a failed job ends everyone; a local failure restarts the job while restarts
-    remain (one restart per incident: if a peer already asked, we follow); then restarts asked
-    by peers; lost peers and waiting nodes re-form the group without using a restart; finally
-    success once every participant succeeded.
-    """
-    if obs.job_failed_by is not None:
-        return Decision(Action.EXIT_FAILED, f"node {obs.job_failed_by} failed the job")
-    if obs.local is LocalState.FAILED:
-        if obs.restart_requested_by is not None:
-            return Decision(
-                Action.FOLLOW_RESTART,
-                f"workers failed; restart already requested by node {obs.restart_requested_by}",
-            )
-        if obs.restarts_used < obs.max_restarts:
-            return Decision(
-                Action.REQUEST_RESTART,
-                f"workers failed; restart {obs.restarts_used + 1} of {obs.max_restarts}",
-            )
-        return Decision(
-            Action.FAIL_JOB, f"workers failed and all {obs.max_restarts} restarts are used"
-        )
-    if obs.restart_requested_by is not None:
-        return Decision(
-            Action.FOLLOW_RESTART, f"node {obs.restart_requested_by} requested a restart"
-        )
-    if obs.self_lost:
-        return Decision(Action.REJOIN, "this node's lease expired: joining again")
-    if obs.lost_peers:
-        return Decision(Action.REJOIN, f"lost node(s) {', '.join(sorted(obs.lost_peers))}")
-    if obs.local is LocalState.SUCCEEDED:
-        if obs.peers_succeeded >= obs.group_world_size:
-            return Decision(Action.FINISH, "every node's workers succeeded")
-        return Decision(
-            Action.WAIT_FOR_PEERS,
-            f"{obs.peers_succeeded} of {obs.group_world_size} nodes done",
-        )
-    if obs.nodes_waiting > 0:
-        return Decision(Action.REJOIN, f"{obs.nodes_waiting} node(s) waiting to join")
-    return Decision(Action.CONTINUE, "workers running")

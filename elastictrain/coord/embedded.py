@@ -150,7 +150,15 @@ class EmbeddedEtcd:
 
     def restart(self) -> None:
         """Stop the server and start it again on the same ports and data (for fault tests)."""
+        self.kill()
+        self.start_again()
+
+    def kill(self) -> None:
+        """Stop the server but keep its ports and data (for fault tests)."""
         self._kill()
+
+    def start_again(self) -> None:
+        """Start a killed server again on the same ports and data."""
         if not self._try_start():
             raise CoordinationUnavailableError(
                 f"the embedded etcd did not restart; see its log {self._log_path}"

@@ -457,9 +457,9 @@ class PrefixWatch:
         backoff = 0.05
         while not self._stop.is_set():
             self._broken.clear()
-            # One stream per watch: a broken stream then concerns this watch alone.
-            self._watcher = self._client.raw.get_watcher()
             try:
+                # One stream per watch: a broken stream then concerns this watch alone.
+                self._watcher = self._client.raw.get_watcher()
                 kwargs = {"range_end": prefix_range_end(self._prefix)}
                 if self._next_revision is not None:
                     kwargs["start_revision"] = self._next_revision

@@ -1,0 +1,422 @@
+"""The agent's executor for everything it does through etcd (a thin layer, no verdicts).
+
+Two lanes run the machine's coordination effects off the thread that watches the workers:
+
+- the **rendezvous lane**: torch's ``DynamicRendezvousHandler`` (the next round and its round
+  data, membership polls, closing the rendezvous, the job's outcome);
+- the **write lane**: short writes (the restart compare-and-set, round-done marks, evictions
+  of lost nodes, registering again).
+
+Each lane runs its effects in order on one thread; what comes of them, and what the watches
+on ``ctl/`` and ``nodes/`` see, is posted as an observation. An etcd error is an observation
+too (``CoordinationFailed`` / ``RendezvousFailed``), never an exception that ends the agent.
+
+Per round (one rendezvous): torch's handler on etcd forms the group; each agent publishes a
+:class:`NodeSlot` in the round's store; group rank 0 starts a **fresh** TCPStore for the
+workers of this round and publishes its address together with the job's restart counter.
+Nothing of a previous attempt is ever read by the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousParameters,
+    RendezvousTimeoutError,
+)
+
+from elastictrain.coord.etcd import EtcdClient, LeaseKeeper, PrefixWatch, WatchEvent
+from elastictrain.coord.keys import JobKeys
+from elastictrain.coord.nodes import NodeRecord, list_nodes
+from elastictrain.errors import ConfigError, CoordinationUnavailableError
+from elastictrain.rendezvous.backend import EtcdV3RendezvousBackend
+from elastictrain.rendezvous.eviction import evict_nodes
+from elastictrain.rendezvous.registration import create_handler
+
+from . import machine as M
+from .config import AgentConfig
+from .plan import NodeSlot, RoundPlan
+
+logger = logging.getLogger(__name__)
+
+_ROUND_DATA_TIMEOUT = timedelta(seconds=60)
+
+Post = Callable[[M.Observation], None]
+
+
+class Lane:
+    """Runs callables in order on one thread, each after its own delay."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: set[Future] = set()
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], None], delay: float = 0.0, *, flushable: bool = True):
+        def run() -> None:
+            if delay > 0:
+                time.sleep(delay)
+            fn()
+
+        future = self._pool.submit(run)
+        if flushable:
+            with self._lock:
+                self._pending.add(future)
+            future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every flushable callable submitted so far has run."""
+        with self._lock:
+            pending = set(self._pending)
+        done, not_done = wait_futures(pending, timeout=timeout)
+        return not not_done
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class JobCoordinator:
+    """This agent's registration, watches and rendezvous in etcd."""
+
+    def __init__(self, config: AgentConfig, client: EtcdClient, post: Post) -> None:
+        self.config = config
+        self.keys = JobKeys(config.job_id)
+        self.client = client
+        self._post = post
+        self._lease: LeaseKeeper | None = None
+        self._watches: list[PrefixWatch] = []
+        self._handler = None
+        self._backend: EtcdV3RendezvousBackend | None = None
+        self._tcp_store: dist.TCPStore | None = None  # this round's, when we host it
+        self._rendezvous = Lane("agent-rdzv")
+        self._writes = Lane("agent-etcd")
+        self._write_failed = False
+        self.on_snapshot_committed: Callable[[bytes], None] | None = None
+        self.endpoint = ""
+        self.hostname = ""
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def prepare_job(self) -> None:
+        """A job id whose previous run ended (closed or failed) and has no live agent starts
+        afresh; one that ended with live agents is refused."""
+        outcome = self.client.get(self.keys.outcome)
+        state_kv = self.client.get(self.keys.rendezvous_state)
+        closed = False
+        if state_kv is not None:
+            try:
+                closed = bool(pickle.loads(state_kv.value).closed)
+            except Exception:  # an unreadable state is as good as finished
+                closed = True
+        if outcome is None and not closed:
+            return
+        live = list_nodes(self.client, self.keys)
+        if live:
+            raise ConfigError(
+                f"job {self.config.job_id!r} has ended but agents "
+                f"{', '.join(n.node_id for n in live)} are still registered; "
+                "wait for them to exit or use another --job-id"
+            )
+        guard = state_kv.mod_revision if state_kv is not None else 0
+        if self.client.delete_prefix_if_unchanged(
+            self.keys.root, self.keys.rendezvous_state, guard
+        ):
+            logger.info("job id %s was used by a finished run; starting afresh", self.config.job_id)
+
+    def register(self, endpoint: str, hostname: str) -> None:
+        """Take a lease and create this node's key under it (refused if the id is taken)."""
+        self.endpoint, self.hostname = endpoint, hostname
+        self._register(first=True)
+
+    def _register(self, first: bool) -> None:
+        cfg = self.config
+        lease = self._new_lease()
+        record = NodeRecord(
+            node_id=cfg.node_id,
+            endpoint=self.endpoint,
+            hostname=self.hostname,
+            gpus=cfg.gpus,
+            nproc_per_node=cfg.nproc_per_node,
+            pid=os.getpid(),
+        )
+        if not self.client.create(self.keys.node(cfg.node_id), record.encode(), lease.lease_id):
+            lease.close(revoke=True)
+            if first:
+                raise ConfigError(
+                    f"node id {cfg.node_id!r} is already registered in job {cfg.job_id!r}; "
+                    "give each agent its own --node-id"
+                )
+            # our old key outlived its lease in a restarted etcd: replace it
+            lease = self._new_lease()
+            self.client.put(self.keys.node(cfg.node_id), record.encode(), lease.lease_id)
+        old, self._lease = self._lease, lease
+        if old is not None:
+            old.close(revoke=False)
+
+    def _new_lease(self) -> LeaseKeeper:
+        return LeaseKeeper(
+            self.client, self.config.node_ttl, on_lost=lambda: self._post(M.LeaseLost())
+        )
+
+    def start(self) -> None:
+        """Watch ``ctl/`` and ``nodes/`` and build the rendezvous handler. What the keys hold
+        now is posted first; the watches replay from just after."""
+        cfg = self.config
+        revision = self.client.revision()
+        self._load(post=True)
+        self._watches = [
+            self.client.watch_prefix(self.keys.control_prefix, self._on_control, revision + 1),
+            self.client.watch_prefix(self.keys.nodes_prefix, self._on_nodes, revision + 1),
+        ]
+        rdzv = cfg.rendezvous
+        params = RendezvousParameters(
+            backend="etcd-v3",
+            endpoint=cfg.etcd,
+            run_id=cfg.job_id,
+            min_nodes=cfg.min_nodes,
+            max_nodes=cfg.max_nodes,
+            local_addr=f"{cfg.local_addr}/{cfg.node_id}",
+            join_timeout=rdzv.join_timeout,
+            last_call_timeout=rdzv.last_call_timeout,
+            close_timeout=rdzv.close_timeout,
+            keep_alive_interval=rdzv.keep_alive_interval,
+            keep_alive_max_attempt=rdzv.keep_alive_max_attempt,
+        )
+        # Never share torch's per-agent TCPStore across attempts: we host a fresh one per round.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        self._handler = create_handler(params, client=self.client)
+        self._backend = EtcdV3RendezvousBackend(self.client, self.keys.rendezvous_state)
+
+    # -- effects ----------------------------------------------------------------------------
+
+    def apply(self, effect: M.Effect) -> None:
+        """Queue one coordination effect on its lane."""
+        if isinstance(effect, M.Rendezvous):
+            self._rendezvous.submit(self._next_round, effect.delay, flushable=False)
+        elif isinstance(effect, M.PollMembership):
+            self._rendezvous.submit(self._poll_membership)
+        elif isinstance(effect, M.CloseRendezvous):
+            self._rendezvous.submit(self._write(effect, self._close), effect.delay)
+        elif isinstance(effect, M.FailJob):
+            self._rendezvous.submit(self._write(effect, self._fail_job), effect.delay)
+        elif isinstance(effect, M.RequestRestart):
+            self._writes.submit(self._write(effect, self._request_restart), effect.delay)
+        elif isinstance(effect, M.MarkRoundDone):
+            self._writes.submit(self._write(effect, self._mark_done), effect.delay)
+        elif isinstance(effect, M.EvictNodes):
+            self._writes.submit(self._write(effect, self._evict))
+        elif isinstance(effect, M.Register):
+            self._writes.submit(self._write(effect, self._register_again), effect.delay)
+        else:
+            raise TypeError(f"not a coordination effect: {effect!r}")
+
+    def flush(self, timeout: float) -> bool:
+        """Wait for the queued writes (not a rendezvous in progress)."""
+        deadline = time.monotonic() + timeout
+        ok = self._writes.flush(timeout)
+        return self._rendezvous.flush(max(deadline - time.monotonic(), 0.0)) and ok
+
+    def _write(self, effect: M.Effect, fn: Callable[[M.Effect], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn(effect)
+            except (CoordinationUnavailableError, RendezvousError) as exc:
+                self._write_failed = True
+                self._post(M.CoordinationFailed(effect, str(exc)))
+                return
+            except Exception as exc:  # a bug: reported, and the machine decides
+                logger.exception("%s failed", type(effect).__name__)
+                self._post(M.CoordinationFailed(effect, f"{type(exc).__name__}: {exc}"))
+                return
+            if self._write_failed:
+                self._write_failed = False
+                self._post(M.CoordinationSucceeded())
+
+        return run
+
+    def _next_round(self) -> None:
+        try:
+            info = self._handler.next_rendezvous()
+            plan = self._exchange_round_data(info)
+        except RendezvousClosedError:
+            self._post(self._closed())
+            return
+        except RendezvousTimeoutError as exc:
+            self._post(M.RendezvousFailed(str(exc) or "timed out", retryable=False))
+            return
+        except (RendezvousError, CoordinationUnavailableError, dist.DistStoreError) as exc:
+            self._post(M.RendezvousFailed(f"{type(exc).__name__}: {exc}", retryable=True))
+            return
+        except Exception as exc:  # a bug: reported, and the machine decides
+            logger.exception("rendezvous failed")
+            self._post(M.RendezvousFailed(f"{type(exc).__name__}: {exc}", retryable=False))
+            return
+        self._post(M.RoundFormed(plan))
+
+    def _closed(self) -> M.RendezvousClosed:
+        try:
+            kv = self.client.get(self.keys.outcome)
+        except CoordinationUnavailableError:
+            kv = None
+        if kv is None:
+            return M.RendezvousClosed()
+        outcome = json.loads(kv.value)
+        return M.RendezvousClosed(outcome.get("by", "?"), outcome.get("report", ""))
+
+    def _exchange_round_data(self, info) -> RoundPlan:
+        """Publish our slot, let group rank 0 start this round's TCPStore, read everyone's."""
+        cfg = self.config
+        store = info.store
+        group_rank, group_world_size = info.rank, info.world_size
+        slot = NodeSlot(group_rank, cfg.node_id, cfg.nproc_per_node, cfg.local_addr, self.endpoint)
+        store.set(f"etrain/slot/{group_rank}", json.dumps(slot.__dict__))
+        self._tcp_store = None  # the previous round's server, if we hosted it, goes away
+        if group_rank == 0:
+            self._tcp_store = dist.TCPStore(
+                cfg.local_addr, 0, is_master=True, wait_for_workers=False, use_libuv=True
+            )
+            restart = self.client.get(self.keys.restart_signal)
+            master = {
+                "round_id": uuid.uuid4().hex[:12],
+                "addr": cfg.local_addr,
+                "port": self._tcp_store.port,
+                "restart_revision": restart.mod_revision if restart else 0,
+                "restart_count": json.loads(restart.value)["count"] if restart else 0,
+            }
+            store.set("etrain/master", json.dumps(master))
+        keys = [f"etrain/slot/{i}" for i in range(group_world_size)] + ["etrain/master"]
+        store.wait(keys, _ROUND_DATA_TIMEOUT)
+        values = store.multi_get(keys)
+        master = json.loads(values[-1])
+        return RoundPlan(
+            round_id=master["round_id"],
+            group_rank=group_rank,
+            slots=tuple(NodeSlot(**json.loads(v)) for v in values[:-1]),
+            master_addr=master["addr"],
+            master_port=int(master["port"]),
+            restart_revision=int(master["restart_revision"]),
+            restart_count=int(master["restart_count"]),
+        )
+
+    def _poll_membership(self) -> None:
+        try:
+            waiting = self._handler.num_nodes_waiting()
+        except (RendezvousError, CoordinationUnavailableError) as exc:
+            logger.debug("membership poll failed: %s", exc)
+            return
+        self._post(M.NodesWaiting(waiting))
+
+    def _request_restart(self, effect: M.RequestRestart) -> None:
+        value = json.dumps(
+            {"count": effect.count, "by": self.config.node_id, "reason": effect.reason}
+        )
+        won, _ = self.client.compare_and_swap(
+            self.keys.restart_signal, value, effect.expected_revision
+        )
+        if not won:
+            logger.info("agent %s: a restart was already requested; following",
+                        self.config.node_id)  # fmt: skip
+
+    def _fail_job(self, effect: M.FailJob) -> None:
+        outcome = {"by": self.config.node_id, "reason": effect.reason, "report": effect.report}
+        self.client.create(self.keys.outcome, json.dumps(outcome))
+        self._close(effect)
+
+    def _close(self, effect: M.Effect) -> None:
+        self._handler.set_closed()
+
+    def _mark_done(self, effect: M.MarkRoundDone) -> None:
+        self.client.put(self.keys.round_done(effect.round_id, self.config.node_id), b"1")
+
+    def _evict(self, effect: M.EvictNodes) -> None:
+        if self._backend is not None:
+            evict_nodes(self._backend, effect.nodes, self.config.min_nodes)
+
+    def _register_again(self, effect: M.Register) -> None:
+        logger.warning("agent %s: registering again with a new lease", self.config.node_id)
+        self._register(first=False)
+        self._post(M.Registered())
+
+    # -- watches ----------------------------------------------------------------------------
+
+    def _load(self, post: bool) -> frozenset[str]:
+        kvs, _ = self.client.get_prefix(self.keys.control_prefix)
+        for kv in kvs:
+            self._control_event(WatchEvent(kv.key, kv.value, False, kv.mod_revision))
+        live = frozenset(n.node_id for n in list_nodes(self.client, self.keys))
+        if post:
+            self._post(M.NodesListed(live))
+        return live
+
+    def _on_control(self, events: list[WatchEvent]) -> None:
+        if not events:  # compacted: re-read
+            self._load(post=True)
+        for event in events:
+            self._control_event(event)
+
+    def _control_event(self, event: WatchEvent) -> None:
+        keys = self.keys
+        if event.key == keys.restart_signal and not event.deleted:
+            by = json.loads(event.value).get("by", "?")
+            self._post(M.RestartRequested(event.mod_revision, by))
+        elif event.key == keys.outcome and not event.deleted:
+            outcome = json.loads(event.value)
+            self._post(M.JobFailed(outcome.get("by", "?"), outcome.get("report", "")))
+        elif event.key == keys.snapshot_committed and not event.deleted:
+            if self.on_snapshot_committed is not None:
+                self.on_snapshot_committed(event.value)
+        elif event.key.startswith(keys.rounds_prefix) and "/done/" in event.key:
+            round_id, _, node = event.key[len(keys.rounds_prefix) :].partition("/done/")
+            self._post(M.PeerDone(round_id, node, done=not event.deleted))
+
+    def _on_nodes(self, events: list[WatchEvent]) -> None:
+        if not events:  # compacted: re-read
+            self._load(post=True)
+            return
+        lost, joined = set(), set()
+        for event in events:
+            node = event.key[len(self.keys.nodes_prefix) :]
+            if event.deleted:
+                lost.add(node)
+                joined.discard(node)
+            else:
+                joined.add(node)
+                lost.discard(node)
+        if lost:
+            self._post(M.NodesLost(frozenset(lost)))
+        if joined:
+            self._post(M.NodesJoined(frozenset(joined)))
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for watch in self._watches:
+            watch.cancel()
+        self._rendezvous.close()
+        self._writes.close()
+        self._tcp_store = None
+        if self._handler is not None:
+            try:
+                self._handler._stop_heartbeats()  # no further writes to the state
+            except Exception:
+                logger.debug("stopping rendezvous heartbeats failed", exc_info=True)
+        if self._lease is not None:
+            self._lease.close(revoke=True)

@@ -1,0 +1,245 @@
+"""The agent's state machine, driven by queued observations (pure: no etcd, no processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import pytest
+from elastictrain.agent import machine as M
+from elastictrain.agent.plan import NodeSlot, RoundPlan
+
+pytestmark = pytest.mark.unit
+
+
+def _plan(*nodes: str, me: str = "a", restart_revision: int = 0, restarts: int = 0,
+          round_id: str = "r1") -> RoundPlan:  # fmt: skip
+    slots = tuple(NodeSlot(i, n, 2, "127.0.0.1", f"127.0.0.1:{9000 + i}")
+                  for i, n in enumerate(nodes))  # fmt: skip
+    return RoundPlan(round_id, nodes.index(me), slots, "127.0.0.1", 1234, restart_revision,
+                     restarts)  # fmt: skip
+
+
+@dataclass
+class Driver:
+    """Feeds observations at a fake clock and keeps every effect, like the agent's loop."""
+
+    machine: M.AgentMachine
+    now: float = 100.0
+    effects: list[M.Effect] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, node: str = "a", max_restarts: int = 1, timeout: float = 60.0) -> Driver:
+        machine, effects = M.start(node, max_restarts=max_restarts, membership_poll_interval=1.0,
+                                   coordination_timeout=timeout)  # fmt: skip
+        driver = cls(machine)
+        driver.effects += effects
+        return driver
+
+    def feed(self, *observations: M.Observation, after: float = 0.0) -> list[M.Effect]:
+        self.now += after
+        new: list[M.Effect] = []
+        for obs in observations:
+            self.machine, effects = M.step(self.machine, obs, self.now)
+            new += effects
+        self.effects += new
+        return new
+
+    @property
+    def phase(self) -> M.Phase:
+        return self.machine.phase
+
+    @property
+    def action(self) -> M.Action:
+        assert self.machine.verdict is not None
+        return self.machine.verdict.action
+
+
+def _kinds(effects: list[M.Effect]) -> list[type]:
+    return [type(e) for e in effects if not isinstance(e, M.Record)]
+
+
+def _running(*nodes: str, **kwargs) -> Driver:
+    d = Driver.new(**kwargs)
+    d.feed(M.NodesListed(frozenset(nodes)), M.RoundFormed(_plan(*nodes)))
+    assert d.phase is M.Phase.RUNNING
+    return d
+
+
+def test_starts_by_joining_the_rendezvous_then_starts_workers_when_a_round_forms():
+    d = Driver.new()
+    assert _kinds(d.effects) == [M.Rendezvous]
+    effects = d.feed(M.RoundFormed(_plan("a", "b")))
+    assert _kinds(effects) == [M.StartWorkers]
+    assert (
+        d.action is M.Action.START_ROUND
+        and "group rank 0 of 2 (nodes a,b)" in d.machine.verdict.reason
+    )
+
+
+def test_a_local_failure_requests_a_restart_which_everyone_follows():
+    d = _running("a", "b")
+    effects = d.feed(M.WorkersExited(succeeded=False, report="rank 1 died"))
+    assert _kinds(effects) == [M.StopWorkers, M.RequestRestart]
+    request = effects[-1]
+    assert (request.count, request.expected_revision) == (1, 0)
+    assert d.phase is M.Phase.RESTARTING and d.action is M.Action.REQUEST_RESTART
+    # our own request (or a peer's that won the compare-and-set) comes back through the watch
+    assert _kinds(d.feed(M.RestartRequested(revision=7, by="a"))) == [M.Rendezvous]
+    assert d.phase is M.Phase.RENDEZVOUS
+
+
+def test_a_peers_restart_request_stops_our_workers():
+    d = _running("a", "b")
+    effects = d.feed(M.RestartRequested(revision=9, by="b"))
+    assert _kinds(effects) == [M.StopWorkers, M.Rendezvous]
+    assert d.action is M.Action.FOLLOW_RESTART
+    # a restart that happened before the round began does not count again
+    d = Driver.new()
+    d.feed(M.RestartRequested(revision=9, by="b"))
+    d.feed(M.RoundFormed(_plan("a", "b", restart_revision=9, restarts=1)))
+    assert d.feed(M.RestartRequested(revision=9, by="b")) == []
+    assert d.phase is M.Phase.RUNNING
+
+
+def test_local_failure_after_a_peer_asked_follows_without_a_second_restart():
+    d = _running("a", "b")
+    d.feed(M.RestartRequested(revision=5, by="b"))
+    d.feed(M.RoundFormed(_plan("a", "b", restart_revision=5, restarts=1)))
+    d.feed(M.RestartRequested(revision=8, by="b"))  # the next incident, already asked
+    assert d.phase is M.Phase.RENDEZVOUS  # followed at once
+    d = _running("a", "b")
+    d.machine = replace(d.machine, restart_revision=3, restart_by="b")
+    d.machine = replace(d.machine, round=_plan("a", "b", restart_revision=1))
+    effects = d.feed(M.WorkersExited(succeeded=False))
+    assert _kinds(effects) == [M.StopWorkers, M.Rendezvous]
+    assert d.action is M.Action.FOLLOW_RESTART
+
+
+def test_no_restart_left_fails_the_job_with_the_report():
+    d = _running("a", "b", max_restarts=0)
+    effects = d.feed(M.WorkersExited(succeeded=False, report="Root Cause: rank 1"))
+    assert _kinds(effects) == [M.StopWorkers, M.FailJob, M.Exit]
+    assert effects[-1] == M.Exit(M.EXIT_FAILED, "Root Cause: rank 1", flush=True)
+    assert d.phase is M.Phase.FAILED and d.action is M.Action.FAIL_JOB
+    assert d.feed(M.Tick(), M.RestartRequested(99, "b")) == []  # terminal: nothing more
+
+
+def test_another_node_failing_the_job_ends_ours_with_its_report():
+    d = _running("a", "b")
+    effects = d.feed(M.JobFailed(by="b", report="b's report"))
+    assert _kinds(effects) == [M.StopWorkers, M.Exit]
+    assert effects[-1].code == M.EXIT_FAILED and effects[-1].report == "b's report"
+    d = Driver.new()
+    effects = d.feed(M.RendezvousClosed(failed_by="b", report="b's report"))
+    assert _kinds(effects) == [M.Exit] and effects[-1].code == M.EXIT_FAILED
+
+
+def test_success_waits_for_every_participant_then_finishes():
+    d = _running("a", "b")
+    effects = d.feed(M.WorkersExited(succeeded=True))
+    assert _kinds(effects) == [M.MarkRoundDone]
+    assert d.phase is M.Phase.DONE_WAITING and "1 of 2 nodes done" in d.machine.verdict.reason
+    assert d.feed(M.NodesWaiting(3)) == []  # a joiner does not restart a finished node
+    effects = d.feed(M.PeerDone("r1", "b"))
+    assert _kinds(effects) == [M.CloseRendezvous, M.Exit]
+    assert effects[-1].code == M.EXIT_OK and d.phase is M.Phase.SUCCEEDED
+
+
+def test_a_peer_that_finished_first_is_remembered():
+    d = _running("a", "b")
+    d.feed(M.PeerDone("r1", "b"), M.PeerDone("old-round", "b"))
+    effects = d.feed(M.WorkersExited(succeeded=True))
+    assert _kinds(effects) == [M.MarkRoundDone, M.CloseRendezvous, M.Exit]
+
+
+def test_lost_peer_is_evicted_and_the_group_reforms_without_a_restart():
+    d = _running("a", "b", "c")
+    effects = d.feed(M.NodesLost(frozenset({"c"})))
+    assert _kinds(effects) == [M.EvictNodes, M.StopWorkers, M.Rendezvous]
+    assert effects[0].nodes == {"c"} and d.action is M.Action.REJOIN
+    assert "lost node(s) c" in d.machine.verdict.reason
+    # a lost node that is not a participant is only evicted
+    d = _running("a", "b")
+    assert _kinds(d.feed(M.NodesLost(frozenset({"x"})))) == [M.EvictNodes]
+    # a node missing from a re-read after a compaction is lost too
+    d = _running("a", "b")
+    assert _kinds(d.feed(M.NodesListed(frozenset({"a"})))) == [
+        M.EvictNodes, M.StopWorkers, M.Rendezvous
+    ]  # fmt: skip
+
+
+def test_waiting_nodes_are_let_in_at_the_next_round():
+    d = _running("a", "b")
+    assert d.feed(M.NodesWaiting(0)) == []
+    effects = d.feed(M.NodesWaiting(1))
+    assert _kinds(effects) == [M.StopWorkers, M.Rendezvous] and d.action is M.Action.REJOIN
+
+
+def test_membership_is_polled_on_the_clock():
+    d = _running("a", "b")
+    assert d.feed(M.Tick(), after=0.5) == []
+    assert _kinds(d.feed(M.Tick(), after=0.6)) == [M.PollMembership]
+    assert d.feed(M.Tick(), after=0.1) == []
+    assert _kinds(d.feed(M.Tick(), after=1.0)) == [M.PollMembership]
+
+
+def test_own_lease_lost_registers_again_and_rejoins():
+    d = _running("a", "b")
+    effects = d.feed(M.LeaseLost())
+    assert _kinds(effects) == [M.StopWorkers, M.Register, M.Rendezvous]
+    assert d.machine.lease_lost
+    d.feed(M.Registered())
+    assert not d.machine.lease_lost
+
+
+def test_etcd_trouble_is_retried_with_backoff_then_fails_cleanly():
+    d = Driver.new(timeout=10.0)
+    effects = d.feed(M.RendezvousFailed("etcd unreachable", retryable=True))
+    assert effects[-1] == M.Rendezvous(delay=M.RETRY_BACKOFF_S) and d.action is M.Action.RETRY
+    effects = d.feed(M.RendezvousFailed("etcd unreachable", retryable=True), after=1.0)
+    assert effects[-1] == M.Rendezvous(delay=2 * M.RETRY_BACKOFF_S)
+    effects = d.feed(M.RendezvousFailed("etcd unreachable", retryable=True), after=9.5)
+    assert _kinds(effects) == [M.Exit] and d.phase is M.Phase.FAILED
+    assert "etcd unreachable for 10 s" in d.machine.verdict.reason
+
+
+def test_an_essential_write_is_retried_and_success_resets_the_backoff():
+    d = _running("a", "b")
+    d.feed(M.WorkersExited(succeeded=False))
+    request = d.effects[-1]
+    effects = d.feed(M.CoordinationFailed(request, "connection refused"))
+    assert effects[-1] == replace(request, delay=M.RETRY_BACKOFF_S)
+    d.feed(M.CoordinationSucceeded())
+    assert d.machine.failing_since is None and d.machine.retries == 0
+    # a failed eviction is not worth a retry: the heartbeats drop the node later anyway
+    assert d.feed(M.CoordinationFailed(M.EvictNodes(frozenset({"b"})), "refused")) == []
+
+
+def test_a_join_timeout_is_final():
+    d = Driver.new()
+    effects = d.feed(M.RendezvousFailed("not enough nodes", retryable=False))
+    assert _kinds(effects) == [M.Exit] and d.phase is M.Phase.FAILED
+
+
+def test_a_signal_stops_the_agent_without_waiting_for_etcd():
+    d = _running("a", "b")
+    effects = d.feed(M.Stopped("SIGTERM"))
+    assert _kinds(effects) == [M.StopWorkers, M.Exit]
+    assert effects[-1] == M.Exit(M.EXIT_FAILED, "", flush=False)
+    assert d.action is M.Action.STOP
+
+
+def test_rendezvous_closed_without_an_outcome_is_success():
+    d = Driver.new()
+    effects = d.feed(M.RendezvousClosed())
+    assert effects[-1] == M.Exit(M.EXIT_OK) and d.phase is M.Phase.SUCCEEDED
+
+
+def test_stale_observations_are_ignored():
+    d = Driver.new()
+    assert d.feed(M.WorkersExited(succeeded=False), M.NodesWaiting(2), M.Tick()) == []
+    d = _running("a", "b")
+    assert d.feed(M.RoundFormed(_plan("a", "b", round_id="r2"))) == []
+    assert d.feed(M.RendezvousFailed("late", retryable=True)) == []
+    with pytest.raises(TypeError):
+        d.feed(object())  # type: ignore[arg-type]
