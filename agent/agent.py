@@ -21,15 +21,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from elastictrain import constants
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.nodes import list_nodes
-from elastictrain.snapshot.memory_store import SnapshotStore
+from elastictrain.events import Event
+from elastictrain.session import protocol as P
+from elastictrain.snapshot.memory_store import SnapshotError, SnapshotStore
+from elastictrain.snapshot.shm import shm_dir
 
 from . import machine as M
 from .config import AgentConfig
 from .coordination import JobCoordinator
 from .plan import LocalState, RoundPlan, WorkerAssignment, assign_worker_ranks, worker_env
 from .server import start_server
+from .sessions import SessionServer, WorkerKey
 from .snapshots import RoundView, SnapshotCoordinator
 from .workers import WorkerGroup, WorkerInfo
 
@@ -83,6 +88,9 @@ class Agent:
             tee=config.tee,
         )
         self._exit_reported = True  # no workers yet
+        self._generation = 0
+        self._exiting_reported: set[int] = set()
+        self._sessions: SessionServer | None = None
         self._next_tick = 0.0
         self._exit_code: int | None = None
         self.snapshots: SnapshotCoordinator | None = None
@@ -152,6 +160,11 @@ class Agent:
         self._client.revision()  # fails fast, with a clear error, if etcd is unreachable
         self._coordinator = JobCoordinator(cfg, self._client, self.post)
         self._coordinator.prepare_job()
+        self._sessions = SessionServer(
+            f"{cfg.job_id}/{cfg.node_id}/{os.getpid()}",
+            self.post,
+            {"begin_snapshot": self._begin_snapshot, "end_snapshot": self._end_snapshot},
+        )
         self._server, port = start_server(self, cfg.grpc_host, cfg.grpc_port)
         self.endpoint = f"{cfg.grpc_host}:{port}"
         self.snapshots = SnapshotCoordinator(
@@ -185,6 +198,7 @@ class Agent:
             max_restarts=cfg.max_restarts,
             membership_poll_interval=cfg.membership_poll_interval,
             coordination_timeout=cfg.coordination_timeout,
+            hang_timeout=cfg.hang_timeout,
         )
         self._apply(effects)
         while self._exit_code is None:
@@ -210,9 +224,18 @@ class Agent:
                 continue
 
     def _poll_workers(self) -> M.WorkersExited | None:
-        """Reap exited workers without blocking: an observation once they have all exited."""
+        """Reap exited workers without blocking: an observation once they have all exited.
+        Workers whose process has begun to die are reported at once (``WorkerLost``): a
+        process with much device memory takes seconds before it can be reaped."""
         if self._exit_reported:
             return None
+        assert self._sessions is not None
+        for local_rank in self._workers.exiting():
+            key = WorkerKey(self._generation, local_rank)
+            if local_rank not in self._exiting_reported:
+                self._exiting_reported.add(local_rank)
+                finished = self._sessions.finished(key)
+                self.post(M.WorkerLost(key.generation, local_rank, "process exiting", finished))
         local = self._workers.poll()
         if local is LocalState.RUNNING:
             return None
@@ -232,7 +255,10 @@ class Agent:
             if isinstance(effect, M.Record):
                 self._record(effect.verdict)
             elif isinstance(effect, M.StartWorkers):
-                self._start_workers(effect.plan)
+                self._start_workers(effect.plan, effect.generation)
+            elif isinstance(effect, M.KillWorker):
+                if self._plan is not None:
+                    self._workers.kill(self._plan.global_rank(effect.local_rank), signal.SIGKILL)
             elif isinstance(effect, M.StopWorkers):
                 self._workers.stop(self.config.stop_grace)
                 self._exit_reported = True
@@ -246,14 +272,24 @@ class Agent:
                 self._coordinator.apply(effect)
 
     def _record(self, verdict: M.Verdict) -> None:
+        """Log a verdict and store it as the job's event."""
         level = logging.WARNING if verdict.action is M.Action.RETRY else logging.INFO
         logger.log(level, "agent %s: %s (%s)", self.config.node_id, verdict.action.value,
                    verdict.reason)  # fmt: skip
+        assert self._coordinator is not None
+        self._coordinator.write_event(
+            Event(verdict.action.value, self.config.node_id, time.time(), verdict.reason,
+                  verdict.details)  # fmt: skip
+        )
 
-    def _start_workers(self, plan: RoundPlan) -> None:
+    def _start_workers(self, plan: RoundPlan, generation: int) -> None:
         cfg = self.config
+        assert self._sessions is not None
         self._rounds += 1
         self._plan = plan
+        self._generation = generation
+        self._exiting_reported = set()
+        self._sessions.forget(generation)
         self._assignments = assign_worker_ranks(plan.slots, plan.group_rank)
         if self.snapshots is not None:
             self.snapshots.new_round()
@@ -273,10 +309,36 @@ class Agent:
                 "ETRAIN_NODE_ID": cfg.node_id,
             }
             | ({"ETRAIN_SNAPSHOT_DIR": cfg.snapshot_dir} if cfg.snapshot_dir else {})
+            | {
+                constants.ENV_SESSION_ADDRESS: self._sessions.env_address,
+                constants.ENV_SESSION_TOKEN: self._sessions.expect(
+                    WorkerKey(generation, a.local_rank)
+                ),
+            }
             for a in self._assignments
         ]
         self._workers.start(self._assignments, envs)
         self._exit_reported = False
+
+    # -- session requests (from the session server's pool) ---------------------------------------
+
+    def _begin_snapshot(self, request: dict) -> dict:
+        record = self._snapshot_call(
+            self.snapshots.begin, int(request["rank"]), int(request["step"]), int(request["nbytes"])
+        )
+        return {"segment": record.segment.name, "shm_dir": shm_dir()}
+
+    def _end_snapshot(self, request: dict) -> dict:
+        meta = P.unb64(str(request["meta"]))
+        committed = self._snapshot_call(
+            self.snapshots.end, int(request["rank"]), int(request["step"]), meta
+        )
+        return {"committed": bool(committed)}
+
+    def _snapshot_call(self, fn, *args):
+        if self.snapshots is None:
+            raise SnapshotError("the agent is not set up yet")
+        return fn(*args)
 
     def _round_view(self) -> RoundView:
         """The current round as the snapshot coordinator needs it."""
@@ -295,6 +357,8 @@ class Agent:
             self._workers.stop(self.config.stop_grace)
         except Exception:
             logger.exception("stopping workers failed")
+        if self._sessions is not None:
+            self._sessions.close()
         if self.snapshots is not None:
             self.snapshots.close(save=True)
         if self._coordinator is not None:

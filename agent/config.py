@@ -68,6 +68,7 @@ class AgentConfig:
     membership_poll_interval: float = 1.0
     stop_grace: float = constants.DEFAULT_STOP_GRACE_S
     coordination_timeout: float = constants.DEFAULT_COORDINATION_TIMEOUT_S
+    hang_timeout: float = constants.DEFAULT_HANG_TIMEOUT_S  # 0: never declare a hang
     log_dir: str | None = None
     redirects: str = "0"
     tee: str = "0"
@@ -102,6 +103,8 @@ class AgentConfig:
             raise ConfigError("--snapshot-memory-limit must be >= 0")
         if self.snapshot_disk_every < 0:
             raise ConfigError(f"--snapshot-disk-every must be >= 0, got {self.snapshot_disk_every}")
+        if self.hang_timeout < 0:
+            raise ConfigError(f"--hang-timeout must be >= 0 s, got {self.hang_timeout}")
         if self.coordination_timeout <= 0:
             raise ConfigError(
                 f"coordination timeout must be > 0 s, got {self.coordination_timeout}"

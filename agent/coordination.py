@@ -19,6 +19,7 @@ Nothing of a previous attempt is ever read by the next one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from elastictrain.coord.etcd import EtcdClient, LeaseKeeper, PrefixWatch, WatchE
 from elastictrain.coord.keys import JobKeys
 from elastictrain.coord.nodes import NodeRecord, list_nodes
 from elastictrain.errors import ConfigError, CoordinationUnavailableError
+from elastictrain.events import Event
 from elastictrain.rendezvous.backend import EtcdV3RendezvousBackend
 from elastictrain.rendezvous.eviction import evict_nodes
 from elastictrain.rendezvous.registration import create_handler
@@ -109,6 +111,8 @@ class JobCoordinator:
         self._rendezvous = Lane("agent-rdzv")
         self._writes = Lane("agent-etcd")
         self._write_failed = False
+        self._event_writer = uuid.uuid4().hex[:8]
+        self._event_seq = itertools.count()
         self.on_snapshot_committed: Callable[[bytes], None] | None = None
         self.endpoint = ""
         self.hostname = ""
@@ -227,6 +231,18 @@ class JobCoordinator:
             self._writes.submit(self._write(effect, self._register_again), effect.delay)
         else:
             raise TypeError(f"not a coordination effect: {effect!r}")
+
+    def write_event(self, event: Event) -> None:
+        """Store an event (best effort: a lost event never holds the job up)."""
+        key = self.keys.event(self.config.node_id, self._event_writer, next(self._event_seq))
+
+        def put() -> None:
+            try:
+                self.client.put(key, event.encode())
+            except CoordinationUnavailableError as exc:
+                logger.warning("event %s not stored: %s", event.kind, exc)
+
+        self._writes.submit(put)
 
     def flush(self, timeout: float) -> bool:
         """Wait for the queued writes (not a rendezvous in progress)."""

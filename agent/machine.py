@@ -19,6 +19,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+from elastictrain.session.protocol import MODE_PLAIN
 
 from .plan import RoundPlan
 
@@ -56,6 +59,9 @@ class Action(enum.Enum):
     EXIT_FAILED = "exit_failed"  # another node failed the job, or we cannot go on
     FINISH = "finish"  # every node's workers succeeded
     RETRY = "retry"  # an etcd operation failed: try again later
+    NODE_LOST = "node_lost"  # a node's lease expired: it is dropped from the rendezvous
+    WORKER_LOST = "worker_lost"  # a worker's session closed or its process began to die
+    WORKER_HUNG = "worker_hung"  # a reporting worker made no progress for the hang timeout
     STOP = "stop"  # a signal asked the agent to stop
 
 
@@ -63,6 +69,7 @@ class Action(enum.Enum):
 class Verdict:
     action: Action
     reason: str
+    details: Mapping[str, Any] = field(default_factory=dict)  # JSON values: ranks, nodes, ...
 
 
 # -- observations ---------------------------------------------------------------------------
@@ -93,6 +100,44 @@ class WorkersExited:
 
     succeeded: bool
     report: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """A worker's session closed, or its process began to die (seen before it is reaped)."""
+
+    generation: int
+    local_rank: int
+    reason: str
+    finished: bool = False  # it said it was exiting on purpose
+
+
+@dataclass(frozen=True)
+class WorkerHeartbeat:
+    """A worker is alive (its session's own thread says so every half second): the last step
+    it finished, and whether its training loop is inside a step."""
+
+    generation: int
+    local_rank: int
+    step: int
+    active: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerAttached:
+    """A worker's library took its session over in ``mode``."""
+
+    generation: int
+    local_rank: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class WorkerFinishing:
+    """A worker said it is exiting on purpose: it sends no more heartbeats."""
+
+    generation: int
+    local_rank: int
 
 
 @dataclass(frozen=True)
@@ -170,7 +215,8 @@ class Tick:
 
 
 Observation = (
-    RoundFormed | RendezvousClosed | RendezvousFailed | WorkersExited | RestartRequested
+    RoundFormed | RendezvousClosed | RendezvousFailed | WorkersExited | WorkerLost
+    | WorkerHeartbeat | WorkerAttached | WorkerFinishing | RestartRequested
     | JobFailed | NodesLost | NodesJoined | NodesListed | PeerDone | NodesWaiting | LeaseLost
     | Registered | CoordinationFailed | CoordinationSucceeded | Stopped | Tick
 )  # fmt: skip
@@ -189,6 +235,15 @@ class Record:
 @dataclass(frozen=True)
 class StartWorkers:
     plan: RoundPlan
+    generation: int  # tells this start's workers from earlier ones
+
+
+@dataclass(frozen=True)
+class KillWorker:
+    """SIGKILL one local worker (a hung one); its exit is then a failure like any other."""
+
+    local_rank: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -264,8 +319,8 @@ class Exit:
 
 
 Effect = (
-    Record | StartWorkers | StopWorkers | Rendezvous | PollMembership | RequestRestart | FailJob
-    | CloseRendezvous | MarkRoundDone | EvictNodes | Register | Exit
+    Record | StartWorkers | KillWorker | StopWorkers | Rendezvous | PollMembership
+    | RequestRestart | FailJob | CloseRendezvous | MarkRoundDone | EvictNodes | Register | Exit
 )  # fmt: skip
 
 # Writes that the job cannot do without: retried while etcd is away (until the timeout).
@@ -279,6 +334,14 @@ EXIT_FAILED = 1  # torchrun exits 1 when the workers failed (ChildFailedError)
 
 
 @dataclass(frozen=True)
+class Beat:
+    at: float  # when the last heartbeat came
+    step: int  # the last step the worker finished
+    since: float  # when that step was first reported
+    active: bool  # inside the training loop: a step that never ends is a hang
+
+
+@dataclass(frozen=True)
 class AgentMachine:
     """What one agent knows, and the phase it is in. Treat as immutable."""
 
@@ -286,8 +349,14 @@ class AgentMachine:
     max_restarts: int
     membership_poll_interval: float
     coordination_timeout: float
+    hang_timeout: float = 0.0  # 0: hangs are not detected
     phase: Phase = Phase.RENDEZVOUS
     round: RoundPlan | None = None
+    generation: int = 0  # worker starts so far
+    beats: Mapping[int, Beat] = field(default_factory=dict)  # local rank -> its last heartbeat
+    lost: Mapping[int, float] = field(default_factory=dict)  # local rank -> when seen lost
+    modes: Mapping[int, str] = field(default_factory=dict)  # local rank -> its session's mode
+    finishing: frozenset[int] = frozenset()  # local ranks exiting on purpose
     restart_revision: int = 0  # the newest revision of the restart key seen
     restart_by: str = ""
     done: Mapping[str, frozenset[str]] = field(default_factory=dict)  # round id -> nodes
@@ -307,6 +376,7 @@ def start(
     max_restarts: int,
     membership_poll_interval: float,
     coordination_timeout: float,
+    hang_timeout: float = 0.0,
 ) -> tuple[AgentMachine, list[Effect]]:
     """A new agent's machine, and its first effect: join the rendezvous."""
     machine = AgentMachine(
@@ -314,6 +384,7 @@ def start(
         max_restarts=max_restarts,
         membership_poll_interval=membership_poll_interval,
         coordination_timeout=coordination_timeout,
+        hang_timeout=hang_timeout,
     )
     return machine, [Rendezvous()]
 
@@ -328,8 +399,9 @@ def step(m: AgentMachine, obs: Observation, now: float) -> tuple[AgentMachine, l
     return handler(m, obs, now)
 
 
-def _verdict(m: AgentMachine, action: Action, reason: str, **changes) -> AgentMachine:
-    return replace(m, verdict=Verdict(action, reason), **changes)
+def _verdict(m: AgentMachine, action: Action, reason: str, details: Mapping[str, Any] | None = None,
+             **changes) -> AgentMachine:  # fmt: skip
+    return replace(m, verdict=Verdict(action, reason, details or {}), **changes)
 
 
 def _announce(m: AgentMachine) -> Record:
@@ -342,8 +414,9 @@ def _restart_pending(m: AgentMachine) -> bool:
     return m.round is not None and m.restart_revision > m.round.restart_revision
 
 
-def _rejoin(m: AgentMachine, reason: str, now: float, *, register: bool = False):
-    m = _verdict(m, Action.REJOIN, reason, phase=Phase.RENDEZVOUS)
+def _rejoin(m: AgentMachine, reason: str, now: float, *, register: bool = False,
+            details: Mapping[str, Any] | None = None):  # fmt: skip
+    m = _verdict(m, Action.REJOIN, reason, details, phase=Phase.RENDEZVOUS)
     effects: list[Effect] = [_announce(m), StopWorkers()]
     if register:
         effects.append(Register())
@@ -381,8 +454,11 @@ def _on_round_formed(m: AgentMachine, obs: RoundFormed, now: float):
         m, Action.START_ROUND, reason, phase=Phase.RUNNING, round=plan,
         done={k: v for k, v in m.done.items() if k == plan.round_id},
         next_membership_poll=now + m.membership_poll_interval, failing_since=None, retries=0,
+        generation=m.generation + 1, beats={}, lost={}, modes={}, finishing=frozenset(),
+        details={"round_id": plan.round_id, "nodes": [s.node_id for s in plan.slots],
+                 "group_rank": plan.group_rank, "restart_count": plan.restart_count},
     )  # fmt: skip
-    return m, [_announce(m), StartWorkers(plan)]
+    return m, [_announce(m), StartWorkers(plan, m.generation)]
 
 
 def _on_rendezvous_closed(m: AgentMachine, obs: RendezvousClosed, now: float):
@@ -437,12 +513,70 @@ def _on_workers_exited(m: AgentMachine, obs: WorkersExited, now: float):
     used = m.round.restart_count
     if used < m.max_restarts:
         reason = f"workers failed; restart {used + 1} of {m.max_restarts}"
-        m = _verdict(m, Action.REQUEST_RESTART, reason, phase=Phase.RESTARTING,
-                     report=obs.report)  # fmt: skip
+        m = _verdict(m, Action.REQUEST_RESTART, reason, {"restart": used + 1},
+                     phase=Phase.RESTARTING, report=obs.report)  # fmt: skip
         return m, [_announce(m), StopWorkers(),
                    RequestRestart(used + 1, reason, m.round.restart_revision)]  # fmt: skip
     reason = f"workers failed and all {m.max_restarts} restarts are used"
     return _fail(m, Action.FAIL_JOB, reason, obs.report, prefix=(FailJob(reason, obs.report),))
+
+
+def _current_worker(m: AgentMachine, obs) -> bool:
+    return m.phase is Phase.RUNNING and m.round is not None and obs.generation == m.generation
+
+
+def _on_worker_lost(m: AgentMachine, obs: WorkerLost, now: float):
+    """A worker whose library holds its session and that did not say it was exiting is lost.
+    (An unmodified script's session also closes when it succeeds: its exit status decides.)"""
+    if not _current_worker(m, obs) or obs.finished or obs.local_rank in m.lost:
+        return m, []
+    if m.modes.get(obs.local_rank, MODE_PLAIN) == MODE_PLAIN:
+        return m, []
+    rank = m.round.global_rank(obs.local_rank)
+    m = _verdict(m, Action.WORKER_LOST, f"rank {rank} (local {obs.local_rank}): {obs.reason}",
+                 {"rank": rank, "local_rank": obs.local_rank, "how": obs.reason},
+                 lost={**m.lost, obs.local_rank: now})  # fmt: skip
+    # Restart-the-world needs the exit status (the failure report): the reap decides.
+    return m, [_announce(m)]
+
+
+def _on_worker_heartbeat(m: AgentMachine, obs: WorkerHeartbeat, now: float):
+    if not _current_worker(m, obs):
+        return m, []
+    last = m.beats.get(obs.local_rank)
+    since = last.since if last is not None and last.step == obs.step else now
+    beat = Beat(now, obs.step, since, obs.active)
+    return replace(m, beats={**m.beats, obs.local_rank: beat}), []
+
+
+def _on_worker_attached(m: AgentMachine, obs: WorkerAttached, now: float):
+    if not _current_worker(m, obs):
+        return m, []
+    return replace(m, modes={**m.modes, obs.local_rank: obs.mode}), []
+
+
+def _on_worker_finishing(m: AgentMachine, obs: WorkerFinishing, now: float):
+    if not _current_worker(m, obs):
+        return m, []
+    return replace(m, finishing=m.finishing | {obs.local_rank}), []
+
+
+def _hung_workers(m: AgentMachine, now: float) -> list[tuple[int, str, float]]:
+    """(local rank, why, idle seconds) of each hung worker. A worker that sends no heartbeat
+    for the hang timeout is frozen (stopped, or stuck holding its interpreter): the culprit.
+    One whose heartbeats go on but whose step does not end for twice the timeout is stuck;
+    the grace lets a frozen peer be found and killed first, which ends its peers' wait."""
+    if m.hang_timeout <= 0 or m.phase is not Phase.RUNNING:
+        return []
+    hung = []
+    for rank, beat in sorted(m.beats.items()):
+        if rank in m.lost or rank in m.finishing:
+            continue
+        if now - beat.at > m.hang_timeout:
+            hung.append((rank, "sent no heartbeat", now - beat.at))
+        elif beat.active and now - beat.since > 2 * m.hang_timeout:
+            hung.append((rank, f"finished no step after step {beat.step}", now - beat.since))
+    return hung
 
 
 def _on_restart_requested(m: AgentMachine, obs: RestartRequested, now: float):
@@ -453,7 +587,7 @@ def _on_restart_requested(m: AgentMachine, obs: RestartRequested, now: float):
         return m, []
     if m.phase.has_workers:
         m = _verdict(m, Action.FOLLOW_RESTART, f"node {obs.by} requested a restart",
-                     phase=Phase.RENDEZVOUS)  # fmt: skip
+                     {"by": obs.by}, phase=Phase.RENDEZVOUS)  # fmt: skip
         return m, [_announce(m), StopWorkers(), Rendezvous()]
     if m.phase is Phase.RESTARTING:
         m = _verdict(m, Action.FOLLOW_RESTART, f"restart requested by node {obs.by}",
@@ -469,9 +603,14 @@ def _on_job_failed(m: AgentMachine, obs: JobFailed, now: float):
 def _on_nodes_lost(m: AgentMachine, obs: NodesLost, now: float):
     lost = obs.nodes - {m.node_id}
     m = replace(m, live_nodes=m.live_nodes - obs.nodes)
-    effects: list[Effect] = [EvictNodes(lost)] if lost else []
+    if not lost:
+        return m, []
+    m = _verdict(m, Action.NODE_LOST, f"node(s) {', '.join(sorted(lost))} lost their lease",
+                 {"lost": sorted(lost)})  # fmt: skip
+    effects: list[Effect] = [_announce(m), EvictNodes(lost)]
     if m.phase.has_workers and m.round is not None and lost & m.round.participants:
-        m, rejoin = _rejoin(m, f"lost node(s) {', '.join(sorted(lost))}", now)
+        m, rejoin = _rejoin(m, f"lost node(s) {', '.join(sorted(lost))}", now,
+                            details={"lost": sorted(lost)})  # fmt: skip
         return m, [*effects, *rejoin]
     return m, effects
 
@@ -497,7 +636,8 @@ def _on_peer_done(m: AgentMachine, obs: PeerDone, now: float):
 
 def _on_nodes_waiting(m: AgentMachine, obs: NodesWaiting, now: float):
     if m.phase is Phase.RUNNING and obs.count > 0:
-        return _rejoin(m, f"{obs.count} node(s) waiting to join", now)
+        return _rejoin(m, f"{obs.count} node(s) waiting to join", now,
+                       details={"waiting": obs.count})  # fmt: skip
     return m, []
 
 
@@ -528,10 +668,19 @@ def _on_stopped(m: AgentMachine, obs: Stopped, now: float):
 
 
 def _on_tick(m: AgentMachine, obs: Tick, now: float):
+    effects: list[Effect] = []
+    for local_rank, why, idle in _hung_workers(m, now):
+        assert m.round is not None
+        reason = (f"rank {m.round.global_rank(local_rank)} (local {local_rank}) {why} for "
+                  f"{idle:.1f} s (hang timeout {m.hang_timeout:g} s)")  # fmt: skip
+        details = {"rank": m.round.global_rank(local_rank), "local_rank": local_rank,
+                   "idle_s": round(idle, 3)}  # fmt: skip
+        m = _verdict(m, Action.WORKER_HUNG, reason, details, lost={**m.lost, local_rank: now})
+        effects += [_announce(m), KillWorker(local_rank, reason)]
     if m.phase is Phase.RUNNING and now >= m.next_membership_poll:
         m = replace(m, next_membership_poll=now + m.membership_poll_interval)
-        return m, [PollMembership()]
-    return m, []
+        effects.append(PollMembership())
+    return m, effects
 
 
 _HANDLERS = {
@@ -539,6 +688,10 @@ _HANDLERS = {
     RendezvousClosed: _on_rendezvous_closed,
     RendezvousFailed: _on_rendezvous_failed,
     WorkersExited: _on_workers_exited,
+    WorkerLost: _on_worker_lost,
+    WorkerHeartbeat: _on_worker_heartbeat,
+    WorkerFinishing: _on_worker_finishing,
+    WorkerAttached: _on_worker_attached,
     RestartRequested: _on_restart_requested,
     JobFailed: _on_job_failed,
     NodesLost: _on_nodes_lost,

@@ -38,6 +38,11 @@ class RoundPlan:
     def participants(self) -> frozenset[str]:
         return frozenset(s.node_id for s in self.slots)
 
+    def global_rank(self, local_rank: int) -> int:
+        """The global rank of this node's worker ``local_rank`` (contiguous per node)."""
+        before = sum(s.local_world_size for s in self.slots if s.group_rank < self.group_rank)
+        return before + local_rank
+
 
 @dataclass(frozen=True)
 class WorkerAssignment:

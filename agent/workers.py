@@ -2,7 +2,10 @@
 
 Processes are started by torch's ``start_processes`` (per-rank log files, ``@record`` error
 files). Each worker is started through a tiny exec shim that asks the kernel to SIGKILL it if
-the agent dies, so a SIGKILLed agent never leaves workers hung in a collective.
+the agent dies (so a SIGKILLed agent never leaves workers hung in a collective), then
+connects the worker's session with the agent and says hello, before the real program
+starts: the session's descriptor is one of the lowest, so the kernel closes it first when the
+process dies, long before the process can be reaped.
 """
 
 from __future__ import annotations
@@ -19,25 +22,57 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, sta
 from torch.distributed.elastic.multiprocessing.api import PContext, RunProcsResult
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
+from elastictrain.constants import ENV_SESSION_ADDRESS, ENV_SESSION_FD, ENV_SESSION_TOKEN
+from elastictrain.session.protocol import VERSION as PROTOCOL_VERSION
+
 from .plan import LocalState, WorkerAssignment
 
 logger = logging.getLogger(__name__)
 
 # PR_SET_PDEATHSIG = 1: the kernel sends SIGKILL to this process when its parent thread exits.
 # It survives execve, so the real program inherits it. If the parent is already gone, exit.
-_PDEATHSIG_SHIM = (
+# Then, given a session address, connect it, say hello and hand the descriptor down.
+_SHIM = (
     "import ctypes,os,sys\n"
     "ctypes.CDLL(None,use_errno=True).prctl(1,9)\n"
     "os.getppid()==int(sys.argv[1]) or os._exit(137)\n"
+    f"a=os.environ.pop('{ENV_SESSION_ADDRESS}','')\n"
+    "if a:\n"
+    " import json,socket,struct\n"
+    " s=socket.socket(socket.AF_UNIX)\n"
+    " try:\n"
+    "  s.connect(chr(0)+a[1:] if a[0]=='@' else a)\n"
+    f"  b=json.dumps({{'type':'hello','version':{PROTOCOL_VERSION},'pid':os.getpid(),"
+    f"'token':os.environ.pop('{ENV_SESSION_TOKEN}','')}}).encode()\n"
+    "  s.sendall(struct.pack('>I',len(b))+b)\n"
+    "  s.set_inheritable(True)\n"
+    f"  os.environ['{ENV_SESSION_FD}']=str(s.fileno())\n"
+    " except OSError as e:\n"
+    "  print('etrain: no session with the agent:',e,file=sys.stderr)\n"
     "os.execvp(sys.argv[2],sys.argv[2:])\n"
 )
 
+# /proc/<pid>/stat flags: the kernel sets PF_EXITING as soon as a process starts to die.
+_PF_EXITING = 0x4
+
 
 def with_parent_death_signal(command: list[str]) -> list[str]:
-    """``command`` wrapped so it is killed when the calling process dies (Linux only)."""
+    """``command`` wrapped so it is killed when the calling process dies, and connects its
+    session when ``$ETRAIN_SESSION_ADDRESS`` is set (Linux only)."""
     if not sys.platform.startswith("linux"):
         return command
-    return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *command]
+    return [sys.executable, "-c", _SHIM, str(os.getpid()), *command]
+
+
+def is_exiting(pid: int) -> bool:
+    """The process is dying or dead but not reaped (or gone): its end has begun."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    state, flags = fields[0], int(fields[6])
+    return state in (b"Z", b"X") or bool(flags & _PF_EXITING)
 
 
 @dataclass
@@ -114,6 +149,12 @@ class WorkerGroup:
         self._pcontext = None
         self._record_result(result)
         return LocalState.FAILED if result.is_failed() else LocalState.SUCCEEDED
+
+    def exiting(self) -> list[int]:
+        """Local ranks of workers whose process has begun to die (not yet reaped)."""
+        with self._lock:
+            running = [w for w in self._workers if w.exit_code is None]
+        return [w.assignment.local_rank for w in running if is_exiting(w.pid)]
 
     def _refresh_exit_codes(self) -> None:
         pcontext = self._pcontext

@@ -121,6 +121,15 @@ def add_parser(sub) -> None:
         help="seconds between checks of the workers (default 0.1)",
     )
     p.add_argument(
+        "--hang-timeout",
+        dest="hang_timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a worker that reports progress and makes none for this long is killed as hung "
+        "(default 300; 0: never)",
+    )
+    p.add_argument(
         "--local-addr",
         "--local_addr",
         dest="local_addr",
@@ -286,6 +295,8 @@ def run(args) -> int:
         extra["node_ttl"] = args.node_ttl
     if args.monitor_interval is not None:
         extra["monitor_interval"] = args.monitor_interval
+    if args.hang_timeout is not None:
+        extra["hang_timeout"] = args.hang_timeout
     try:
         config = AgentConfig(
             entrypoint=entrypoint,

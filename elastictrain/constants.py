@@ -33,6 +33,14 @@ DEFAULT_KEEP_ALIVE_MAX_ATTEMPT = 3
 # How often the agent checks its workers and the rendezvous (seconds).
 DEFAULT_MONITOR_INTERVAL_S = 0.1
 
+# A worker's session with its agent (set by the agent and the worker's exec shim).
+ENV_SESSION_ADDRESS = "ETRAIN_SESSION_ADDRESS"  # the agent's socket ("@name": abstract)
+ENV_SESSION_TOKEN = "ETRAIN_SESSION_TOKEN"  # this worker's one-time token
+ENV_SESSION_FD = "ETRAIN_SESSION_FD"  # the connected session, handed to the program
+
+# Seconds without a progress report after which a reporting worker counts as hung (0: never).
+DEFAULT_HANG_TIMEOUT_S = 300.0
+
 # How long the agent rides out an unreachable etcd before it gives up (seconds).
 DEFAULT_COORDINATION_TIMEOUT_S = 60.0
 

@@ -156,7 +156,10 @@ def test_lost_peer_is_evicted_and_the_group_reforms_without_a_restart():
     d = _running("a", "b", "c")
     effects = d.feed(M.NodesLost(frozenset({"c"})))
     assert _kinds(effects) == [M.EvictNodes, M.StopWorkers, M.Rendezvous]
-    assert effects[0].nodes == {"c"} and d.action is M.Action.REJOIN
+    records = [e.verdict for e in effects if isinstance(e, M.Record)]
+    assert [r.action for r in records] == [M.Action.NODE_LOST, M.Action.REJOIN]
+    assert records[0].details == {"lost": ["c"]}
+    assert effects[1].nodes == {"c"} and d.action is M.Action.REJOIN
     assert "lost node(s) c" in d.machine.verdict.reason
     # a lost node that is not a participant is only evicted
     d = _running("a", "b")
@@ -243,3 +246,56 @@ def test_stale_observations_are_ignored():
     assert d.feed(M.RendezvousFailed("late", retryable=True)) == []
     with pytest.raises(TypeError):
         d.feed(object())  # type: ignore[arg-type]
+
+
+def test_a_frozen_worker_is_killed_once_and_its_busy_peers_are_not():
+    d = _running("a", "b", max_restarts=1)
+    d.machine = replace(d.machine, hang_timeout=2.0)
+    gen = d.machine.generation
+    d.feed(M.WorkerHeartbeat(gen, 0, step=3, active=True), M.WorkerHeartbeat(gen, 1, 3, True))
+    for _ in range(4):  # rank 0 keeps beating (blocked in a collective), rank 1 is frozen
+        d.feed(M.WorkerHeartbeat(gen, 0, step=3, active=True), M.Tick(), after=0.5)
+    effects = d.feed(M.WorkerHeartbeat(gen, 0, step=3, active=True), M.Tick(), after=0.5)
+    kills = [e for e in effects if isinstance(e, M.KillWorker)]
+    assert [k.local_rank for k in kills] == [1] and "sent no heartbeat for 2.5 s" in kills[0].reason
+    assert d.action is M.Action.WORKER_HUNG and d.machine.verdict.details["rank"] == 1
+    assert not [e for e in d.feed(M.Tick(), after=0.5) if isinstance(e, M.KillWorker)]
+    # a worker that said it is exiting sends no more heartbeats: that is no hang
+    d.feed(M.WorkerFinishing(gen, 0))
+    assert not [e for e in d.feed(M.Tick(), after=5.0) if isinstance(e, M.KillWorker)]
+
+
+def test_a_worker_whose_step_never_ends_is_hung_after_twice_the_timeout():
+    d = _running("a", "b")
+    d.machine = replace(d.machine, hang_timeout=2.0)
+    gen = d.machine.generation
+    kills = []
+    for _ in range(10):
+        effects = d.feed(M.WorkerHeartbeat(gen, 0, step=7, active=True), M.Tick(), after=0.5)
+        kills += [e for e in effects if isinstance(e, M.KillWorker)]
+    assert [k.local_rank for k in kills] == [0] and "finished no step after step 7" in kills[
+        0
+    ].reason
+    # not in a step (before the loop, after it, or a script without the Job API): never hung
+    d = _running("a", "b")
+    d.machine = replace(d.machine, hang_timeout=2.0)
+    for _ in range(12):
+        effects = d.feed(M.WorkerHeartbeat(d.machine.generation, 0, 7, False), M.Tick(), after=0.5)
+        assert not [e for e in effects if isinstance(e, M.KillWorker)]
+
+
+def test_worker_observations_of_an_earlier_start_are_ignored():
+    d = _running("a", "b")
+    old = d.machine.generation - 1
+    assert d.feed(M.WorkerAttached(old, 0, "snapshot"), M.WorkerLost(old, 0, "closed")) == []
+    gen = d.machine.generation
+    assert d.feed(M.WorkerLost(gen, 0, "session closed")) == []  # a plain script: its exit decides
+    d.feed(M.WorkerAttached(gen, 0, "snapshot"))
+    assert d.feed(M.WorkerLost(gen, 0, "session closed", finished=True)) == []
+    effects = d.feed(M.WorkerLost(gen, 0, "session closed"))
+    assert d.action is M.Action.WORKER_LOST and d.machine.verdict.details == {
+        "rank": 0,
+        "local_rank": 0,
+        "how": "session closed",
+    }
+    assert _kinds(effects) == []  # restart-the-world waits for the exit status

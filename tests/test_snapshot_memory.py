@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from elastictrain.agent.snapshots import RoundView, SnapshotCoordinator, committ
 from launch_harness import SCRIPTS, Cluster, assert_bit_identical, load_params, wait_until
 
 from elastictrain.coord.keys import JobKeys
+from elastictrain.events import read_events
 from elastictrain.snapshot.erasure import ErasureScheme
 from elastictrain.snapshot.layout import (
     flatten_state,
@@ -204,20 +206,30 @@ def _last_step(text: str, rank: int) -> int:
     return max(steps, default=-1)
 
 
-@pytest.mark.timeout(240)
-def test_worker_crash_restores_bit_identical_state_from_memory(cluster, etcd_endpoint, job_id):
-    steps = 12
-    # reference: the same script under torchrun (no agent, so snapshots are a no-op)
-    ref_dir = cluster.workdir / "ref"
-    ref_dir.mkdir()
+@pytest.fixture(scope="module")
+def snapshot_reference(tmp_path_factory):
+    """The script's final parameters under torchrun (no agent: snapshots are a no-op)."""
+    ref_dir = tmp_path_factory.mktemp("snapshot-ref")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           str(SNAPSHOT_SCRIPT), *_snapshot_args(ref_dir, steps, 0)]  # fmt: skip
+           str(SNAPSHOT_SCRIPT), *_snapshot_args(ref_dir, REFERENCE_STEPS, 0)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ref_dir, capture_output=True, text=True, timeout=150,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    reference = load_params(ref_dir / "final.pt")
+    return load_params(ref_dir / "final.pt")
 
-    args = _snapshot_args(cluster.workdir, steps, 0.3)
+
+REFERENCE_STEPS = 12
+
+
+def _restored_steps(text: str) -> list[int]:
+    return [int(line.split()[4]) for line in text.splitlines() if "from memory" in line]
+
+
+@pytest.mark.timeout(240)
+def test_worker_crash_restores_bit_identical_state_from_memory(
+    cluster, etcd_endpoint, job_id, etcd_client, snapshot_reference
+):
+    args = _snapshot_args(cluster.workdir, REFERENCE_STEPS, 0.3)
     agents = [
         cluster.agent(
             n, etcd=etcd_endpoint, job_id=job_id, script=SNAPSHOT_SCRIPT, script_args=args
@@ -226,6 +238,7 @@ def test_worker_crash_restores_bit_identical_state_from_memory(cluster, etcd_end
     ]
     wait_until(lambda: _last_step(agents[1].text(), 3) >= 4, 150, "rank 3 at step 4")
     victim = random.choice([2, 3])
+    killed_at = time.time()
     killed = subprocess.run(
         [sys.executable, "-m", "elastictrain.cli.main", "chaos", "kill", "--rank", str(victim),
          "--etcd", etcd_endpoint, "--job-id", job_id],
@@ -234,11 +247,51 @@ def test_worker_crash_restores_bit_identical_state_from_memory(cluster, etcd_end
     assert killed.returncode == 0, killed.stderr
     for agent in agents:
         assert agent.wait(180) == 0, agent.text()
-    text = agents[0].text() + agents[1].text()
-    restored = [int(line.split()[4]) for line in text.splitlines() if "from memory" in line]
+    # the crash was seen from the worker's session, before the agent reaped the process
+    (lost,) = [e for e in read_events(etcd_client, job_id, "worker_lost") if e.node == "b"]
+    assert lost.details["rank"] == victim and lost.time - killed_at < 0.5
+    restart = read_events(etcd_client, job_id, "request_restart")
+    assert "b" in [e.node for e in restart] and restart[0].time >= lost.time
+    restored = _restored_steps(agents[0].text() + agents[1].text())
     assert len(restored) == 4 and len(set(restored)) == 1, restored  # every rank, one step
     assert restored[0] >= 3
-    assert_bit_identical(load_params(cluster.workdir / "final.pt"), reference)
+    assert_bit_identical(load_params(cluster.workdir / "final.pt"), snapshot_reference)
+
+
+@pytest.mark.timeout(240)
+def test_a_stopped_worker_is_declared_hung_and_the_job_recovers(
+    cluster, etcd_endpoint, job_id, etcd_client, snapshot_reference
+):
+    args = _snapshot_args(cluster.workdir, REFERENCE_STEPS, 0.3)
+    agents = [
+        cluster.agent(
+            n,
+            etcd=etcd_endpoint,
+            job_id=job_id,
+            script=SNAPSHOT_SCRIPT,
+            script_args=args,
+            extra=["--hang-timeout", "2"],
+        )  # fmt: skip
+        for n in ("a", "b")
+    ]
+    wait_until(lambda: _last_step(agents[0].text(), 1) >= 3, 150, "rank 1 at step 3")
+    status = subprocess.run(
+        [sys.executable, "-m", "elastictrain.cli.main", "status", "--json", "--etcd",
+         etcd_endpoint, "--job-id", job_id], capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    workers = [w for n in json.loads(status.stdout)["nodes"] for w in n["workers"]]
+    (victim,) = [w for w in workers if w["rank"] == 1]
+    stopped_at = time.time()
+    os.kill(victim["pid"], signal.SIGSTOP)
+    for agent in agents:
+        assert agent.wait(180) == 0, agent.text()
+    (hung,) = read_events(etcd_client, job_id, "worker_hung")
+    assert hung.node == "a" and hung.details["rank"] == 1
+    # the timeout after its last heartbeat (at most one heartbeat interval before the stop)
+    assert 2.0 - 0.6 <= hung.time - stopped_at < 2.0 + 1.0
+    assert "a" in [e.node for e in read_events(etcd_client, job_id, "request_restart")]
+    assert len(set(_restored_steps(agents[0].text() + agents[1].text()))) == 1
+    assert_bit_identical(load_params(cluster.workdir / "final.pt"), snapshot_reference)
 
 
 def _committed_step(client, job_id: str) -> int:

@@ -74,6 +74,14 @@ class JobKeys:
         return f"{self.control_prefix}snapshot"
 
     @property
+    def events_prefix(self) -> str:
+        """Versioned event records (:mod:`elastictrain.events`), ordered by creation."""
+        return f"{self.root}events/"
+
+    def event(self, node_id: str, writer: str, seq: int) -> str:
+        return f"{self.events_prefix}{node_id}/{writer}/{seq:010d}"
+
+    @property
     def snapshot_done_prefix(self) -> str:
         return f"{self.root}snap/done/"
 

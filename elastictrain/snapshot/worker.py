@@ -33,6 +33,8 @@ import torch
 
 from elastictrain.constants import MAX_PENDING_SNAPSHOTS
 from elastictrain.rpc.agent_client import AgentClient, SnapshotRefusedError
+from elastictrain.session import protocol as session_protocol
+from elastictrain.session.client import SessionRequestError, worker_session
 from elastictrain.snapshot.device_copy import (
     CopyPlan,
     CopyTargets,
@@ -101,6 +103,10 @@ class Snapshotter:
         self.world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
         endpoint = agent or os.environ.get(ENV_AGENT_ENDPOINT)
         self._client = AgentClient(endpoint, timeout=30.0) if endpoint else None
+        # records begin and end over the worker's session with its own agent, when it has one
+        self._session = worker_session() if self._client is not None and agent is None else None
+        if self._session is not None:
+            self._session.attach(session_protocol.MODE_SNAPSHOT)
         self._segments: dict[str, ShmSegment] = {}
         # EndSnapshot of step s (on GPU, once its copy has landed) runs beside training on one
         # thread, in order: records end in step order. The agent checksums them.
@@ -155,7 +161,11 @@ class Snapshotter:
         them in between must call :meth:`fence` first. Returns False when skipped (not a
         multiple of ``every``, no agent, or the agent refused it).
         """
-        if self._client is None or step % self.every:
+        if self._client is None:
+            return False
+        if self._session is not None:
+            self._session.progress(step)
+        if step % self.every:
             return False
         if self.sharded:
             return self._snapshot_sharded(step, data_position)
@@ -215,7 +225,7 @@ class Snapshotter:
     def _end_device(self, copy: InflightCopy, step: int, meta: bytes) -> None:
         assert self._copier is not None
         self._copier.wait_done(copy)
-        self._client.end_snapshot(self.rank, step, meta)
+        self._end(self.rank, step, meta)
 
     def _fence_hook(self, *_args: Any) -> None:
         self.fence()
@@ -253,15 +263,34 @@ class Snapshotter:
         """A mapped segment for (rank, step) from the agent, or None if it refused."""
         self._drain(keep=MAX_PENDING_SNAPSHOTS - 1)  # the agent keeps that many unended
         try:
-            reply = self._client.begin_snapshot(rank, step, nbytes)
+            name = self._begin(rank, step, nbytes)
         except SnapshotRefusedError as exc:
             logger.warning("rank %d: snapshot of step %d skipped: %s", self.rank, step, exc)
             return None
-        return self._segment(reply.segment)
+        return self._segment(name)
+
+    def _begin(self, rank: int, step: int, nbytes: int) -> str:
+        """The agent's segment for (rank, step); SnapshotRefusedError if it refuses."""
+        if self._session is None:
+            return self._client.begin_snapshot(rank, step, nbytes).segment
+        try:
+            reply = self._session.call("begin_snapshot", rank=rank, step=step, nbytes=nbytes)
+        except SessionRequestError as exc:
+            if exc.kind == "SnapshotError":
+                raise SnapshotRefusedError(str(exc)) from exc
+            raise
+        return str(reply["segment"])
+
+    def _end(self, rank: int, step: int, meta: bytes) -> None:
+        if self._session is None:
+            self._client.end_snapshot(rank, step, meta)
+        else:
+            self._session.call("end_snapshot", rank=rank, step=step,
+                               meta=session_protocol.b64(meta))  # fmt: skip
 
     def _end_record(self, rank: int, step: int, meta: bytes) -> None:
         """Hand the record over beside training (the agent checksums it); in step order."""
-        self._pending.append(self._finisher.submit(self._client.end_snapshot, rank, step, meta))
+        self._pending.append(self._finisher.submit(self._end, rank, step, meta))
 
     def _drain(self, keep: int) -> None:
         """Wait until at most ``keep`` snapshots are still being finished (raises their error)."""
