@@ -15,6 +15,7 @@ from elastictrain.coord.etcd import EtcdClient
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "scripts"))
 
 
 # Every test has one tier (``-m unit``, ``-m contract``, ``-m e2e``): an explicit marker, else

@@ -1,0 +1,96 @@
+"""A small job on the ``Job`` API: an MLP with dropout, AdamW and a step schedule.
+
+Run by the tests as worker processes (``run(rank, world, ...)``) or under ``etrain launch``
+(``python job_train.py --out final.pt``). Its results must not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+from elastictrain.train import Job
+
+
+class Samples:
+    """A map-style dataset of fixed random regression samples (the same in every process)."""
+
+    def __init__(self, n: int = 96) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = torch.randn(n, 4, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    return model, opt, sched
+
+
+def mean_loss(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def sum_loss(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y, reduction="sum"), y.numel()
+
+
+def train(args) -> Job:
+    model, opt, sched = build()
+    job = Job(
+        model, opt, Samples(), sum_loss if args.loss == "sum" else mean_loss,
+        global_batch=args.global_batch, micro_batch=args.micro_batch, steps=args.steps,
+        scheduler=sched, logical_workers=args.logical_workers, reduction=args.reduction,
+    )  # fmt: skip
+    losses = []
+    for step in job:
+        losses.append(job.loss)
+        if job.rank == 0:
+            print(f"step {step} loss {job.loss:.6f} world {job.world}", flush=True)
+    if job.rank == 0 and args.out:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save({"params": state, "losses": losses}, args.out)
+    job.close()
+    return job
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--logical-workers", type=int, default=4)
+    p.add_argument("--reduction", default="deterministic")
+    p.add_argument("--loss", default="mean")
+    p.add_argument("--out", default=None)
+    return p
+
+
+def run(rank: int, world: int, store_path: str, argv: list[str]) -> None:
+    """One worker of a test's world (a fresh process), on gloo through a file store."""
+    import torch.distributed as dist
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    train(parser().parse_args(argv))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    train(parser().parse_args(sys.argv[1:]))
