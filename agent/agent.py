@@ -32,11 +32,12 @@ from elastictrain.snapshot.shm import shm_dir
 from . import machine as M
 from .config import AgentConfig
 from .coordination import JobCoordinator
-from .plan import LocalState, RoundPlan, WorkerAssignment, assign_worker_ranks, worker_env
+from .plan import RoundPlan, WorkerAssignment, assign_worker_ranks, worker_env
 from .server import start_server
 from .sessions import SessionServer, WorkerKey
 from .snapshots import RoundView, SnapshotCoordinator
 from .workers import WorkerGroup, WorkerInfo
+from .world import World
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Agent:
             redirects=config.redirects,
             tee=config.tee,
         )
-        self._exit_reported = True  # no workers yet
+        self._world: World | None = None
         self._generation = 0
         self._exiting_reported: set[int] = set()
         self._sessions: SessionServer | None = None
@@ -163,7 +164,12 @@ class Agent:
         self._sessions = SessionServer(
             f"{cfg.job_id}/{cfg.node_id}/{os.getpid()}",
             self.post,
-            {"begin_snapshot": self._begin_snapshot, "end_snapshot": self._end_snapshot},
+            {
+                "begin_snapshot": self._begin_snapshot,
+                "end_snapshot": self._end_snapshot,
+                "world": self._current_world,
+                "truncate_snapshots": self._truncate_snapshots,
+            },
         )
         self._server, port = start_server(self, cfg.grpc_host, cfg.grpc_port)
         self.endpoint = f"{cfg.grpc_host}:{port}"
@@ -199,6 +205,7 @@ class Agent:
             membership_poll_interval=cfg.membership_poll_interval,
             coordination_timeout=cfg.coordination_timeout,
             hang_timeout=cfg.hang_timeout,
+            faults=tuple(cfg.faults),
         )
         self._apply(effects)
         while self._exit_code is None:
@@ -213,39 +220,34 @@ class Agent:
             now = time.monotonic()
             if now >= self._next_tick:
                 self._next_tick = now + self.config.monitor_interval
-                exited = self._poll_workers()
-                if exited is not None:
-                    self.post(M.Tick())
-                    return exited
+                for observation in self._poll_workers():
+                    self.post(observation)
                 return M.Tick()
             try:
                 return self._observations.get(timeout=self._next_tick - now)
             except queue.Empty:
                 continue
 
-    def _poll_workers(self) -> M.WorkersExited | None:
-        """Reap exited workers without blocking: an observation once they have all exited.
-        Workers whose process has begun to die are reported at once (``WorkerLost``): a
-        process with much device memory takes seconds before it can be reaped."""
-        if self._exit_reported:
-            return None
+    def _poll_workers(self) -> list[M.Observation]:
+        """Reap exited workers without blocking (``WorkerExited``, each once). Workers whose
+        process has begun to die are reported at once (``WorkerLost``): a process with much
+        device memory takes seconds before it can be reaped."""
         assert self._sessions is not None
-        for local_rank in self._workers.exiting():
-            key = WorkerKey(self._generation, local_rank)
-            if local_rank not in self._exiting_reported:
-                self._exiting_reported.add(local_rank)
+        found: list[M.Observation] = []
+        for slot in self._workers.exiting():
+            key = WorkerKey(self._generation, slot)
+            if slot not in self._exiting_reported:
+                self._exiting_reported.add(slot)
                 finished = self._sessions.finished(key)
-                self.post(M.WorkerLost(key.generation, local_rank, "process exiting", finished))
-        local = self._workers.poll()
-        if local is LocalState.RUNNING:
-            return None
-        self._exit_reported = True
-        if local is LocalState.SUCCEEDED:
-            return M.WorkersExited(succeeded=True)
-        report = self._workers.failure_report()
-        if report.strip():
-            logger.warning("agent %s: worker failure:\n%s", self.config.node_id, report)
-        return M.WorkersExited(succeeded=False, report=report)
+                found.append(M.WorkerLost(key.generation, slot, "process exiting", finished))
+        for done in self._workers.poll():
+            report = ""
+            if done.exit_code != 0:
+                report = self._workers.failure_report([done.slot])
+                if report.strip():
+                    logger.warning("agent %s: worker failure:\n%s", self.config.node_id, report)
+            found.append(M.WorkerExited(self._generation, done.slot, done.exit_code, report))
+        return found
 
     # -- effects --------------------------------------------------------------------------------
 
@@ -255,13 +257,18 @@ class Agent:
             if isinstance(effect, M.Record):
                 self._record(effect.verdict)
             elif isinstance(effect, M.StartWorkers):
-                self._start_workers(effect.plan, effect.generation)
+                self._start_workers(effect.plan, effect.generation, effect.world)
             elif isinstance(effect, M.KillWorker):
-                if self._plan is not None:
-                    self._workers.kill(self._plan.global_rank(effect.local_rank), signal.SIGKILL)
+                self._workers.kill_slot(effect.slot, signal.SIGKILL)
             elif isinstance(effect, M.StopWorkers):
                 self._workers.stop(self.config.stop_grace)
-                self._exit_reported = True
+            elif isinstance(effect, M.PushWorld):
+                self._push_world(effect.world)
+            elif isinstance(effect, M.PushFault):
+                fault = effect.fault
+                message = {"type": P.FAULT, "kind": fault.kind, "step": fault.step}
+                assert self._sessions is not None
+                self._sessions.push(WorkerKey(self._generation, effect.slot), message)
             elif isinstance(effect, M.Exit):
                 if effect.flush and not self._coordinator.flush(_FLUSH_TIMEOUT_S):
                     logger.warning("agent %s: etcd writes still pending at exit",
@@ -278,16 +285,23 @@ class Agent:
                    verdict.reason)  # fmt: skip
         assert self._coordinator is not None
         self._coordinator.write_event(
-            Event(verdict.action.value, self.config.node_id, time.time(), verdict.reason,
-                  verdict.details)  # fmt: skip
+            Event(
+                verdict.action.value,
+                self.config.node_id,
+                time.time(),
+                verdict.reason,
+                verdict.details,
+            )  # fmt: skip
         )
 
-    def _start_workers(self, plan: RoundPlan, generation: int) -> None:
+    def _start_workers(self, plan: RoundPlan, generation: int, world: World) -> None:
         cfg = self.config
         assert self._sessions is not None
         self._rounds += 1
         self._plan = plan
+        self._world = world
         self._generation = generation
+        self._workers.reset()
         self._exiting_reported = set()
         self._sessions.forget(generation)
         self._assignments = assign_worker_ranks(plan.slots, plan.group_rank)
@@ -314,21 +328,65 @@ class Agent:
                 constants.ENV_SESSION_TOKEN: self._sessions.expect(
                     WorkerKey(generation, a.local_rank)
                 ),
+                constants.ENV_ETCD: cfg.etcd,
             }
             for a in self._assignments
         ]
-        self._workers.start(self._assignments, envs)
-        self._exit_reported = False
+        self._workers.start(
+            [(a.local_rank, a, env) for a, env in zip(self._assignments, envs, strict=True)]
+        )
+
+    def _push_world(self, world: World) -> None:
+        """Every local worker of ``world`` hears its rank (survivors abort and re-form)."""
+        assert self._sessions is not None
+        self._world = world
+        for slot, rank in world.slots_on(self.config.node_id).items():
+            self._workers.set_assignment(slot, self._assignment_in(world, slot))
+            if not self._sessions.push(WorkerKey(self._generation, slot),
+                                       self._world_message(world, slot)):  # fmt: skip
+                logger.warning("agent %s: rank %d (slot %d) did not take world epoch %d",
+                               self.config.node_id, rank, slot, world.epoch)  # fmt: skip
+
+    def _assignment_in(self, world: World, slot: int) -> WorkerAssignment | None:
+        rank = world.rank_of(self.config.node_id, slot)
+        if rank is None:
+            return None
+        mine = world.slots_on(self.config.node_id)
+        nodes = world.nodes
+        return WorkerAssignment(
+            local_rank=sorted(mine).index(slot), global_rank=rank, role_rank=rank,
+            world_size=world.size, role_world_size=world.size, local_world_size=len(mine),
+            group_rank=nodes.index(self.config.node_id), group_world_size=len(nodes),
+        )  # fmt: skip
+
+    def _world_message(self, world: World, slot: int) -> dict:
+        rank = world.rank_of(self.config.node_id, slot)
+        return {"type": P.WORLD, "round_id": world.round_id, "epoch": world.epoch,
+                "rank": -1 if rank is None else rank, "world_size": world.size,
+                "store": world.store_prefix, "etcd": self.config.etcd,
+                "job_id": self.config.job_id}  # fmt: skip
 
     # -- session requests (from the session server's pool) ---------------------------------------
 
-    def _begin_snapshot(self, request: dict) -> dict:
+    def _current_world(self, key: WorkerKey, request: dict) -> dict:
+        """The caller's place in the current world (rank -1: not a member, e.g. a spare)."""
+        world = self._world
+        if world is None or key.generation != self._generation:
+            raise SnapshotError("no world for this worker")
+        return {"world": self._world_message(world, key.slot)}
+
+    def _truncate_snapshots(self, key: WorkerKey, request: dict) -> dict:
+        assert self.snapshots is not None
+        dropped = self.snapshots.truncate(int(request["after_step"]), int(request["epoch"]))
+        return {"dropped": dropped}
+
+    def _begin_snapshot(self, key: WorkerKey, request: dict) -> dict:
         record = self._snapshot_call(
             self.snapshots.begin, int(request["rank"]), int(request["step"]), int(request["nbytes"])
         )
         return {"segment": record.segment.name, "shm_dir": shm_dir()}
 
-    def _end_snapshot(self, request: dict) -> dict:
+    def _end_snapshot(self, key: WorkerKey, request: dict) -> dict:
         meta = P.unb64(str(request["meta"]))
         committed = self._snapshot_call(
             self.snapshots.end, int(request["rank"]), int(request["step"]), meta
@@ -341,14 +399,15 @@ class Agent:
         return fn(*args)
 
     def _round_view(self) -> RoundView:
-        """The current round as the snapshot coordinator needs it."""
-        plan, assignments = self._plan, self._assignments
-        if plan is None:
+        """The current world as the snapshot coordinator needs it: the nodes that hold ranks
+        and the ranks this node holds."""
+        plan, world = self._plan, self._world
+        if plan is None or world is None:
             return RoundView()
         return RoundView(
-            members=tuple(s.node_id for s in plan.slots),
+            members=world.nodes,
             endpoints={s.node_id: s.endpoint for s in plan.slots},
-            local_ranks=frozenset(a.global_rank for a in assignments),
+            local_ranks=frozenset(world.slots_on(self.config.node_id).values()),
         )
 
     def _teardown(self) -> None:

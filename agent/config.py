@@ -10,6 +10,25 @@ from elastictrain.coord.keys import validate_name
 from elastictrain.errors import ConfigError
 from elastictrain.snapshot.erasure import ErasureScheme
 
+from .effects import FaultPlan
+
+
+def parse_fault(text: str) -> FaultPlan:
+    """``KIND:rank=R:step=S`` (``--fault``): KIND is kill, stop or kill-agent."""
+    kind, *fields = text.split(":")
+    values: dict[str, int] = {}
+    for item in fields:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in ("rank", "step") or not raw.isdigit():
+            raise ConfigError(f"--fault {text!r}: expected KIND:rank=R:step=S")
+        values[key] = int(raw)
+    if kind not in FaultPlan.KINDS or set(values) != {"rank", "step"}:
+        raise ConfigError(
+            f"--fault {text!r}: expected KIND:rank=R:step=S with KIND one of "
+            f"{', '.join(FaultPlan.KINDS)}"
+        )
+    return FaultPlan(kind, values["rank"], values["step"])
+
 
 def parse_nnodes(text: str) -> tuple[int, int]:
     """``"N"`` or ``"MIN:MAX"`` (torchrun's ``--nnodes``)."""
@@ -81,6 +100,7 @@ class AgentConfig:
     snapshot_dir: str | None = None  # disk tier root (one subdirectory per node)
     snapshot_disk_every: int = 0  # write every N committed snapshots (0: on demand, at exit)
     snapshot_memory_limit: int = 0  # bytes of records this agent may hold (0: unbounded)
+    faults: list[FaultPlan] = field(default_factory=list)  # injected by rank and step (chaos)
 
     def __post_init__(self) -> None:
         validate_name("job id", self.job_id)

@@ -52,6 +52,7 @@ from elastictrain.rendezvous.registration import create_handler
 from . import machine as M
 from .config import AgentConfig
 from .plan import NodeSlot, RoundPlan
+from .world import World, WorldFormatError, plan_next_world
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +222,8 @@ class JobCoordinator:
             self._rendezvous.submit(self._write(effect, self._close), effect.delay)
         elif isinstance(effect, M.FailJob):
             self._rendezvous.submit(self._write(effect, self._fail_job), effect.delay)
+        elif isinstance(effect, M.ProposeWorld):
+            self._writes.submit(self._write(effect, self._propose_world), effect.delay)
         elif isinstance(effect, M.RequestRestart):
             self._writes.submit(self._write(effect, self._request_restart), effect.delay)
         elif isinstance(effect, M.MarkRoundDone):
@@ -351,6 +354,33 @@ class JobCoordinator:
             logger.info("agent %s: a restart was already requested; following",
                         self.config.node_id)  # fmt: skip
 
+    def _propose_world(self, effect: M.ProposeWorld) -> None:
+        """Compare-and-set the next world; on a lost race, plan again on top of the winner
+        (nothing to do if the lost members are gone from it already)."""
+        proposal = effect.world
+        for _attempt in range(100):
+            kv = self.client.get(self.keys.world)
+            current = effect.base
+            revision = 0
+            if kv is not None:
+                revision = kv.mod_revision
+                try:
+                    stored = World.decode(kv.value)
+                except WorldFormatError:
+                    stored = None
+                if stored is not None and stored.round_id == effect.base.round_id:
+                    current = stored
+            if current.epoch >= proposal.epoch:
+                proposal = plan_next_world(current, effect.lost, effect.spares).world
+                if proposal is None:
+                    return  # another agent already took them out
+            written, _ = self.client.compare_and_swap(self.keys.world, proposal.encode(), revision)
+            if written:
+                logger.info("agent %s: world epoch %d proposed (%d ranks)",
+                            self.config.node_id, proposal.epoch, proposal.size)  # fmt: skip
+                return
+        raise CoordinationUnavailableError("the world record kept moving: gave up proposing")
+
     def _fail_job(self, effect: M.FailJob) -> None:
         outcome = {"by": self.config.node_id, "reason": effect.reason, "report": effect.report}
         self.client.create(self.keys.outcome, json.dumps(outcome))
@@ -396,6 +426,11 @@ class JobCoordinator:
         elif event.key == keys.outcome and not event.deleted:
             outcome = json.loads(event.value)
             self._post(M.JobFailed(outcome.get("by", "?"), outcome.get("report", "")))
+        elif event.key == keys.world and not event.deleted:
+            try:
+                self._post(M.WorldChanged(World.decode(event.value)))
+            except WorldFormatError as exc:
+                logger.warning("ignoring the world record: %s", exc)
         elif event.key == keys.snapshot_committed and not event.deleted:
             if self.on_snapshot_committed is not None:
                 self.on_snapshot_committed(event.value)

@@ -1,17 +1,23 @@
 """The agent's whole policy: a pure state machine.
 
 ``step(machine, observation, now) -> (machine, effects)``. The machine is an immutable
-:class:`AgentMachine` (a :class:`Phase` and what the agent knows of the job); an observation
-is something that happened (workers exited, a restart was asked, nodes were lost, a round
-formed, etcd failed, a signal, a tick of the clock); effects are what the executors must do
-(start or stop workers, run a rendezvous, write to etcd, exit). Every verdict is made here,
-once, and announced as a :class:`Record` effect with its reason. Nothing here touches etcd,
-gRPC, processes or the real clock: ``now`` is an argument (seconds, monotonic).
+:class:`AgentMachine` (a :class:`Phase` and what the agent knows of the job); observations
+(:mod:`.observations`) are things that happened; effects (:mod:`.effects`) are what the
+executors must do. Every verdict is made here, once, and announced as a ``Record`` effect
+with its reason. Nothing here touches etcd, gRPC, processes or the real clock: ``now`` is an
+argument (seconds, monotonic).
 
-Worker failures follow torchrun: a failure restarts the whole job while restarts remain (one
-restart per incident: the first agent to compare-and-set the restart key wins, everyone
-follows), lost peers and waiting nodes re-form the group without using a restart, and the job
-succeeds once every participant's workers succeeded.
+Two ways to survive a fault:
+
+- **restart-the-world** (torchrun's semantics, for any script): a failure restarts the whole
+  job while restarts remain (one restart per incident: the first agent to compare-and-set
+  the restart key wins, everyone follows), lost peers and waiting nodes re-form the group
+  without using a restart, and the job succeeds once every participant's workers succeeded;
+- **in place**, for workers whose library attached in ``inplace`` mode (the ``Job`` API): a
+  lost worker or node is taken out of the round's world (:mod:`.world`); the next world,
+  where a hot spare takes the lost rank or the world shrinks, is proposed by compare-and-set
+  and pushed to the workers, which re-form without restarting. Only when no rank would be
+  left does it fall back to a restart.
 """
 
 from __future__ import annotations
@@ -21,13 +27,78 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from elastictrain.session.protocol import MODE_PLAIN
+from elastictrain.session.protocol import MODE_INPLACE, MODE_PLAIN
 
+from .effects import (
+    ESSENTIAL,
+    Action,
+    CloseRendezvous,
+    Effect,
+    EvictNodes,
+    Exit,
+    FailJob,
+    FaultPlan,
+    KillWorker,
+    MarkRoundDone,
+    PollMembership,
+    ProposeWorld,
+    PushFault,
+    PushWorld,
+    Record,
+    Register,
+    Rendezvous,
+    RequestRestart,
+    StartWorkers,
+    StopWorkers,
+    Verdict,
+)
+from .observations import (
+    CoordinationFailed,
+    CoordinationSucceeded,
+    JobFailed,
+    LeaseLost,
+    NodesJoined,
+    NodesListed,
+    NodesLost,
+    NodesWaiting,
+    Observation,
+    PeerDone,
+    Registered,
+    RendezvousClosed,
+    RendezvousFailed,
+    RestartRequested,
+    RoundFormed,
+    Stopped,
+    Tick,
+    WorkerAttached,
+    WorkerExited,
+    WorkerFinishing,
+    WorkerHeartbeat,
+    WorkerLost,
+    WorkerReport,
+    WorldChanged,
+)
 from .plan import RoundPlan
+from .world import Member, World, initial_world, plan_next_world
+
+__all__ = [  # the observations and effects, for ``machine.X`` in executors and tests
+    "Action", "AgentMachine", "Beat", "CloseRendezvous", "CoordinationFailed",
+    "CoordinationSucceeded", "Effect", "EvictNodes", "Exit", "FailJob", "JobFailed",
+    "FaultPlan", "KillWorker", "LeaseLost", "PushFault", "WorkerReport", "MarkRoundDone",
+    "NodesJoined", "NodesListed", "NodesLost",
+    "NodesWaiting", "Observation", "PeerDone", "Phase", "PollMembership", "ProposeWorld",
+    "PushWorld", "Record", "Register", "Registered", "Rendezvous", "RendezvousClosed",
+    "RendezvousFailed", "RequestRestart", "RestartRequested", "RoundFormed", "StartWorkers",
+    "StopWorkers", "Stopped", "Tick", "Verdict", "WorkerAttached", "WorkerExited",
+    "WorkerFinishing", "WorkerHeartbeat", "WorkerLost", "WorldChanged", "start", "step",
+]  # fmt: skip
 
 # Seconds between two attempts of an etcd operation that failed (doubling up to the cap).
 RETRY_BACKOFF_S = 0.5
 RETRY_BACKOFF_MAX_S = 4.0
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # torchrun exits 1 when the workers failed (ChildFailedError)
 
 
 class Phase(enum.Enum):
@@ -47,292 +118,6 @@ class Phase(enum.Enum):
         return self in (Phase.RUNNING, Phase.DONE_WAITING)
 
 
-class Action(enum.Enum):
-    """The kinds of verdict."""
-
-    START_ROUND = "start_round"  # a round formed: start its workers
-    WAIT_FOR_PEERS = "wait_for_peers"  # our workers are done, others are not
-    REQUEST_RESTART = "request_restart"  # our workers failed: restart the job (counts)
-    FOLLOW_RESTART = "follow_restart"  # a restart was asked: re-rendezvous
-    REJOIN = "rejoin"  # membership changed: re-rendezvous (does not count)
-    FAIL_JOB = "fail_job"  # our workers failed and no restart is left
-    EXIT_FAILED = "exit_failed"  # another node failed the job, or we cannot go on
-    FINISH = "finish"  # every node's workers succeeded
-    RETRY = "retry"  # an etcd operation failed: try again later
-    NODE_LOST = "node_lost"  # a node's lease expired: it is dropped from the rendezvous
-    WORKER_LOST = "worker_lost"  # a worker's session closed or its process began to die
-    WORKER_HUNG = "worker_hung"  # a reporting worker made no progress for the hang timeout
-    STOP = "stop"  # a signal asked the agent to stop
-
-
-@dataclass(frozen=True)
-class Verdict:
-    action: Action
-    reason: str
-    details: Mapping[str, Any] = field(default_factory=dict)  # JSON values: ranks, nodes, ...
-
-
-# -- observations ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoundFormed:
-    plan: RoundPlan
-
-
-@dataclass(frozen=True)
-class RendezvousClosed:
-    """The rendezvous is closed: the job ended. ``report`` is its failure, if it failed."""
-
-    failed_by: str | None = None
-    report: str = ""
-
-
-@dataclass(frozen=True)
-class RendezvousFailed:
-    reason: str
-    retryable: bool  # etcd trouble; False: the rendezvous itself gave up (join timeout)
-
-
-@dataclass(frozen=True)
-class WorkersExited:
-    """Every local worker has exited; ``report`` is torchrun's failure report if any failed."""
-
-    succeeded: bool
-    report: str = ""
-
-
-@dataclass(frozen=True)
-class WorkerLost:
-    """A worker's session closed, or its process began to die (seen before it is reaped)."""
-
-    generation: int
-    local_rank: int
-    reason: str
-    finished: bool = False  # it said it was exiting on purpose
-
-
-@dataclass(frozen=True)
-class WorkerHeartbeat:
-    """A worker is alive (its session's own thread says so every half second): the last step
-    it finished, and whether its training loop is inside a step."""
-
-    generation: int
-    local_rank: int
-    step: int
-    active: bool = False
-
-
-@dataclass(frozen=True)
-class WorkerAttached:
-    """A worker's library took its session over in ``mode``."""
-
-    generation: int
-    local_rank: int
-    mode: str
-
-
-@dataclass(frozen=True)
-class WorkerFinishing:
-    """A worker said it is exiting on purpose: it sends no more heartbeats."""
-
-    generation: int
-    local_rank: int
-
-
-@dataclass(frozen=True)
-class RestartRequested:
-    revision: int  # mod_revision of the restart key
-    by: str
-
-
-@dataclass(frozen=True)
-class JobFailed:
-    by: str
-    report: str = ""
-
-
-@dataclass(frozen=True)
-class NodesLost:
-    nodes: frozenset[str]
-
-
-@dataclass(frozen=True)
-class NodesJoined:
-    nodes: frozenset[str]
-
-
-@dataclass(frozen=True)
-class NodesListed:
-    """Every node registered now (after a start or a compacted watch)."""
-
-    nodes: frozenset[str]
-
-
-@dataclass(frozen=True)
-class PeerDone:
-    round_id: str
-    node: str
-    done: bool = True
-
-
-@dataclass(frozen=True)
-class NodesWaiting:
-    count: int
-
-
-@dataclass(frozen=True)
-class LeaseLost:
-    """Our own lease expired: the other nodes consider this one dead."""
-
-
-@dataclass(frozen=True)
-class Registered:
-    """This node registered again under a new lease."""
-
-
-@dataclass(frozen=True)
-class CoordinationFailed:
-    """An etcd write (``effect``) failed after the client's own retries."""
-
-    effect: Effect
-    error: str
-
-
-@dataclass(frozen=True)
-class CoordinationSucceeded:
-    """An etcd operation got through after failures."""
-
-
-@dataclass(frozen=True)
-class Stopped:
-    signal_name: str
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Time passed."""
-
-
-Observation = (
-    RoundFormed | RendezvousClosed | RendezvousFailed | WorkersExited | WorkerLost
-    | WorkerHeartbeat | WorkerAttached | WorkerFinishing | RestartRequested
-    | JobFailed | NodesLost | NodesJoined | NodesListed | PeerDone | NodesWaiting | LeaseLost
-    | Registered | CoordinationFailed | CoordinationSucceeded | Stopped | Tick
-)  # fmt: skip
-
-
-# -- effects -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Record:
-    """Announce a verdict (logged; later also an event in etcd)."""
-
-    verdict: Verdict
-
-
-@dataclass(frozen=True)
-class StartWorkers:
-    plan: RoundPlan
-    generation: int  # tells this start's workers from earlier ones
-
-
-@dataclass(frozen=True)
-class KillWorker:
-    """SIGKILL one local worker (a hung one); its exit is then a failure like any other."""
-
-    local_rank: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class StopWorkers:
-    pass
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    """Join the next rendezvous round (after ``delay`` seconds); answers ``RoundFormed``,
-    ``RendezvousClosed`` or ``RendezvousFailed``."""
-
-    delay: float = 0.0
-
-
-@dataclass(frozen=True)
-class PollMembership:
-    """Ask how many nodes wait to join; answers ``NodesWaiting``."""
-
-
-@dataclass(frozen=True)
-class RequestRestart:
-    """Compare-and-set the restart key to ``count`` on ``expected_revision`` (a lost CAS means
-    a peer asked first: either way the watch then reports ``RestartRequested``)."""
-
-    count: int
-    reason: str
-    expected_revision: int
-    delay: float = 0.0
-
-
-@dataclass(frozen=True)
-class FailJob:
-    """Write the job's outcome (with the failure report), then close the rendezvous."""
-
-    reason: str
-    report: str
-    delay: float = 0.0
-
-
-@dataclass(frozen=True)
-class CloseRendezvous:
-    delay: float = 0.0
-
-
-@dataclass(frozen=True)
-class MarkRoundDone:
-    round_id: str
-    delay: float = 0.0
-
-
-@dataclass(frozen=True)
-class EvictNodes:
-    """Drop lost nodes from the rendezvous state now (their lease is gone)."""
-
-    nodes: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Register:
-    """Take a new lease and create this node's key again."""
-
-    delay: float = 0.0
-
-
-@dataclass(frozen=True)
-class Exit:
-    """End the agent with ``code``; ``flush`` waits for the pending etcd writes first."""
-
-    code: int
-    report: str = ""
-    flush: bool = True
-
-
-Effect = (
-    Record | StartWorkers | KillWorker | StopWorkers | Rendezvous | PollMembership
-    | RequestRestart | FailJob | CloseRendezvous | MarkRoundDone | EvictNodes | Register | Exit
-)  # fmt: skip
-
-# Writes that the job cannot do without: retried while etcd is away (until the timeout).
-_ESSENTIAL = (RequestRestart, FailJob, CloseRendezvous, MarkRoundDone, Register)
-
-EXIT_OK = 0
-EXIT_FAILED = 1  # torchrun exits 1 when the workers failed (ChildFailedError)
-
-
-# -- the machine -------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Beat:
     at: float  # when the last heartbeat came
@@ -343,20 +128,26 @@ class Beat:
 
 @dataclass(frozen=True)
 class AgentMachine:
-    """What one agent knows, and the phase it is in. Treat as immutable."""
+    """What one agent knows, and the phase it is in. Treat as immutable.
+
+    Worker maps are keyed by slot (a worker's id on this node) and reset at each start."""
 
     node_id: str
     max_restarts: int
     membership_poll_interval: float
     coordination_timeout: float
     hang_timeout: float = 0.0  # 0: hangs are not detected
+    faults: tuple[FaultPlan, ...] = ()  # planned faults not handed to a worker yet
     phase: Phase = Phase.RENDEZVOUS
     round: RoundPlan | None = None
     generation: int = 0  # worker starts so far
-    beats: Mapping[int, Beat] = field(default_factory=dict)  # local rank -> its last heartbeat
-    lost: Mapping[int, float] = field(default_factory=dict)  # local rank -> when seen lost
-    modes: Mapping[int, str] = field(default_factory=dict)  # local rank -> its session's mode
-    finishing: frozenset[int] = frozenset()  # local ranks exiting on purpose
+    world: World | None = None  # the round's in-place world as last seen
+    spares: tuple[int, ...] = ()  # idle hot-spare slots on this node
+    beats: Mapping[int, Beat] = field(default_factory=dict)
+    lost: Mapping[int, float] = field(default_factory=dict)  # slot -> when it was seen lost
+    modes: Mapping[int, str] = field(default_factory=dict)  # slot -> its session's mode
+    finishing: frozenset[int] = frozenset()  # slots exiting on purpose
+    exited: Mapping[int, int] = field(default_factory=dict)  # slot -> exit code
     restart_revision: int = 0  # the newest revision of the restart key seen
     restart_by: str = ""
     done: Mapping[str, frozenset[str]] = field(default_factory=dict)  # round id -> nodes
@@ -369,6 +160,22 @@ class AgentMachine:
     report: str = ""
     verdict: Verdict | None = None  # the last one
 
+    @property
+    def inplace(self) -> bool:
+        """This node's workers recover in place (their library said so)."""
+        return any(mode == MODE_INPLACE for mode in self.modes.values())
+
+    @property
+    def round_slots(self) -> range:
+        """The slots of this node's round workers (their local ranks)."""
+        if self.round is None:
+            return range(0)
+        return range(self.round.slots[self.round.group_rank].local_world_size)
+
+    def members_here(self) -> dict[int, int]:
+        """slot -> rank of this node's members of the current world."""
+        return self.world.slots_on(self.node_id) if self.world is not None else {}
+
 
 def start(
     node_id: str,
@@ -377,6 +184,7 @@ def start(
     membership_poll_interval: float,
     coordination_timeout: float,
     hang_timeout: float = 0.0,
+    faults: tuple[FaultPlan, ...] = (),
 ) -> tuple[AgentMachine, list[Effect]]:
     """A new agent's machine, and its first effect: join the rendezvous."""
     machine = AgentMachine(
@@ -385,6 +193,7 @@ def start(
         membership_poll_interval=membership_poll_interval,
         coordination_timeout=coordination_timeout,
         hang_timeout=hang_timeout,
+        faults=faults,
     )
     return machine, [Rendezvous()]
 
@@ -397,6 +206,9 @@ def step(m: AgentMachine, obs: Observation, now: float) -> tuple[AgentMachine, l
     if handler is None:
         raise TypeError(f"not an observation: {obs!r}")
     return handler(m, obs, now)
+
+
+# -- helpers ---------------------------------------------------------------------------------
 
 
 def _verdict(m: AgentMachine, action: Action, reason: str, details: Mapping[str, Any] | None = None,
@@ -432,14 +244,40 @@ def _fail(m: AgentMachine, action: Action, reason: str, report: str = "", *,
     return m, [*effects, *prefix, Exit(EXIT_FAILED, report, flush=flush)]
 
 
+def _participants(m: AgentMachine) -> frozenset[str]:
+    """The nodes whose success the job waits for: the round's, or, once the world changed in
+    place, the nodes that still hold ranks."""
+    assert m.round is not None
+    if m.world is not None and m.world.epoch > 0:
+        return frozenset(m.world.nodes)
+    return m.round.participants
+
+
 def _finish_if_all_done(m: AgentMachine):
     assert m.round is not None
-    done = m.done.get(m.round.round_id, frozenset()) & m.round.participants
-    if len(done) < len(m.round.participants):
+    participants = _participants(m)
+    done = m.done.get(m.round.round_id, frozenset()) & participants
+    if len(done) < len(participants):
         return m, []
     m = _verdict(m, Action.FINISH, "every node's workers succeeded", phase=Phase.SUCCEEDED,
                  exit_code=EXIT_OK)  # fmt: skip
     return m, [_announce(m), CloseRendezvous(), Exit(EXIT_OK)]
+
+
+def _current(m: AgentMachine, obs) -> bool:
+    """A worker observation about this start, while its workers run."""
+    return m.phase.has_workers and m.round is not None and obs.generation == m.generation
+
+
+def _rank_text(m: AgentMachine, slot: int) -> tuple[str, int | None]:
+    rank = m.members_here().get(slot)
+    if rank is None and m.round is not None and slot in m.round_slots and m.world is None:
+        rank = m.round.global_rank(slot)
+    where = f"rank {rank} (slot {slot})" if rank is not None else f"spare slot {slot}"
+    return where, rank
+
+
+# -- rounds ----------------------------------------------------------------------------------
 
 
 def _on_round_formed(m: AgentMachine, obs: RoundFormed, now: float):
@@ -450,15 +288,17 @@ def _on_round_formed(m: AgentMachine, obs: RoundFormed, now: float):
         f"round formed: group rank {plan.group_rank} of {len(plan.slots)} "
         f"(nodes {','.join(s.node_id for s in plan.slots)}), restart count {plan.restart_count}"
     )
+    world = initial_world(plan)
     m = _verdict(
-        m, Action.START_ROUND, reason, phase=Phase.RUNNING, round=plan,
+        m, Action.START_ROUND, reason, phase=Phase.RUNNING, round=plan, world=world, spares=(),
         done={k: v for k, v in m.done.items() if k == plan.round_id},
         next_membership_poll=now + m.membership_poll_interval, failing_since=None, retries=0,
         generation=m.generation + 1, beats={}, lost={}, modes={}, finishing=frozenset(),
+        exited={},
         details={"round_id": plan.round_id, "nodes": [s.node_id for s in plan.slots],
                  "group_rank": plan.group_rank, "restart_count": plan.restart_count},
     )  # fmt: skip
-    return m, [_announce(m), StartWorkers(plan, m.generation)]
+    return m, [_announce(m), StartWorkers(plan, m.generation, world)]
 
 
 def _on_rendezvous_closed(m: AgentMachine, obs: RendezvousClosed, now: float):
@@ -492,91 +332,62 @@ def _retry(m: AgentMachine, effect: Effect, reason: str, now: float):
     return m, [_announce(m), replace(effect, delay=delay)]
 
 
-def _on_workers_exited(m: AgentMachine, obs: WorkersExited, now: float):
-    if m.phase is not Phase.RUNNING or m.round is None:
-        return m, []
-    if obs.succeeded:
-        round_id = m.round.round_id
-        done = m.done.get(round_id, frozenset()) | {m.node_id}
-        m = replace(m, phase=Phase.DONE_WAITING, done={**m.done, round_id: done})
-        finished, effects = _finish_if_all_done(m)
-        if effects:
-            return finished, [MarkRoundDone(round_id), *effects]
-        waiting = f"{len(done & m.round.participants)} of {len(m.round.participants)} nodes done"
-        m = _verdict(m, Action.WAIT_FOR_PEERS, f"workers succeeded; {waiting}")
-        return m, [_announce(m), MarkRoundDone(round_id)]
+# -- restart-the-world -----------------------------------------------------------------------
+
+
+def _workers_failed(m: AgentMachine, report: str):
+    """Some local worker failed: restart the job, follow a restart, or fail it."""
+    assert m.round is not None
     if _restart_pending(m):
         m = _verdict(m, Action.FOLLOW_RESTART,
                      f"workers failed; restart already requested by node {m.restart_by}",
-                     phase=Phase.RENDEZVOUS, report=obs.report)  # fmt: skip
+                     phase=Phase.RENDEZVOUS, report=report)  # fmt: skip
         return m, [_announce(m), StopWorkers(), Rendezvous()]
     used = m.round.restart_count
     if used < m.max_restarts:
         reason = f"workers failed; restart {used + 1} of {m.max_restarts}"
         m = _verdict(m, Action.REQUEST_RESTART, reason, {"restart": used + 1},
-                     phase=Phase.RESTARTING, report=obs.report)  # fmt: skip
+                     phase=Phase.RESTARTING, report=report)  # fmt: skip
         return m, [_announce(m), StopWorkers(),
                    RequestRestart(used + 1, reason, m.round.restart_revision)]  # fmt: skip
     reason = f"workers failed and all {m.max_restarts} restarts are used"
-    return _fail(m, Action.FAIL_JOB, reason, obs.report, prefix=(FailJob(reason, obs.report),))
+    return _fail(m, Action.FAIL_JOB, reason, report, prefix=(FailJob(reason, report),))
 
 
-def _current_worker(m: AgentMachine, obs) -> bool:
-    return m.phase is Phase.RUNNING and m.round is not None and obs.generation == m.generation
+def _local_success(m: AgentMachine, slots):
+    """Every one of ``slots`` exited 0: mark this node done, and finish if all are."""
+    assert m.round is not None
+    round_id = m.round.round_id
+    done = m.done.get(round_id, frozenset()) | {m.node_id}
+    m = replace(m, phase=Phase.DONE_WAITING, done={**m.done, round_id: done})
+    finished, effects = _finish_if_all_done(m)
+    if effects:
+        return finished, [MarkRoundDone(round_id), *effects]
+    participants = _participants(m)
+    waiting = f"{len(done & participants)} of {len(participants)} nodes done"
+    m = _verdict(m, Action.WAIT_FOR_PEERS, f"workers succeeded; {waiting}")
+    return m, [_announce(m), MarkRoundDone(round_id)]
 
 
-def _on_worker_lost(m: AgentMachine, obs: WorkerLost, now: float):
-    """A worker whose library holds its session and that did not say it was exiting is lost.
-    (An unmodified script's session also closes when it succeeds: its exit status decides.)"""
-    if not _current_worker(m, obs) or obs.finished or obs.local_rank in m.lost:
+def _on_worker_exited(m: AgentMachine, obs: WorkerExited, now: float):
+    if not _current(m, obs) or m.phase is not Phase.RUNNING:
         return m, []
-    if m.modes.get(obs.local_rank, MODE_PLAIN) == MODE_PLAIN:
+    m = replace(m, exited={**m.exited, obs.slot: obs.exit_code})
+    if m.modes.get(obs.slot) == MODE_INPLACE:
+        if obs.exit_code != 0 or obs.slot not in m.finishing:
+            return _lose_in_place(m, [obs.slot], f"exited with code {obs.exit_code}", now,
+                                  report=obs.report)  # fmt: skip
+        members = set(m.members_here())
+        if members and all(m.exited.get(s) == 0 for s in members):
+            return _local_success(m, members)
         return m, []
-    rank = m.round.global_rank(obs.local_rank)
-    m = _verdict(m, Action.WORKER_LOST, f"rank {rank} (local {obs.local_rank}): {obs.reason}",
-                 {"rank": rank, "local_rank": obs.local_rank, "how": obs.reason},
-                 lost={**m.lost, obs.local_rank: now})  # fmt: skip
-    # Restart-the-world needs the exit status (the failure report): the reap decides.
-    return m, [_announce(m)]
-
-
-def _on_worker_heartbeat(m: AgentMachine, obs: WorkerHeartbeat, now: float):
-    if not _current_worker(m, obs):
-        return m, []
-    last = m.beats.get(obs.local_rank)
-    since = last.since if last is not None and last.step == obs.step else now
-    beat = Beat(now, obs.step, since, obs.active)
-    return replace(m, beats={**m.beats, obs.local_rank: beat}), []
-
-
-def _on_worker_attached(m: AgentMachine, obs: WorkerAttached, now: float):
-    if not _current_worker(m, obs):
-        return m, []
-    return replace(m, modes={**m.modes, obs.local_rank: obs.mode}), []
-
-
-def _on_worker_finishing(m: AgentMachine, obs: WorkerFinishing, now: float):
-    if not _current_worker(m, obs):
-        return m, []
-    return replace(m, finishing=m.finishing | {obs.local_rank}), []
-
-
-def _hung_workers(m: AgentMachine, now: float) -> list[tuple[int, str, float]]:
-    """(local rank, why, idle seconds) of each hung worker. A worker that sends no heartbeat
-    for the hang timeout is frozen (stopped, or stuck holding its interpreter): the culprit.
-    One whose heartbeats go on but whose step does not end for twice the timeout is stuck;
-    the grace lets a frozen peer be found and killed first, which ends its peers' wait."""
-    if m.hang_timeout <= 0 or m.phase is not Phase.RUNNING:
-        return []
-    hung = []
-    for rank, beat in sorted(m.beats.items()):
-        if rank in m.lost or rank in m.finishing:
-            continue
-        if now - beat.at > m.hang_timeout:
-            hung.append((rank, "sent no heartbeat", now - beat.at))
-        elif beat.active and now - beat.since > 2 * m.hang_timeout:
-            hung.append((rank, f"finished no step after step {beat.step}", now - beat.since))
-    return hung
+    if obs.slot in m.spares:  # a spare that never became anything
+        return replace(m, spares=tuple(s for s in m.spares if s != obs.slot)), []
+    if obs.exit_code != 0:
+        return _workers_failed(m, obs.report)
+    if all(m.exited.get(s) == 0 for s in m.round_slots):
+        return _local_success(m, m.round_slots)
+    return m, []
 
 
 def _on_restart_requested(m: AgentMachine, obs: RestartRequested, now: float):
@@ -600,6 +411,181 @@ def _on_job_failed(m: AgentMachine, obs: JobFailed, now: float):
     return _fail(m, Action.EXIT_FAILED, f"node {obs.by} failed the job", obs.report)
 
 
+# -- in place ---------------------------------------------------------------------------------
+
+
+def _lose_in_place(m: AgentMachine, slots, how: str, now: float, report: str = ""):
+    """Local workers ``slots`` are lost: propose the next world without them."""
+    fresh = [s for s in slots if s not in m.lost]
+    if not fresh:
+        return m, []
+    m = replace(m, lost={**m.lost, **{s: now for s in fresh}})
+    members = m.members_here()
+    gone = [s for s in fresh if s in members]
+    if not gone:  # a spare, or a worker no longer in the world
+        where, _ = _rank_text(m, fresh[0])
+        m = _verdict(m, Action.WORKER_LOST, f"{where}: {how}", {"slot": fresh[0], "how": how})
+        return m, [_announce(m)]
+    lost = frozenset(Member(m.node_id, s) for s in gone)
+    return _reconfigure(m, lost, ", ".join(f"rank {members[s]}" for s in gone) + f": {how}",
+                        {"ranks": sorted(members[s] for s in gone), "how": how},
+                        report)  # fmt: skip
+
+
+def _reconfigure(m: AgentMachine, lost: frozenset[Member], what: str,
+                 details: Mapping[str, Any], report: str = ""):  # fmt: skip
+    """Propose the world without ``lost``; with no rank left, restart the world instead."""
+    assert m.world is not None
+    spares = tuple(Member(m.node_id, s) for s in m.spares)
+    change = plan_next_world(m.world, lost, spares)
+    if change.world is None:
+        return m, []
+    if change.world.size == 0:
+        return _workers_failed(replace(m, modes={}), report or f"{what}; no rank is left")
+    details = {**details, "epoch": change.world.epoch, "world_size": change.world.size}
+    m = _verdict(m, Action.RECONFIGURE, f"{what}; proposing {change.reason}", details)
+    return m, [_announce(m), ProposeWorld(change.world, m.world, lost, spares)]
+
+
+def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
+    world = obs.world
+    if (not m.phase.has_workers or m.round is None or m.world is None
+            or world.round_id != m.round.round_id or world.epoch <= m.world.epoch):  # fmt: skip
+        return m, []
+    mine = world.slots_on(m.node_id)
+    spares = tuple(s for s in m.spares if s not in mine)
+    # the members re-form: a step that takes long now is the re-forming, not a hang
+    beats = {s: replace(b, since=now) for s, b in m.beats.items()}
+    m = replace(m, world=world, spares=spares, beats=beats)
+    m = _verdict(m, Action.WORLD_CHANGED,
+                 f"epoch {world.epoch}: {world.size} rank(s) on {', '.join(world.nodes)}",
+                 {"epoch": world.epoch, "world_size": world.size,
+                  "ranks": sorted(mine.values())})  # fmt: skip
+    effects: list[Effect] = [_announce(m), PushWorld(world)]
+    for slot in m.round_slots:  # a round worker left out of the world must not linger
+        if slot not in mine and slot not in m.exited and slot not in spares:
+            effects.append(KillWorker(slot, f"slot {slot} is not in world epoch {world.epoch}"))
+    if not mine and m.phase is Phase.RUNNING:
+        finished, done = _finish_if_all_done(m)
+        if done:
+            return finished, effects + done
+    return m, effects
+
+
+# -- workers' sessions -----------------------------------------------------------------------
+
+
+def _on_worker_lost(m: AgentMachine, obs: WorkerLost, now: float):
+    """A worker whose library holds its session and that did not say it was exiting is lost.
+    (An unmodified script's session also closes when it succeeds: its exit status decides.)"""
+    if not _current(m, obs) or obs.finished or obs.slot in m.lost:
+        return m, []
+    mode = m.modes.get(obs.slot, MODE_PLAIN)
+    if mode == MODE_PLAIN:
+        return m, []
+    if mode == MODE_INPLACE:
+        return _lose_in_place(m, [obs.slot], obs.reason, now)
+    where, rank = _rank_text(m, obs.slot)
+    m = _verdict(m, Action.WORKER_LOST, f"{where}: {obs.reason}",
+                 {"rank": rank, "slot": obs.slot, "how": obs.reason},
+                 lost={**m.lost, obs.slot: now})  # fmt: skip
+    # Restart-the-world needs the exit status (the failure report): the reap decides.
+    return m, [_announce(m)]
+
+
+def _on_worker_heartbeat(m: AgentMachine, obs: WorkerHeartbeat, now: float):
+    if not _current(m, obs):
+        return m, []
+    last = m.beats.get(obs.slot)
+    since = last.since if last is not None and last.step == obs.step else now
+    beat = Beat(now, obs.step, since, obs.active)
+    return replace(m, beats={**m.beats, obs.slot: beat}), []
+
+
+def _on_worker_attached(m: AgentMachine, obs: WorkerAttached, now: float):
+    if not _current(m, obs):
+        return m, []
+    return _hand_faults(replace(m, modes={**m.modes, obs.slot: obs.mode}))
+
+
+def _hand_faults(m: AgentMachine):
+    """Planned faults go to the in-place worker that holds their rank in the round's first
+    world (every agent plans the same faults; each holds different ranks there, so a fault is
+    handed out once in the job)."""
+    if m.world is None or m.world.epoch != 0:
+        return m, []
+    members = m.members_here()
+    by_rank = {rank: slot for slot, rank in members.items()
+               if m.modes.get(slot) == MODE_INPLACE}  # fmt: skip
+    handed = [f for f in m.faults if f.rank in by_rank]
+    if not handed:
+        return m, []
+    m = replace(m, faults=tuple(f for f in m.faults if f not in handed))
+    return m, [PushFault(by_rank[f.rank], f) for f in handed]
+
+
+def _on_worker_report(m: AgentMachine, obs: WorkerReport, now: float):
+    if not _current(m, obs):
+        return m, []
+    where, rank = _rank_text(m, obs.slot)
+    details = {**obs.data, "slot": obs.slot}
+    if obs.kind == "fault":
+        m = _verdict(m, Action.FAULT, f"{where}: planned fault {obs.data.get('kind')} at step "
+                     f"{obs.data.get('step')}", {**details, "rank": rank})  # fmt: skip
+    elif obs.kind == "recovered":
+        m = _verdict(m, Action.RECOVERED, f"{where} re-formed in place at epoch "
+                     f"{obs.data.get('epoch')}, resuming after {obs.data.get('resume_step')} "
+                     "steps", details)  # fmt: skip
+    else:
+        return m, []
+    return m, [_announce(m)]
+
+
+def _on_worker_finishing(m: AgentMachine, obs: WorkerFinishing, now: float):
+    if not _current(m, obs):
+        return m, []
+    return replace(m, finishing=m.finishing | {obs.slot}), []
+
+
+def _hung_workers(m: AgentMachine, now: float) -> list[tuple[int, str, float]]:
+    """(slot, why, idle seconds) of each hung worker. A worker that sends no heartbeat for
+    the hang timeout is frozen (stopped, or stuck holding its interpreter): the culprit.
+    One whose heartbeats go on but whose step does not end for twice the timeout is stuck;
+    the grace lets a frozen peer be found and killed first, which ends its peers' wait."""
+    if m.hang_timeout <= 0 or m.phase is not Phase.RUNNING:
+        return []
+    hung = []
+    for slot, beat in sorted(m.beats.items()):
+        if slot in m.lost or slot in m.finishing or slot in m.exited:
+            continue
+        if now - beat.at > m.hang_timeout:
+            hung.append((slot, "sent no heartbeat", now - beat.at))
+        elif beat.active and now - beat.since > 2 * m.hang_timeout:
+            hung.append((slot, f"finished no step after step {beat.step}", now - beat.since))
+    return hung
+
+
+def _on_tick(m: AgentMachine, obs: Tick, now: float):
+    effects: list[Effect] = []
+    for slot, why, idle in _hung_workers(m, now):
+        where, rank = _rank_text(m, slot)
+        reason = f"{where} {why} for {idle:.1f} s (hang timeout {m.hang_timeout:g} s)"
+        details = {"rank": rank, "slot": slot, "idle_s": round(idle, 3)}
+        m = _verdict(m, Action.WORKER_HUNG, reason, details, lost={**m.lost, slot: now})
+        effects += [_announce(m), KillWorker(slot, reason)]
+        if m.modes.get(slot) == MODE_INPLACE:  # its rank moves on now, not at its reap
+            m = replace(m, lost={k: v for k, v in m.lost.items() if k != slot})
+            m, more = _lose_in_place(m, [slot], why, now)
+            effects += more
+    if m.phase is Phase.RUNNING and now >= m.next_membership_poll:
+        m = replace(m, next_membership_poll=now + m.membership_poll_interval)
+        effects.append(PollMembership())
+    return m, effects
+
+
+# -- membership --------------------------------------------------------------------------------
+
+
 def _on_nodes_lost(m: AgentMachine, obs: NodesLost, now: float):
     lost = obs.nodes - {m.node_id}
     m = replace(m, live_nodes=m.live_nodes - obs.nodes)
@@ -608,11 +594,19 @@ def _on_nodes_lost(m: AgentMachine, obs: NodesLost, now: float):
     m = _verdict(m, Action.NODE_LOST, f"node(s) {', '.join(sorted(lost))} lost their lease",
                  {"lost": sorted(lost)})  # fmt: skip
     effects: list[Effect] = [_announce(m), EvictNodes(lost)]
-    if m.phase.has_workers and m.round is not None and lost & m.round.participants:
-        m, rejoin = _rejoin(m, f"lost node(s) {', '.join(sorted(lost))}", now,
-                            details={"lost": sorted(lost)})  # fmt: skip
-        return m, [*effects, *rejoin]
-    return m, effects
+    if not (m.phase.has_workers and m.round is not None and lost & m.round.participants):
+        return m, effects
+    if m.inplace and m.world is not None:
+        gone = frozenset(member for member in m.world.members if member.node in lost)
+        if not gone:
+            return m, effects
+        ranks = sorted(m.world.members.index(g) for g in gone)
+        m, more = _reconfigure(m, gone, f"node(s) {', '.join(sorted(lost))} lost",
+                               {"ranks": ranks, "lost": sorted(lost)})  # fmt: skip
+        return m, effects + more
+    m, rejoin = _rejoin(m, f"lost node(s) {', '.join(sorted(lost))}", now,
+                        details={"lost": sorted(lost)})  # fmt: skip
+    return m, [*effects, *rejoin]
 
 
 def _on_nodes_joined(m: AgentMachine, obs: NodesJoined, now: float):
@@ -629,7 +623,8 @@ def _on_peer_done(m: AgentMachine, obs: PeerDone, now: float):
     nodes = m.done.get(obs.round_id, frozenset())
     nodes = nodes | {obs.node} if obs.done else nodes - {obs.node}
     m = replace(m, done={**m.done, obs.round_id: nodes})
-    if m.phase is Phase.DONE_WAITING:
+    memberless = m.world is not None and m.world.epoch > 0 and not m.members_here()
+    if m.phase is Phase.DONE_WAITING or (m.phase is Phase.RUNNING and memberless):
         return _finish_if_all_done(m)
     return m, []
 
@@ -653,8 +648,11 @@ def _on_registered(m: AgentMachine, obs: Registered, now: float):
     return replace(m, lease_lost=False), []
 
 
+# -- etcd and signals ----------------------------------------------------------------------------
+
+
 def _on_coordination_failed(m: AgentMachine, obs: CoordinationFailed, now: float):
-    if not isinstance(obs.effect, _ESSENTIAL):
+    if not isinstance(obs.effect, ESSENTIAL):
         return m, []
     return _retry(m, obs.effect, f"{type(obs.effect).__name__} failed: {obs.error}", now)
 
@@ -667,31 +665,17 @@ def _on_stopped(m: AgentMachine, obs: Stopped, now: float):
     return _fail(m, Action.STOP, f"stopped by signal {obs.signal_name}", flush=False)
 
 
-def _on_tick(m: AgentMachine, obs: Tick, now: float):
-    effects: list[Effect] = []
-    for local_rank, why, idle in _hung_workers(m, now):
-        assert m.round is not None
-        reason = (f"rank {m.round.global_rank(local_rank)} (local {local_rank}) {why} for "
-                  f"{idle:.1f} s (hang timeout {m.hang_timeout:g} s)")  # fmt: skip
-        details = {"rank": m.round.global_rank(local_rank), "local_rank": local_rank,
-                   "idle_s": round(idle, 3)}  # fmt: skip
-        m = _verdict(m, Action.WORKER_HUNG, reason, details, lost={**m.lost, local_rank: now})
-        effects += [_announce(m), KillWorker(local_rank, reason)]
-    if m.phase is Phase.RUNNING and now >= m.next_membership_poll:
-        m = replace(m, next_membership_poll=now + m.membership_poll_interval)
-        effects.append(PollMembership())
-    return m, effects
-
-
 _HANDLERS = {
     RoundFormed: _on_round_formed,
     RendezvousClosed: _on_rendezvous_closed,
     RendezvousFailed: _on_rendezvous_failed,
-    WorkersExited: _on_workers_exited,
+    WorkerExited: _on_worker_exited,
     WorkerLost: _on_worker_lost,
     WorkerHeartbeat: _on_worker_heartbeat,
-    WorkerFinishing: _on_worker_finishing,
     WorkerAttached: _on_worker_attached,
+    WorkerFinishing: _on_worker_finishing,
+    WorkerReport: _on_worker_report,
+    WorldChanged: _on_world_changed,
     RestartRequested: _on_restart_requested,
     JobFailed: _on_job_failed,
     NodesLost: _on_nodes_lost,

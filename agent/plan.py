@@ -6,7 +6,6 @@ Nothing here touches etcd, gRPC or processes. What the agent does next is decide
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -120,9 +119,3 @@ def worker_env(
     elif assignment.local_world_size > 1:
         env["OMP_NUM_THREADS"] = "1"
     return env
-
-
-class LocalState(enum.Enum):
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"

@@ -44,8 +44,8 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             pid=view.pid,
             workers=[
                 etrain_pb2.WorkerStatus(
-                    rank=w.assignment.global_rank,
-                    local_rank=w.assignment.local_rank,
+                    rank=w.assignment.global_rank if w.assignment is not None else -1,
+                    local_rank=w.assignment.local_rank if w.assignment is not None else -1,
                     pid=w.pid,
                     state=w.state,
                     exited=w.exit_code is not None,

@@ -37,13 +37,13 @@ logger = logging.getLogger(__name__)
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _SEND_TIMEOUT_S = 2.0
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[["WorkerKey", dict[str, Any]], dict[str, Any]]  # (who asks, request)
 
 
 @dataclass(frozen=True)
 class WorkerKey:
     generation: int  # the machine's count of worker starts
-    local_rank: int
+    slot: int  # the worker's id on this node (round workers: their local rank)
 
 
 @dataclass
@@ -185,18 +185,21 @@ class SessionServer:
             return
         key = session.key
         if kind == P.HEARTBEAT:
-            self._post(M.WorkerHeartbeat(key.generation, key.local_rank, int(message["step"]),
+            self._post(M.WorkerHeartbeat(key.generation, key.slot, int(message["step"]),
                                          bool(message.get("active"))))  # fmt: skip
         elif kind == P.REQUEST:
             self._pool.submit(self._answer, session, message)
         elif kind == P.ATTACH:
             session.mode = str(message["mode"])
-            self._post(M.WorkerAttached(key.generation, key.local_rank, session.mode))
+            self._post(M.WorkerAttached(key.generation, key.slot, session.mode))
+        elif kind in (P.FAULT, P.RECOVERED):
+            data = {k: v for k, v in message.items() if k != "type"}
+            self._post(M.WorkerReport(key.generation, key.slot, kind, data))
         elif kind == P.FINISHED:
             session.finished = True
             with self._lock:
                 self._finished.add(key)
-            self._post(M.WorkerFinishing(key.generation, key.local_rank))
+            self._post(M.WorkerFinishing(key.generation, key.slot))
         else:
             raise P.SessionError(f"unknown message type {kind!r}")
 
@@ -218,7 +221,8 @@ class SessionServer:
         try:
             if handler is None:
                 raise P.SessionError(f"unknown method {method!r}")
-            reply |= {"ok": True, **handler(message)}
+            assert session.key is not None
+            reply |= {"ok": True, **handler(session.key, message)}
         except ElasticTrainError as exc:
             reply |= {"ok": False, "error": str(exc), "kind": type(exc).__name__}
         except Exception as exc:  # reported to the worker, which raises it
@@ -256,7 +260,7 @@ class SessionServer:
         with self._lock:
             if self._sessions.get(key) is session:
                 del self._sessions[key]
-        self._post(M.WorkerLost(key.generation, key.local_rank,
+        self._post(M.WorkerLost(key.generation, key.slot,
                                 "exited" if session.finished else "session closed",
                                 finished=session.finished))  # fmt: skip
 

@@ -146,6 +146,7 @@ class SnapshotCoordinator:
         self.committed_nodes: tuple[str, ...] = ()
         self._announced: set[int] = set()
         self._recover_lock = threading.Lock()
+        self._truncated_epoch = 0
         self.disk_root = str(Path(disk_dir) / node_id) if disk_dir else None
         self._disk = DiskTierWriter(self.disk_root) if self.disk_root else None
         self._disk_every = disk_every
@@ -219,6 +220,24 @@ class SnapshotCoordinator:
         )
         future.add_done_callback(lambda _f: self.store.unpin(step))
         return future
+
+    def truncate(self, after_step: int, epoch: int) -> list[int]:
+        """A world re-formed in place at ``after_step``: steps after it belong to a discarded
+        future (some ranks of the old world may have written them) and must not mix with the
+        new world's. Done once per epoch, whichever local worker asks first."""
+        with self._recover_lock:
+            if epoch <= self._truncated_epoch:
+                return []
+            self._truncated_epoch = epoch
+            dropped = self.store.drop_after(after_step)
+            self.chunks.drop_after(after_step)
+            self._announced = {s for s in self._announced if s <= after_step}
+            for step in dropped:
+                self._client.delete(self._keys.snapshot_done(step, self._node_id))
+        if dropped:
+            logger.info("world epoch %d resumes after step %d: dropped steps %s", epoch,
+                        after_step, dropped)  # fmt: skip
+        return dropped
 
     def new_round(self) -> None:
         """Steps after the committed one belong to the old round: drop them."""

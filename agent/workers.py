@@ -10,22 +10,25 @@ process dies, long before the process can be reaped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, start_processes
-from torch.distributed.elastic.multiprocessing.api import PContext, RunProcsResult
+from torch.distributed.elastic.multiprocessing import Std, start_processes
+from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, PContext, to_map
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from elastictrain.constants import ENV_SESSION_ADDRESS, ENV_SESSION_FD, ENV_SESSION_TOKEN
 from elastictrain.session.protocol import VERSION as PROTOCOL_VERSION
 
-from .plan import LocalState, WorkerAssignment
+from .plan import WorkerAssignment
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +78,64 @@ def is_exiting(pid: int) -> bool:
     return state in (b"Z", b"X") or bool(flags & _PF_EXITING)
 
 
+class WorkerLogs(LogsSpecs):
+    """Where one worker's output goes: ``<log dir>/<run>/attempt_<n>/<slot>/`` (stdout.log,
+    stderr.log, error.json), as torchrun lays out local ranks, though each worker's process
+    context (torch's, which wants local ranks ``0..n-1``) knows it as local rank 0."""
+
+    def __init__(self, run_dir: str, redirects: Std, tee: Std, slot: int) -> None:
+        super().__init__(run_dir, redirects, tee)
+        self._run_dir = run_dir
+        self._slot = slot
+
+    @property
+    def root_log_dir(self) -> str:
+        return self._run_dir
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        env = envs[0]
+        attempt = os.path.join(
+            self._run_dir, f"attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        )
+        folder = os.path.join(attempt, str(self._slot))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        redirects, tee = to_map(self._redirects, 1)[0], to_map(self._tee, 1)[0]
+        redirects |= tee  # a tee reads the file it is redirected to
+        stdout = os.path.join(folder, "stdout.log") if redirects & Std.OUT else ""
+        stderr = os.path.join(folder, "stderr.log") if redirects & Std.ERR else ""
+        error_file = os.path.join(folder, "error.json")
+        env["TORCHELASTIC_ERROR_FILE"] = error_file
+        return LogsDest(
+            {0: stdout}, {0: stderr},
+            {0: stdout} if tee & Std.OUT else {}, {0: stderr} if tee & Std.ERR else {},
+            {0: error_file}, "", "",
+        )  # fmt: skip
+
+
 @dataclass
 class WorkerInfo:
-    assignment: WorkerAssignment
+    """One worker process. ``slot`` is its id on this node: round workers have slots
+    ``0 .. nproc-1`` (their local ranks); hot spares come after."""
+
+    slot: int
+    assignment: WorkerAssignment | None  # None: a spare (no rank yet)
     pid: int
     state: str = "RUNNING"
     exit_code: int | None = None
 
 
+@dataclass(frozen=True)
+class WorkerExit:
+    slot: int
+    exit_code: int
+    failure: ProcessFailure | None  # with the error file's traceback, when it failed
+
+
 class WorkerGroup:
-    """One attempt's workers on this node.
+    """This node's worker processes, each in a process context of its own, so one worker's
+    exit never takes the others down (torch's context stops them all on a failure; the
+    agent's machine decides that instead).
 
     Thread-safety: :meth:`start`, :meth:`poll` and :meth:`stop` are called from the agent's main
     thread (the workers' parent-death signal is tied to the thread that forks them);
@@ -103,120 +154,143 @@ class WorkerGroup:
         self.name = name
         self.entrypoint = entrypoint
         self.args = list(args)
-        self._logs_specs = DefaultLogsSpecs(
-            log_dir=log_dir, redirects=Std.from_str(redirects), tee=Std.from_str(tee)
-        )
-        self._pcontext: PContext | None = None
-        self._workers: list[WorkerInfo] = []
+        base = log_dir or tempfile.mkdtemp(prefix="torchelastic_")
+        os.makedirs(base, exist_ok=True)
+        self._run_dir = tempfile.mkdtemp(prefix=f"{name}_", dir=base)
+        self._redirects, self._tee = Std.from_str(redirects), Std.from_str(tee)
+        self._contexts: dict[int, PContext] = {}  # slot -> its running process's context
+        self._workers: dict[int, WorkerInfo] = {}
+        self._failures: dict[int, ProcessFailure] = {}
         self._lock = threading.Lock()
-        self.result: RunProcsResult | None = None
 
-    def start(self, assignments: list[WorkerAssignment], envs: list[dict[str, str]]) -> None:
-        if self._pcontext is not None:
-            raise RuntimeError("workers already running; stop them first")
+    def start(self, workers: list[tuple[int, WorkerAssignment | None, dict[str, str]]]) -> None:
+        """Start processes for ``(slot, assignment or None for a spare, env)``."""
         command = with_parent_death_signal([self.entrypoint, *self.args])
-        args = {a.local_rank: tuple(command[1:]) for a in assignments}
-        env_map = {a.local_rank: env for a, env in zip(assignments, envs, strict=True)}
-        self.result = None
-        self._pcontext = start_processes(
-            name=self.name,
-            entrypoint=command[0],
-            args=args,
-            envs=env_map,
-            logs_specs=self._logs_specs,
-        )
-        pids = self._pcontext.pids()
+        for slot, assignment, env in workers:
+            if slot in self._contexts:
+                raise RuntimeError(f"worker slot {slot} is already running")
+            context = start_processes(
+                name=self.name,
+                entrypoint=command[0],
+                args={0: tuple(command[1:])},
+                envs={0: env},
+                logs_specs=WorkerLogs(self._run_dir, self._redirects, self._tee, slot),
+            )
+            self._contexts[slot] = context
+            with self._lock:
+                self._workers[slot] = WorkerInfo(slot, assignment, context.pids()[0])
+        logger.info("started workers %s", {
+            (w.assignment.global_rank if w.assignment else f"spare {w.slot}"): w.pid
+            for w in self.snapshot() if w.exit_code is None
+        })  # fmt: skip
+
+    def reset(self) -> None:
+        """Forget exited workers (a new round's start)."""
+        if self._contexts:
+            raise RuntimeError("workers still running; stop them first")
         with self._lock:
-            self._workers = [WorkerInfo(a, pids[a.local_rank]) for a in assignments]
-        logger.info("started workers %s", {w.assignment.global_rank: w.pid for w in self._workers})
+            self._workers.clear()
+        self._failures.clear()
 
     @property
     def running(self) -> bool:
-        return self._pcontext is not None
+        return bool(self._contexts)
 
-    def poll(self) -> LocalState:
-        """Reap exited workers without blocking; the local verdict for this attempt."""
-        if self._pcontext is None:
-            if self.result is not None and self.result.is_failed():
-                return LocalState.FAILED
-            return LocalState.SUCCEEDED if self.result is not None else LocalState.RUNNING
-        result = self._pcontext.wait(timeout=0)
-        self._refresh_exit_codes()
-        if result is None:
-            return LocalState.RUNNING
-        self.result = result
-        self._pcontext.close()  # close log tails; processes are done or being killed
-        self._pcontext = None
-        self._record_result(result)
-        return LocalState.FAILED if result.is_failed() else LocalState.SUCCEEDED
+    def poll(self) -> list[WorkerExit]:
+        """Reap exited workers without blocking: each one once."""
+        exits = []
+        for slot, context in list(self._contexts.items()):
+            result = context.wait(timeout=0)
+            if result is None:
+                continue
+            context.close()  # close its log tails
+            del self._contexts[slot]
+            failure = result.failures.get(0)
+            code = failure.exitcode if failure is not None else 0
+            if failure is not None:
+                failure.local_rank = slot
+                self._failures[slot] = failure
+            with self._lock:
+                worker = self._workers[slot]
+                worker.exit_code = code
+                worker.state = "SUCCEEDED" if code == 0 else "FAILED"
+            exits.append(WorkerExit(slot, code, failure))
+        return exits
 
     def exiting(self) -> list[int]:
-        """Local ranks of workers whose process has begun to die (not yet reaped)."""
+        """Slots of workers whose process has begun to die (not yet reaped)."""
         with self._lock:
-            running = [w for w in self._workers if w.exit_code is None]
-        return [w.assignment.local_rank for w in running if is_exiting(w.pid)]
-
-    def _refresh_exit_codes(self) -> None:
-        pcontext = self._pcontext
-        handlers = getattr(pcontext, "subprocess_handlers", {}) if pcontext else {}
-        with self._lock:
-            for worker in self._workers:
-                handler = handlers.get(worker.assignment.local_rank)
-                code = handler.proc.poll() if handler is not None else None
-                if code is not None and worker.exit_code is None:
-                    worker.exit_code = code
-                    worker.state = "SUCCEEDED" if code == 0 else "FAILED"
-
-    def _record_result(self, result: RunProcsResult) -> None:
-        with self._lock:
-            for worker in self._workers:
-                failure = result.failures.get(worker.assignment.local_rank)
-                if failure is not None:
-                    worker.exit_code, worker.state = failure.exitcode, "FAILED"
-                elif worker.exit_code is None:
-                    worker.exit_code, worker.state = 0, "SUCCEEDED"
+            running = [w for w in self._workers.values() if w.exit_code is None]
+        return [w.slot for w in running if is_exiting(w.pid)]
 
     def stop(self, grace: float) -> None:
         """SIGTERM every worker, SIGKILL after ``grace`` seconds; returns when all are reaped."""
-        pcontext, self._pcontext = self._pcontext, None
-        if pcontext is None:
+        contexts, self._contexts = self._contexts, {}
+        if not contexts:
             return
         started = time.monotonic()
-        pcontext.close(death_sig=signal.SIGTERM, timeout=max(int(round(grace)), 0))
+        for context in contexts.values():
+            for handler in context.subprocess_handlers.values():
+                if handler.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(handler.proc.pid, signal.SIGTERM)
+        for context in contexts.values():
+            left = max(grace - (time.monotonic() - started), 0.0)
+            context.close(death_sig=signal.SIGTERM, timeout=int(round(left)))
         with self._lock:
-            for worker in self._workers:
+            for worker in self._workers.values():
                 if worker.exit_code is None:
                     worker.state = "STOPPED"
         logger.info("stopped workers in %.2f s", time.monotonic() - started)
 
-    def failure_report(self) -> str:
-        """torchrun's failure report (root cause first, with the worker's traceback)."""
-        if self.result is None or not self.result.failures:
-            return ""
-        by_rank: dict[int, ProcessFailure] = {}
+    def failure_report(self, slots: list[int] | None = None) -> str:
+        """torchrun's failure report (root cause first, with the worker's traceback) of the
+        workers that failed (of ``slots``, if given)."""
         with self._lock:
-            ranks = {w.assignment.local_rank: w.assignment.global_rank for w in self._workers}
-        for local_rank, failure in self.result.failures.items():
-            by_rank[ranks.get(local_rank, local_rank)] = failure
-        return ChildFailedError(name=self.name, failures=by_rank).format_msg()
+            ranks = {s: (w.assignment.global_rank if w.assignment else s)
+                     for s, w in self._workers.items()}  # fmt: skip
+        failures = {ranks.get(slot, slot): failure for slot, failure in self._failures.items()
+                    if slots is None or slot in slots}  # fmt: skip
+        if not failures:
+            return ""
+        return ChildFailedError(name=self.name, failures=failures).format_msg()
 
     def snapshot(self) -> list[WorkerInfo]:
         with self._lock:
-            return [WorkerInfo(w.assignment, w.pid, w.state, w.exit_code) for w in self._workers]
+            return [WorkerInfo(w.slot, w.assignment, w.pid, w.state, w.exit_code)
+                    for w in self._workers.values()]  # fmt: skip
+
+    def pid_of(self, slot: int) -> int | None:
+        with self._lock:
+            worker = self._workers.get(slot)
+        return worker.pid if worker is not None and worker.exit_code is None else None
+
+    def kill_slot(self, slot: int, sig: int = signal.SIGKILL) -> WorkerInfo | None:
+        with self._lock:
+            target = self._workers.get(slot)
+        return self._signal(target, sig)
 
     def kill(self, global_rank: int, sig: int = signal.SIGKILL) -> WorkerInfo | None:
         """Send ``sig`` to the local worker with this global rank; None if it is not ours."""
         with self._lock:
-            target = next(
-                (w for w in self._workers if w.assignment.global_rank == global_rank), None
-            )
+            target = next((w for w in self._workers.values() if w.assignment is not None
+                           and w.assignment.global_rank == global_rank
+                           and w.exit_code is None), None)  # fmt: skip
+        return self._signal(target, sig)
+
+    def _signal(self, target: WorkerInfo | None, sig: int) -> WorkerInfo | None:
         if target is None or target.exit_code is not None:
             return None
         try:
             os.kill(target.pid, sig)
         except ProcessLookupError:
             return None
-        logger.warning(
-            "injected fault: signal %d to rank %d (pid %d)", sig, global_rank, target.pid
-        )
+        logger.warning("injected fault: signal %d to slot %d (pid %d)", sig, target.slot,
+                       target.pid)  # fmt: skip
         return target
+
+    def set_assignment(self, slot: int, assignment: WorkerAssignment | None) -> None:
+        """A worker's rank changed in place (a new world)."""
+        with self._lock:
+            if slot in self._workers:
+                self._workers[slot].assignment = assignment

@@ -130,6 +130,15 @@ def add_parser(sub) -> None:
         "(default 300; 0: never)",
     )
     p.add_argument(
+        "--fault",
+        dest="faults",
+        action="append",
+        default=[],
+        metavar="KIND:rank=R:step=S",
+        help="inject a fault when rank R (a Job API worker) reaches step S: kill, stop or "
+        "kill-agent (repeatable; for chaos tests)",
+    )
+    p.add_argument(
         "--local-addr",
         "--local_addr",
         dest="local_addr",
@@ -253,7 +262,7 @@ def _configure_logging() -> None:
 
 def run(args) -> int:
     from elastictrain.agent.agent import Agent, print_failure_report
-    from elastictrain.agent.config import AgentConfig, parse_nnodes
+    from elastictrain.agent.config import AgentConfig, parse_fault, parse_nnodes
 
     from elastictrain import constants
     from elastictrain.errors import ConfigError
@@ -267,6 +276,7 @@ def run(args) -> int:
     entrypoint, entry_args = _entrypoint(args)
     rdzv = _rdzv_conf(args.rdzv_conf)
     scheme = _snapshot_scheme(args.snapshot_ec)
+    faults = [parse_fault(text) for text in args.faults]
     _configure_logging()
 
     job_id = args.job_id or constants.DEFAULT_JOB_ID
@@ -319,6 +329,7 @@ def run(args) -> int:
             snapshot_dir=os.path.abspath(args.snapshot_dir) if args.snapshot_dir else None,
             snapshot_disk_every=args.snapshot_disk_every,
             snapshot_memory_limit=int(args.snapshot_memory_limit * 1e9),
+            faults=faults,
             **extra,
         )
         agent = Agent(config)

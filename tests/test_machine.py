@@ -54,6 +54,14 @@ class Driver:
         return self.machine.verdict.action
 
 
+def _failed(d: Driver, report: str = "") -> M.WorkerExited:
+    return M.WorkerExited(d.machine.generation, 1, -9, report)
+
+
+def _succeeded(d: Driver) -> list[M.WorkerExited]:
+    return [M.WorkerExited(d.machine.generation, slot, 0) for slot in (0, 1)]
+
+
 def _kinds(effects: list[M.Effect]) -> list[type]:
     return [type(e) for e in effects if not isinstance(e, M.Record)]
 
@@ -78,7 +86,7 @@ def test_starts_by_joining_the_rendezvous_then_starts_workers_when_a_round_forms
 
 def test_a_local_failure_requests_a_restart_which_everyone_follows():
     d = _running("a", "b")
-    effects = d.feed(M.WorkersExited(succeeded=False, report="rank 1 died"))
+    effects = d.feed(_failed(d, "rank 1 died"))
     assert _kinds(effects) == [M.StopWorkers, M.RequestRestart]
     request = effects[-1]
     assert (request.count, request.expected_revision) == (1, 0)
@@ -110,14 +118,14 @@ def test_local_failure_after_a_peer_asked_follows_without_a_second_restart():
     d = _running("a", "b")
     d.machine = replace(d.machine, restart_revision=3, restart_by="b")
     d.machine = replace(d.machine, round=_plan("a", "b", restart_revision=1))
-    effects = d.feed(M.WorkersExited(succeeded=False))
+    effects = d.feed(_failed(d))
     assert _kinds(effects) == [M.StopWorkers, M.Rendezvous]
     assert d.action is M.Action.FOLLOW_RESTART
 
 
 def test_no_restart_left_fails_the_job_with_the_report():
     d = _running("a", "b", max_restarts=0)
-    effects = d.feed(M.WorkersExited(succeeded=False, report="Root Cause: rank 1"))
+    effects = d.feed(_failed(d, "Root Cause: rank 1"))
     assert _kinds(effects) == [M.StopWorkers, M.FailJob, M.Exit]
     assert effects[-1] == M.Exit(M.EXIT_FAILED, "Root Cause: rank 1", flush=True)
     assert d.phase is M.Phase.FAILED and d.action is M.Action.FAIL_JOB
@@ -136,7 +144,7 @@ def test_another_node_failing_the_job_ends_ours_with_its_report():
 
 def test_success_waits_for_every_participant_then_finishes():
     d = _running("a", "b")
-    effects = d.feed(M.WorkersExited(succeeded=True))
+    effects = d.feed(*_succeeded(d))
     assert _kinds(effects) == [M.MarkRoundDone]
     assert d.phase is M.Phase.DONE_WAITING and "1 of 2 nodes done" in d.machine.verdict.reason
     assert d.feed(M.NodesWaiting(3)) == []  # a joiner does not restart a finished node
@@ -148,7 +156,7 @@ def test_success_waits_for_every_participant_then_finishes():
 def test_a_peer_that_finished_first_is_remembered():
     d = _running("a", "b")
     d.feed(M.PeerDone("r1", "b"), M.PeerDone("old-round", "b"))
-    effects = d.feed(M.WorkersExited(succeeded=True))
+    effects = d.feed(*_succeeded(d))
     assert _kinds(effects) == [M.MarkRoundDone, M.CloseRendezvous, M.Exit]
 
 
@@ -208,7 +216,7 @@ def test_etcd_trouble_is_retried_with_backoff_then_fails_cleanly():
 
 def test_an_essential_write_is_retried_and_success_resets_the_backoff():
     d = _running("a", "b")
-    d.feed(M.WorkersExited(succeeded=False))
+    d.feed(_failed(d))
     request = d.effects[-1]
     effects = d.feed(M.CoordinationFailed(request, "connection refused"))
     assert effects[-1] == replace(request, delay=M.RETRY_BACKOFF_S)
@@ -240,7 +248,7 @@ def test_rendezvous_closed_without_an_outcome_is_success():
 
 def test_stale_observations_are_ignored():
     d = Driver.new()
-    assert d.feed(M.WorkersExited(succeeded=False), M.NodesWaiting(2), M.Tick()) == []
+    assert d.feed(_failed(d), M.NodesWaiting(2), M.Tick()) == []
     d = _running("a", "b")
     assert d.feed(M.RoundFormed(_plan("a", "b", round_id="r2"))) == []
     assert d.feed(M.RendezvousFailed("late", retryable=True)) == []
@@ -257,7 +265,7 @@ def test_a_frozen_worker_is_killed_once_and_its_busy_peers_are_not():
         d.feed(M.WorkerHeartbeat(gen, 0, step=3, active=True), M.Tick(), after=0.5)
     effects = d.feed(M.WorkerHeartbeat(gen, 0, step=3, active=True), M.Tick(), after=0.5)
     kills = [e for e in effects if isinstance(e, M.KillWorker)]
-    assert [k.local_rank for k in kills] == [1] and "sent no heartbeat for 2.5 s" in kills[0].reason
+    assert [k.slot for k in kills] == [1] and "sent no heartbeat for 2.5 s" in kills[0].reason
     assert d.action is M.Action.WORKER_HUNG and d.machine.verdict.details["rank"] == 1
     assert not [e for e in d.feed(M.Tick(), after=0.5) if isinstance(e, M.KillWorker)]
     # a worker that said it is exiting sends no more heartbeats: that is no hang
@@ -273,7 +281,7 @@ def test_a_worker_whose_step_never_ends_is_hung_after_twice_the_timeout():
     for _ in range(10):
         effects = d.feed(M.WorkerHeartbeat(gen, 0, step=7, active=True), M.Tick(), after=0.5)
         kills += [e for e in effects if isinstance(e, M.KillWorker)]
-    assert [k.local_rank for k in kills] == [0] and "finished no step after step 7" in kills[
+    assert [k.slot for k in kills] == [0] and "finished no step after step 7" in kills[
         0
     ].reason
     # not in a step (before the loop, after it, or a script without the Job API): never hung
@@ -295,7 +303,7 @@ def test_worker_observations_of_an_earlier_start_are_ignored():
     effects = d.feed(M.WorkerLost(gen, 0, "session closed"))
     assert d.action is M.Action.WORKER_LOST and d.machine.verdict.details == {
         "rank": 0,
-        "local_rank": 0,
+        "slot": 0,
         "how": "session closed",
     }
     assert _kinds(effects) == []  # restart-the-world waits for the exit status

@@ -102,14 +102,14 @@ class Observed:
                 return at, observation
 
 
-def _refuse(request):
+def _refuse(key, request):
     raise ElasticTrainError("not now")
 
 
 @pytest.fixture
 def server():
     observed = Observed()
-    handlers = {"echo": lambda r: {"value": r["value"] + 1}, "refuse": _refuse}
+    handlers = {"echo": lambda key, r: {"value": r["value"] + 1}, "refuse": _refuse}
     srv = SessionServer(f"test/{os.getpid()}", observed, handlers)
     yield srv, observed
     srv.close()
@@ -128,19 +128,19 @@ def _start(srv: SessionServer, key: WorkerKey, mode: str, token: str | None = No
 @pytest.mark.contract
 def test_a_killed_worker_is_seen_at_once_with_its_identity(server):
     srv, observed = server
-    key = WorkerKey(generation=3, local_rank=1)
+    key = WorkerKey(generation=3, slot=1)
     proc = _start(srv, key, "wait")
     try:
         assert proc.stdout.readline().strip() == "ready"
         _, attached = observed.next(M.WorkerAttached)
-        assert (attached.generation, attached.local_rank, attached.mode) == (3, 1, "snapshot")
+        assert (attached.generation, attached.slot, attached.mode) == (3, 1, "snapshot")
         _, beat = observed.next(M.WorkerHeartbeat)
         assert beat.step == 5 and not beat.active
         assert srv.pid_of(key) == proc.pid  # what the kernel says, through the exec shim
         killed_at = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         seen_at, lost = observed.next(M.WorkerLost)
-        assert (lost.generation, lost.local_rank, lost.finished) == (3, 1, False)
+        assert (lost.generation, lost.slot, lost.finished) == (3, 1, False)
         assert seen_at - killed_at < 0.5
     finally:
         proc.kill()

@@ -74,6 +74,11 @@ class JobKeys:
         return f"{self.control_prefix}snapshot"
 
     @property
+    def world(self) -> str:
+        """The round's in-place world (who holds which rank), moved forward by CAS."""
+        return f"{self.control_prefix}world"
+
+    @property
     def events_prefix(self) -> str:
         """Versioned event records (:mod:`elastictrain.events`), ordered by creation."""
         return f"{self.root}events/"

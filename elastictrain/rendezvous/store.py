@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
@@ -30,12 +31,22 @@ def _as_bytes(value: str | bytes | bytearray | list[int]) -> bytes:
     return bytes(value)
 
 
-class EtcdStore(dist.Store):
-    """c10d key/value store over etcd v3 (thread-safe)."""
+class StoreInterruptedError(dist.DistStoreError):
+    """A blocking read gave up because its caller no longer needs it (a newer world)."""
 
-    def __init__(self, client: EtcdClient, prefix: str, timeout: timedelta | None = None) -> None:
+
+class EtcdStore(dist.Store):
+    """c10d key/value store over etcd v3 (thread-safe).
+
+    ``interrupted``, if given, is asked while a read blocks (at least every 50 ms); when it
+    returns True the read raises :class:`StoreInterruptedError`, so a process group that waits
+    for a peer that will never come can be given up at once."""
+
+    def __init__(self, client: EtcdClient, prefix: str, timeout: timedelta | None = None,
+                 interrupted: Callable[[], bool] | None = None) -> None:  # fmt: skip
         super().__init__()  # the pybind trampoline needs this
         self._client = client
+        self._interrupted = interrupted
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         if timeout is not None:
             self.set_timeout(timeout)
@@ -186,6 +197,8 @@ class EtcdStore(dist.Store):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                if self._interrupted is not None and self._interrupted():
+                    raise StoreInterruptedError(f"interrupted waiting for {missing}")
                 if broken.is_set():
                     time.sleep(min(0.1, remaining))
                     try:
@@ -197,7 +210,7 @@ class EtcdStore(dist.Store):
                         if len(arrived) == len(missing):
                             done.set()
                     continue
-                done.wait(min(remaining, 0.5))
+                done.wait(min(remaining, 0.5 if self._interrupted is None else 0.05))
         finally:
             try:
                 watcher.close()

@@ -90,6 +90,14 @@ class WorkerSession:
         except AgentUnavailableError as exc:
             logger.debug("session notification %s not sent: %s", message["type"], exc)
 
+    def notify_fault(self, kind: str, step: int) -> None:
+        """A planned fault fires now (the agent records when)."""
+        self._notify({"type": P.FAULT, "kind": kind, "step": step})
+
+    def recovered(self, report: dict[str, Any]) -> None:
+        """This worker re-formed in place; ``report`` holds the epoch, steps and durations."""
+        self._notify({"type": P.RECOVERED, **report})
+
     def on_push(self, listener: Listener) -> None:
         self._listeners.append(listener)
 

@@ -12,7 +12,10 @@ session over: its mode), ``heartbeat`` (every ``HEARTBEAT_INTERVAL_S`` from a th
 own: the last step finished, and whether the training loop is inside a step), ``finished``
 (exiting on purpose), ``request`` (a call the agent answers with a ``reply`` of the same
 ``id``).
-Agent → worker: ``reply``, and the pushes ``world`` and ``abort``.
+Agent → worker: ``reply``, and the pushes ``world`` (the worker's rank in the round's
+current world) and ``fault`` (a fault planned for a step). Worker → agent also: ``fault`` (a
+planned fault fires now) and ``recovered`` (the worker re-formed in place, with the times it
+took).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ FINISHED = "finished"
 REQUEST = "request"
 REPLY = "reply"
 WORLD = "world"
-ABORT = "abort"
+FAULT = "fault"  # agent → worker: a fault planned for a step; worker → agent: it fires now
+RECOVERED = "recovered"  # worker → agent: it re-formed in place (with the durations)
 
 # what a worker's library does with its session (``attach``)
 MODE_PLAIN = "plain"  # an unmodified script: the shim's hello only

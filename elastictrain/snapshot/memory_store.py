@@ -191,6 +191,15 @@ class SnapshotStore:
                 self._free.append(self.records.pop(key).segment)
             return stale
 
+    def drop_after(self, step: int) -> list[int]:
+        """Free every step after ``step`` (never the committed one); returns them."""
+        with self._lock:
+            floor = step if self.committed is None else max(step, self.committed)
+            stale = sorted({s for s, _ in self.records if s > floor})
+            for key in [k for k in self.records if k[0] in stale]:
+                self._free.append(self.records.pop(key).segment)
+            return stale
+
     def list(self) -> list[Record]:
         with self._lock:
             return sorted(self.records.values(), key=lambda r: (r.step, r.rank))
@@ -302,6 +311,11 @@ class ChunkStore:
     def memory_bytes(self) -> int:
         with self._lock:
             return sum(len(data) for _, data in self.chunks.values())
+
+    def drop_after(self, step: int) -> None:
+        with self._lock:
+            for key in [k for k in self.chunks if k[1] > step and k[1] != self.committed]:
+                del self.chunks[key]
 
     def drop_uncommitted(self) -> None:
         with self._lock:

@@ -86,23 +86,51 @@ class SnapshotReader:
             else None
         )
 
-    def restore(self) -> Restored | None:
+    def complete_steps(self) -> set[int]:
+        """Steps whose records, on the live agents, hold a whole state (the committed one is
+        rebuilt from erasure-coded chunks first if its owner is gone)."""
+        if self._client is None:
+            return set()
+        self._snap.wait()
+        local = self._client.snapshot_index()
+        by_step = self._all_records(local)
+        committed = local.committed_step
+        if committed >= 0 and not self._covers(by_step.get(committed, {})):
+            try:
+                reply = self._client.recover_snapshot(committed)
+                logger.info("rank %d: %s", self._snap.rank, reply.message)
+            except Exception as exc:  # reported; the other steps still count
+                logger.warning("rebuilding step %d failed: %s", committed, exc)
+            by_step = self._all_records(self._client.snapshot_index())
+        return {step for step, metas in by_step.items() if self._covers(metas)}
+
+    def _all_records(self, local) -> dict[int, dict[int, bytes]]:
+        """step -> rank -> record description, over every live agent."""
+        by_step: dict[int, dict[int, bytes]] = {}
+        for endpoint in local.agents:
+            index = local if endpoint == self._client.endpoint else self._index_of(endpoint)
+            for info in index.records if index is not None else ():
+                by_step.setdefault(info.step, {}).setdefault(info.rank, info.meta)
+        return by_step
+
+    def restore(self, step: int | None = None) -> Restored | None:
         """See :meth:`Snapshotter.restore`."""
         if self._client is None:
             return None
         self._snap.wait()
         local = self._client.snapshot_index()
-        step = local.committed_step
-        if step < 0:
-            return self._restore_from_disk()
+        if step is None:
+            step = local.committed_step
+            if step < 0:
+                return self._restore_from_disk()
         holders = self._holders(local, step)
         if not self._covers({rank: info.meta for rank, (_, info) in holders.items()}):
             # Some owner is gone: its agent-held records are rebuilt from erasure-coded chunks.
             reply = self._client.recover_snapshot(step)
             logger.info("rank %d: %s", self._snap.rank, reply.message)
             holders = self._holders(self._client.snapshot_index(), step)
-        if not holders:
-            raise SnapshotCorruptError(f"committed step {step} is held by no live agent")
+        if not self._covers({rank: info.meta for rank, (_, info) in holders.items()}):
+            raise SnapshotCorruptError(f"step {step} is not whole on the live agents")
         opened: list[ShmSegment] = []
         records: dict[int, tuple[str, bytes, Buffer]] = {}
         try:

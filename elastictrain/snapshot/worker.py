@@ -317,13 +317,18 @@ class Snapshotter:
 
     # -- restoring ------------------------------------------------------------------------------
 
-    def restore(self) -> Restored | None:
-        """Load the job's newest committed snapshot into the registered objects.
+    def restore(self, step: int | None = None) -> Restored | None:
+        """Load the job's newest committed snapshot (or ``step``, committed or not, if it is
+        whole on the live agents) into the registered objects.
 
         Returns None when there is none (a fresh start). Reads every rank's slice from the
         agent that holds it; the world size may differ from the one that took the snapshot.
         """
-        return self._reader.restore()
+        return self._reader.restore(step)
+
+    def complete_steps(self) -> set[int]:
+        """Steps that :meth:`restore` can load now (whole on the live agents)."""
+        return self._reader.complete_steps()
 
     def close(self) -> None:
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,8 +35,11 @@ import torch
 import torch.distributed as dist
 
 from elastictrain.errors import ConfigError
+from elastictrain.train.collectives import Collectives
 from elastictrain.train.data_plan import DataPlan, plan_hosting
+from elastictrain.train.inplace import CollectiveFailed, InPlaceWorld, WorldChanged, WorldView
 from elastictrain.train.reduction import DeterministicReducer, FastReducer
+from elastictrain.train.resume import ResumePlan, plan_resume
 
 logger = logging.getLogger(__name__)
 
@@ -119,24 +123,28 @@ class Job:
         params = list(model.parameters())
         self.device = torch.device(device) if device is not None else (
             params[0].device if params else torch.device("cpu"))  # fmt: skip
-        self._init_process_group()
-        self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
-        self._capacities = list(capacities) if capacities is not None else [1.0] * self.world
-        if len(self._capacities) != self.world:
-            raise ConfigError(f"capacities has {len(self._capacities)} entries for a world of "
-                              f"{self.world}")  # fmt: skip
         self._params = params
         self._deterministic = DeterministicReducer(params, self.plan.logical_workers, self.device)
         self._fast = FastReducer(params, self.device) if reduction == "fast" else None
         self._permutation: tuple[int, torch.Tensor] | None = None
+        self._initial_capacities = list(capacities) if capacities is not None else None
         self.loss: float | None = None
-        self.step = 0  # steps done
+        self.step = 0  # optimizer steps done
+        self.recoveries: list[dict[str, Any]] = []  # in-place recoveries of this process
+        self._inplace = InPlaceWorld.attach(self.device)
+        self._view: WorldView | None = None
+        self._coll: Collectives | None = None
+        if self._inplace is None:
+            self._init_process_group()
+            self._coll = Collectives.default()
+        self.rank = self._coll.rank if self._coll is not None else -1
+        self.world = self._coll.size if self._coll is not None else 0
+        self._capacities: list[float] = []
         from elastictrain.snapshot.worker import Snapshotter
 
         self._snapshots = Snapshotter(
             model=model, optimizer=optimizer, scheduler=scheduler, every=snapshot_every,
-            rank=self.rank, world=self.world,
+            rank=max(self.rank, 0), world=max(self.world, 1),
         )  # fmt: skip
 
     def _init_process_group(self) -> None:
@@ -151,20 +159,55 @@ class Job:
             return
         dist.init_process_group(backend)
 
+    def _set_world(self, rank: int, size: int) -> None:
+        if size != self.world or not self._capacities:
+            initial = self._initial_capacities
+            self._capacities = (list(initial) if initial is not None and len(initial) == size
+                                else [1.0] * size)  # fmt: skip
+        self.rank, self.world = rank, size
+        self._snapshots.rank, self._snapshots.world = rank, size
+
     # -- the loop ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[int]:
-        restored = self._snapshots.restore()
-        self.step = restored.step + 1 if restored is not None else 0
-        if restored is not None:
-            logger.info("rank %d: resumed after step %d (%s)", self.rank, restored.step,
-                        restored.source)  # fmt: skip
+        if self._inplace is not None:
+            self._reform(first=True)
+        else:
+            self._set_world(self.rank, self.world)
+            restored = self._snapshots.restore()
+            self.step = restored.step if restored is not None else 0
+            if restored is not None:
+                logger.info("rank %d: resumed after %d steps (%s)", self.rank, restored.step,
+                            restored.source)  # fmt: skip
+            elif self.step == 0:
+                self._snapshots.snapshot(0, data_position={"step": 0})
+        first_after_recovery: float | None = None
         while self.step < self.steps:
             step = self.step
-            self.loss = self._train_step(step)
+            if self._inplace is not None:
+                self._inplace.fire_faults(step)
+                if self._inplace.changed_since(self._view):
+                    self._reform()
+                    first_after_recovery = time.monotonic()
+                    continue
+            self._progress(step, active=True)
+            try:
+                self.loss = self._train_step(step)
+            except (WorldChanged, CollectiveFailed) as exc:
+                if self._inplace is None:
+                    raise
+                logger.warning("rank %d: step %d abandoned: %s", self.rank, step, exc)
+                self._reform()
+                first_after_recovery = time.monotonic()
+                continue
             self.step = step + 1
-            self._snapshots.snapshot(step, data_position={"step": step + 1})
+            self._snapshots.snapshot(self.step, data_position={"step": self.step})
+            self._progress(self.step, active=True)
+            if first_after_recovery is not None:
+                self._report_recovery(time.monotonic() - first_after_recovery)
+                first_after_recovery = None
             yield step
+        self._progress(self.step, active=False)
         self._snapshots.wait()
 
     def run(self) -> int:
@@ -173,11 +216,130 @@ class Job:
             pass
         return self.step
 
+    def _progress(self, steps_done: int, active: bool) -> None:
+        session = self._snapshots._session
+        if session is not None:
+            session.progress(steps_done, active=active)
+
+    # -- in place -------------------------------------------------------------------------------
+
+    def _reform(self, first: bool = False) -> None:
+        """Join the next world: discard the step in flight, form the new group, agree where to
+        go on from, restore in place if this rank's state is not that step's."""
+        assert self._inplace is not None
+        started = time.monotonic()
+        self._progress(self.step, active=False)  # waiting for a world is no hang
+        self._deterministic.discard()
+        if self._fast is not None:
+            self._fast.discard()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._inplace.abandon()
+        self._coll = None
+        live = -1 if first else self.step
+        while True:
+            view = self._inplace.next_world(self._view)
+            self._view = view
+            try:
+                formed_at = time.monotonic()
+                coll = self._inplace.form(view)
+                formed = time.monotonic()
+                plan = self._agree(coll, live)
+                agreed = time.monotonic()
+                self._set_world(view.rank, view.size)
+                self._coll = coll
+                restored = self._resume(plan, coll)
+                break
+            except (WorldChanged, CollectiveFailed) as exc:
+                logger.warning("rank %d: world epoch %d abandoned while re-forming: %s",
+                               view.rank, view.epoch, exc)  # fmt: skip
+                self._inplace.abandon()
+                continue
+        done = time.monotonic()
+        self._truncate(plan.step, view.epoch)
+        if first:
+            return
+        report = {
+            "epoch": view.epoch, "rank": view.rank, "world_size": view.size,
+            "resume_step": plan.step, "steps_before": live, "restored": restored,
+            "wait_s": round(formed_at - started, 4), "reform_s": round(formed - formed_at, 4),
+            "agree_s": round(agreed - formed, 4), "restore_s": round(done - agreed, 4),
+            "world_received_s": round(started - view.received, 4) if view.received <= started
+            else 0.0,
+        }  # fmt: skip
+        self.recoveries.append(report)
+        logger.info("rank %d: re-formed in place at epoch %d: %s", view.rank, view.epoch,
+                    plan.reason)  # fmt: skip
+
+    def _report_recovery(self, first_step_s: float) -> None:
+        if not self.recoveries:
+            return
+        report = self.recoveries[-1] | {"first_step_s": round(first_step_s, 4)}
+        self.recoveries[-1] = report
+        assert self._inplace is not None
+        self._inplace.session.recovered(report)
+
+    def _agree(self, coll: Collectives, live: int) -> ResumePlan:
+        """Every member's steps done, gathered; rank 0 decides from what the agents hold and
+        tells the others (one decider per epoch: if it dies, the epoch fails)."""
+        steps = torch.full((1,), live, dtype=torch.int64)
+        every = torch.empty(coll.size, dtype=torch.int64)
+        coll.all_gather(every, steps)
+        decided = torch.zeros(2, dtype=torch.int64)
+        if coll.rank == 0:
+            complete = self._snapshots.complete_steps() if self._snapshots.enabled else set()
+            plan = plan_resume(every.tolist(), complete)
+            decided[0] = -2 if plan is None else plan.step
+            decided[1] = 1 if plan is not None and plan.fresh else 0
+        coll.broadcast(decided, root=0)
+        step, fresh = int(decided[0]), bool(decided[1])
+        if step == -2:
+            raise ConfigError("the members of the new world share no step to resume from")
+        steps_done = every.tolist()
+        restore = tuple(not fresh and s != step for s in steps_done)
+        keep = sum(1 for r in restore if not r)
+        reason = ("a new job" if fresh else f"resume after {step} steps: {keep} member(s) keep "
+                  f"their state, {len(restore) - keep} restore it")  # fmt: skip
+        return ResumePlan(step, restore, fresh, reason)
+
+    def _resume(self, plan: ResumePlan, coll: Collectives) -> bool:
+        """Bring this rank to ``plan.step``; True if it restored from the records."""
+        if plan.fresh:
+            restored = self._snapshots.restore()  # a job restarted from the disk tier
+            if restored is not None:
+                self.step = restored.step
+                return True
+            self._share_initial_state(coll)
+            self.step = 0
+            return False
+        self.step = plan.step
+        if not plan.restore[coll.rank]:
+            return False
+        restored = self._snapshots.restore(plan.step)
+        if restored is None or restored.step != plan.step:
+            raise CollectiveFailed(f"step {plan.step} could not be restored")
+        return True
+
+    def _share_initial_state(self, coll: Collectives) -> None:
+        """A new job: every rank starts from rank 0's parameters and buffers (as DDP does)."""
+        with torch.no_grad():
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                coll.broadcast(tensor.data, root=0)
+
+    def _truncate(self, step: int, epoch: int) -> None:
+        """Records after ``step`` belong to an abandoned future: the agent drops them."""
+        session = self._snapshots._session
+        if session is not None and self._snapshots.enabled:
+            session.call("truncate_snapshots", after_step=step, epoch=epoch)
+        if self.step == 0 and step == 0:
+            self._snapshots.snapshot(0, data_position={"step": 0})
+
     def hosting(self) -> list[tuple[int, int]]:
         """Every rank's block of logical workers."""
         return plan_hosting(self.plan.logical_workers, self._capacities)
 
     def _train_step(self, step: int) -> float:
+        coll = self._coll
+        assert coll is not None
         blocks = self.hosting()
         start, end = blocks[self.rank]
         sum_mode = False
@@ -192,16 +354,16 @@ class Job:
                     p.grad = None
             for micro in range(self.plan.micro_batches):
                 if fast is not None and logical == end - 1 and micro == self.plan.micro_batches - 1:
-                    fast.arm()
+                    fast.arm(coll)
                 sum_mode = self._micro_batch(step, logical, micro, extras)
             if fast is None:
                 self._deterministic.leaf_done(extras)
             else:
                 hosted += extras
         if fast is None:
-            total = self._deterministic.reduce(blocks, self.rank)
+            total = self._deterministic.reduce(blocks, coll)
         else:
-            total = fast.reduce(hosted)
+            total = fast.reduce(hosted, coll)
         loss, count = total.tolist()
         if sum_mode:
             for p in self._params:
@@ -244,6 +406,11 @@ class Job:
         return self._permutation[1]
 
     def close(self) -> None:
+        session = self._snapshots._session
         self._snapshots.close()
         if self._fast is not None:
             self._fast.close()
+        if self._inplace is not None:
+            self._inplace.close()
+        if session is not None:
+            session.finished()

@@ -14,26 +14,22 @@ the gradient's scale is that of the global batch at any world size.
   the step's last backward, buckets of gradients are all-reduced as soon as they are ready
   (post-accumulate hooks, as DDP does), overlapped with the rest of the backward.
 
-A collective is waited for through ``wait(work)``: the ``Job`` passes one that gives up when
-the world changes.
+Collectives go through :class:`~elastictrain.train.collectives.Collectives`, whose wait gives
+up when the world changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from elastictrain.train.collectives import Collectives
 from elastictrain.train.tree import BlockSum, Node, cover, merge
 
-Wait = Callable[[dist.Work], None]
 EXTRAS = 2  # the loss and the count, float64
-
-
-def _default_wait(work: dist.Work) -> None:
-    work.wait()
 
 
 @dataclass(frozen=True)
@@ -81,11 +77,10 @@ class DeterministicReducer:
     """Sums logical workers' gradients in the fixed tree order; see the module docstring."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], logical_workers: int,
-                 device: torch.device, wait: Wait = _default_wait) -> None:  # fmt: skip
+                 device: torch.device) -> None:  # fmt: skip
         self.groups = _groups([p for p in params if p.requires_grad])
         self.leaves = logical_workers
         self.device = device
-        self.wait = wait
         self._block: BlockSum | None = None
 
     def begin(self, start: int, end: int) -> None:
@@ -99,23 +94,26 @@ class DeterministicReducer:
         flats = [_flatten(g, self.device) for g in self.groups]
         self._block.push([*flats, extras.to(self.device, torch.float64)])
 
-    def reduce(self, blocks: Sequence[tuple[int, int]], rank: int,
-               group: dist.ProcessGroup | None = None) -> torch.Tensor:  # fmt: skip
+    def discard(self) -> None:
+        """Drop the step's partials (the step is abandoned)."""
+        self._block = None
+
+    def reduce(self, blocks: Sequence[tuple[int, int]], coll: Collectives) -> torch.Tensor:
         """Write the reduced gradient into ``.grad``; returns the reduced extras.
 
         ``blocks`` are every rank's blocks of logical workers this step (the same on all)."""
         assert self._block is not None
         mine = self._block.partials()
         self._block = None
-        world = len(blocks)
+        world, rank = len(blocks), coll.rank
         covers = [cover(s, e, self.leaves) for s, e in blocks]
         assert [n for n, _ in mine] == covers[rank]
         extras_out = None
         for index, kind in enumerate([*self.groups, None]):
             numel = kind.numel if kind is not None else EXTRAS
             dtype = kind.dtype if kind is not None else torch.float64
-            reduced = self._reduce_one([v[index] for _, v in mine], covers, rank, world, numel,
-                                       dtype, group)  # fmt: skip
+            reduced = self._reduce_one([v[index] for _, v in mine], covers, world, numel, dtype,
+                                       coll)  # fmt: skip
             if kind is not None:
                 _unflatten_into_grads(kind, reduced)
             else:
@@ -123,9 +121,8 @@ class DeterministicReducer:
         assert extras_out is not None
         return extras_out
 
-    def _reduce_one(self, values: list[torch.Tensor], covers: list[list[Node]], rank: int,
-                    world: int, numel: int, dtype: torch.dtype,
-                    group: dist.ProcessGroup | None) -> torch.Tensor:  # fmt: skip
+    def _reduce_one(self, values: list[torch.Tensor], covers: list[list[Node]], world: int,
+                    numel: int, dtype: torch.dtype, coll: Collectives) -> torch.Tensor:  # fmt: skip
         shard = -(-numel // world)
         padded = shard * world
         if world == 1:
@@ -140,19 +137,12 @@ class DeterministicReducer:
                 else torch.zeros(0, dtype=dtype, device=self.device))  # fmt: skip
         counts = [len(c) for c in covers]
         receive = torch.empty(sum(counts) * shard, dtype=dtype, device=self.device)
-        work = dist.all_to_all_single(
-            receive, send,
-            output_split_sizes=[n * shard for n in counts],
-            input_split_sizes=[len(values) * shard] * world,
-            group=group, async_op=True,
-        )  # fmt: skip
-        self.wait(work)
+        coll.all_to_all(receive, send, [n * shard for n in counts], [len(values) * shard] * world)
         pieces = receive.view(-1, shard)
         nodes = [node for c in covers for node in c]
         root = merge(zip(nodes, pieces, strict=True), self.leaves, _add)
         out = torch.empty(padded, dtype=dtype, device=self.device)
-        work = dist.all_gather_into_tensor(out, root.contiguous(), group=group, async_op=True)
-        self.wait(work)
+        coll.all_gather(out, root.contiguous())
         return out[:numel]
 
 
@@ -164,9 +154,8 @@ class FastReducer:
     """The backend's all-reduce in buckets, launched while the last backward still runs."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], device: torch.device,
-                 wait: Wait = _default_wait, bucket_bytes: int = 25 << 20) -> None:  # fmt: skip
+                 bucket_bytes: int = 25 << 20) -> None:  # fmt: skip
         self.device = device
-        self.wait = wait
         trainable = [p for p in params if p.requires_grad]
         self.buckets: list[list[torch.nn.Parameter]] = []
         size, current = 0, []
@@ -181,15 +170,15 @@ class FastReducer:
             self.buckets.append(current)
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self._armed = False
-        self._group: dist.ProcessGroup | None = None
+        self._coll: Collectives | None = None
         self._pending: list[int] = []
         self._launched: dict[int, tuple[dist.Work, torch.Tensor]] = {}
         self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in trainable]
 
-    def arm(self, group: dist.ProcessGroup | None = None) -> None:
+    def arm(self, coll: Collectives) -> None:
         """The next backward is the step's last on this rank: launch buckets as they fill."""
         self._armed = True
-        self._group = group
+        self._coll = coll
         self._pending = [len(b) for b in self.buckets]
         self._launched = {}
 
@@ -206,22 +195,27 @@ class FastReducer:
         flat = torch.cat([
             p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in bucket
         ])  # fmt: skip
-        work = dist.all_reduce(flat, group=self._group, async_op=True)
-        self._launched[index] = (work, flat)
+        assert self._coll is not None
+        self._launched[index] = (self._coll.all_reduce_async(flat), flat)
 
-    def reduce(self, extras: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    def discard(self) -> None:
+        """Drop the step's launched buckets (the step is abandoned)."""
+        self._armed = False
+        self._launched = {}
+
+    def reduce(self, extras: torch.Tensor, coll: Collectives) -> torch.Tensor:
         """Finish the step's all-reduces (launching the buckets no backward filled, as on a
         rank that hosts no logical worker) and write the sums into ``.grad``."""
         if not self._armed:
-            self.arm(group)
+            self.arm(coll)
         self._armed = False
         for index in range(len(self.buckets)):
             if index not in self._launched:
                 self._launch(index)
         total = extras.to(self.device, torch.float64).clone()
-        extras_work = dist.all_reduce(total, group=self._group, async_op=True)
+        extras_work = coll.all_reduce_async(total)
         for index, (work, flat) in sorted(self._launched.items()):
-            self.wait(work)
+            coll.wait(work)
             offset = 0
             for p in self.buckets[index]:
                 view = flat[offset : offset + p.numel()].view_as(p)
@@ -230,7 +224,7 @@ class FastReducer:
                 else:
                     p.grad.copy_(view)
                 offset += p.numel()
-        self.wait(extras_work)
+        coll.wait(extras_work)
         self._launched = {}
         return total
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -57,10 +58,13 @@ def train(args) -> Job:
         scheduler=sched, logical_workers=args.logical_workers, reduction=args.reduction,
     )  # fmt: skip
     losses = []
+    print(f"pid {os.getpid()} starts", flush=True)
     for step in job:
         losses.append(job.loss)
         if job.rank == 0:
             print(f"step {step} loss {job.loss:.6f} world {job.world}", flush=True)
+        time.sleep(args.step_sleep)
+    print(f"pid {os.getpid()} done as rank {job.rank} of {job.world}", flush=True)
     if job.rank == 0 and args.out:
         state = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save({"params": state, "losses": losses}, args.out)
@@ -77,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction", default="deterministic")
     p.add_argument("--loss", default="mean")
     p.add_argument("--out", default=None)
+    p.add_argument("--step-sleep", type=float, default=0.0)
     return p
 
 

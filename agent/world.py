@@ -1,0 +1,120 @@
+"""The in-place world of a round: which worker process holds which rank (pure).
+
+Within one rendezvous round, the ranks of a job whose workers use the ``Job`` API can change
+without restarting anyone: a lost worker's rank goes to a hot spare, or the world shrinks. A
+world is an ordered tuple of members ``(node, slot)`` (rank = position; ``slot`` is the
+worker's id on its node) and an epoch that only grows. Epoch 0 follows from the round's
+rendezvous; later epochs live in one etcd record (``ctl/world``), moved forward by a fenced
+compare-and-set: any agent that sees a fault proposes the next world on top of the current
+one, and a lost race re-plans on top of the winner. No agent coordinates the others.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from elastictrain.errors import ElasticTrainError
+
+from .plan import RoundPlan
+
+WORLD_VERSION = 1
+
+
+class WorldFormatError(ElasticTrainError):
+    """A world record this version cannot read."""
+
+
+@dataclass(frozen=True, order=True)
+class Member:
+    node: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class World:
+    round_id: str
+    epoch: int
+    members: tuple[Member, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes with members, in rank order of their first member."""
+        return tuple(dict.fromkeys(m.node for m in self.members))
+
+    @property
+    def store_prefix(self) -> str:
+        """Where this world's process group meets (in the job's etcd store): fresh per epoch,
+        hosted by no node."""
+        return f"worlds/{self.round_id}/{self.epoch}/"
+
+    def rank_of(self, node: str, slot: int) -> int | None:
+        try:
+            return self.members.index(Member(node, slot))
+        except ValueError:
+            return None
+
+    def slots_on(self, node: str) -> dict[int, int]:
+        """slot -> rank of this node's members."""
+        return {m.slot: rank for rank, m in enumerate(self.members) if m.node == node}
+
+    def encode(self) -> bytes:
+        record = {"version": WORLD_VERSION, "round_id": self.round_id, "epoch": self.epoch,
+                  "members": [[m.node, m.slot] for m in self.members]}  # fmt: skip
+        return json.dumps(record, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> World:
+        try:
+            record = json.loads(raw)
+            if record.get("version") != WORLD_VERSION:
+                raise WorldFormatError(f"world version {record.get('version')!r} is not "
+                                       f"{WORLD_VERSION}")  # fmt: skip
+            members = tuple(Member(str(n), int(s)) for n, s in record["members"])
+            return cls(str(record["round_id"]), int(record["epoch"]), members)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                AttributeError) as exc:  # fmt: skip
+            raise WorldFormatError(f"malformed world record: {exc}") from exc
+
+
+def initial_world(plan: RoundPlan) -> World:
+    """Epoch 0: the round's ranks (contiguous per node, in group-rank order)."""
+    slots = sorted(plan.slots, key=lambda s: s.group_rank)
+    members = tuple(Member(s.node_id, local) for s in slots for local in range(s.local_world_size))
+    return World(plan.round_id, 0, members)
+
+
+@dataclass(frozen=True)
+class WorldChange:
+    world: World | None  # None: nothing to change
+    reason: str
+
+
+def plan_next_world(current: World, lost: Collection[Member],
+                    spares: Sequence[Member] = ()) -> WorldChange:  # fmt: skip
+    """The next world without the ``lost`` members: each lost rank goes to the next idle
+    spare (one that is not a member already), else the world shrinks and the ranks after it
+    move down. The survivors keep their order."""
+    gone = [m for m in current.members if m in set(lost)]
+    if not gone:
+        return WorldChange(None, "no lost member is in the current world")
+    idle = [s for s in spares if s not in current.members and s not in set(lost)]
+    members: list[Member] = []
+    replaced, dropped = [], []
+    for rank, member in enumerate(current.members):
+        if member not in gone:
+            members.append(member)
+        elif idle:
+            spare = idle.pop(0)
+            members.append(spare)
+            replaced.append(f"rank {rank} -> spare {spare.node}/{spare.slot}")
+        else:
+            dropped.append(rank)
+    parts = replaced + ([f"ranks {dropped} dropped"] if dropped else [])
+    world = World(current.round_id, current.epoch + 1, tuple(members))
+    return WorldChange(world, f"epoch {world.epoch}, {world.size} rank(s): {'; '.join(parts)}")

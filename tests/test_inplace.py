@@ -1,0 +1,115 @@
+"""In-place recovery end to end: real agents, etcd and worker processes on gloo, the ``Job``
+API with dropout, faults injected by rank and step; final parameters against the fault-free
+run (bit-identical with the deterministic reduction)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from launch_harness import SCRIPTS, Cluster
+
+from elastictrain.events import read_events
+
+JOB_SCRIPT = SCRIPTS / "job_train.py"
+STEPS = 20
+PIDS = re.compile(r"^pid (\d+) (starts|done)", re.M)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def cluster(tmp_path, runtime_dir):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The fault-free run: one process, same steps (the result does not depend on the world)."""
+    from test_job import _train
+
+    return _train(tmp_path_factory.mktemp("inplace-ref"), 1, "--steps", str(STEPS))
+
+
+def _launch(cluster: Cluster, etcd: str, job_id: str, nodes: str, *flags: str,
+            reduction: str = "deterministic") -> list:  # fmt: skip
+    args = ["--steps", str(STEPS), "--out", str(cluster.workdir / "final.pt"),
+            "--reduction", reduction, "--step-sleep", "0.05"]  # fmt: skip
+    return [
+        cluster.agent(node, etcd=etcd, job_id=job_id, nnodes="1:2", nproc=2, max_restarts=0,
+                      script=JOB_SCRIPT, script_args=args, extra=list(flags))  # fmt: skip
+        for node in nodes
+    ]
+
+
+def _pids(text: str) -> tuple[set[int], set[int]]:
+    found = PIDS.findall(text)
+    return ({int(p) for p, what in found if what == "starts"},
+            {int(p) for p, what in found if what == "done"})  # fmt: skip
+
+
+def _check(cluster: Cluster, reference: dict, reduction: str) -> None:
+    final = torch.load(cluster.workdir / "final.pt")
+    if reduction == "deterministic":
+        for key, value in reference["params"].items():
+            assert torch.equal(final["params"][key], value), f"{key} differs"
+        assert final["losses"][-5:] == reference["losses"][-5:]
+    else:
+        for key, value in reference["params"].items():
+            error = float((final["params"][key] - value).norm() / value.norm())
+            assert error < 1e-5, f"{key}: relative error {error}"
+        assert final["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["deterministic", "fast"])
+def test_a_lost_node_shrinks_the_world_in_place(cluster, etcd_endpoint, etcd_client, job_id,
+                                                reference, reduction):  # fmt: skip
+    a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill-agent:rank=2:step=13",
+                   reduction=reduction)  # fmt: skip
+    assert a.wait(240) == 0, a.text()
+    assert b.wait(30) != 0
+    started, done = _pids(a.text())
+    assert len(started) == 2 and done == started  # the survivors were never restarted
+    (lost,) = read_events(etcd_client, job_id, "node_lost")
+    assert (lost.node, lost.details["lost"]) == ("a", ["b"])
+    (world,) = read_events(etcd_client, job_id, "world_changed")
+    assert (world.details["epoch"], world.details["world_size"]) == (1, 2)
+    recovered = read_events(etcd_client, job_id, "recovered")
+    assert sorted(e.details["rank"] for e in recovered) == [0, 1]
+    assert {e.details["resume_step"] for e in recovered} <= {12, 13}
+    assert not read_events(etcd_client, job_id, "request_restart")
+    _check(cluster, reference, reduction)
+
+
+def test_a_killed_worker_is_dropped_and_the_survivors_go_on(cluster, etcd_endpoint, etcd_client,
+                                                            job_id, reference):  # fmt: skip
+    a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill:rank=3:step=7")
+    for proc in (a, b):
+        assert proc.wait(240) == 0, proc.text()
+    started, done = _pids(a.text() + b.text())
+    assert len(started) == 4 and len(done) == 3 and done < started
+    (fault,) = read_events(etcd_client, job_id, "fault")
+    (lost,) = read_events(etcd_client, job_id, "reconfigure")
+    assert lost.details["ranks"] == [3] and lost.time - fault.time < 0.5  # seen at once
+    (world,) = read_events(etcd_client, job_id, "world_changed")[:1]
+    assert world.details["world_size"] == 3
+    assert sorted(e.details["rank"] for e in read_events(etcd_client, job_id, "recovered")) == [
+        0, 1, 2
+    ]  # fmt: skip
+    _check(cluster, reference, "deterministic")
+
+
+def test_a_stopped_worker_is_declared_hung_and_dropped(cluster, etcd_endpoint, etcd_client,
+                                                       job_id, reference):  # fmt: skip
+    a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "stop:rank=1:step=5",
+                   "--hang-timeout", "2")  # fmt: skip
+    for proc in (a, b):
+        assert proc.wait(240) == 0, proc.text()
+    (fault,) = read_events(etcd_client, job_id, "fault")
+    (hung,) = read_events(etcd_client, job_id, "worker_hung")
+    assert hung.details["rank"] == 1 and 1.4 <= hung.time - fault.time < 3.5
+    assert read_events(etcd_client, job_id, "world_changed")[0].details["world_size"] == 3
+    _check(cluster, reference, "deterministic")

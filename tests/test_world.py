@@ -1,0 +1,103 @@
+"""In-place worlds, their next epochs and where a re-formed world resumes (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from elastictrain.agent import machine as M
+from elastictrain.agent.plan import NodeSlot, RoundPlan
+from elastictrain.agent.world import Member, World, WorldFormatError, initial_world, plan_next_world
+
+from elastictrain.train.resume import plan_resume
+
+pytestmark = pytest.mark.unit
+
+
+def _plan(*sizes: int, me: int = 0) -> RoundPlan:
+    slots = tuple(NodeSlot(i, "abc"[i], n, "h", f"e{i}") for i, n in enumerate(sizes))
+    return RoundPlan("r1", me, slots, "h", 1, 0, 0)
+
+
+def test_the_first_world_is_the_rounds_ranks_and_records_round_trip():
+    world = initial_world(_plan(2, 2))
+    assert world.members == (Member("a", 0), Member("a", 1), Member("b", 0), Member("b", 1))
+    assert world.rank_of("b", 1) == 3 and world.slots_on("b") == {0: 2, 1: 3}
+    assert World.decode(world.encode()) == world
+    assert world.store_prefix == "worlds/r1/0/"
+    for raw in (b"{", b'{"version": 9}', b'{"version": 1, "round_id": "r"}'):
+        with pytest.raises(WorldFormatError):
+            World.decode(raw)
+
+
+def test_a_lost_rank_goes_to_a_spare_else_the_world_shrinks():
+    world = initial_world(_plan(2, 2))
+    spare = Member("b", 2)
+    taken = plan_next_world(world, {Member("b", 0)}, [spare]).world
+    assert taken.members[2] == spare and taken.size == 4 and taken.epoch == 1
+    shrunk = plan_next_world(taken, {Member("a", 0), Member("a", 1)}).world
+    assert shrunk.members == (spare, Member("b", 1)) and shrunk.epoch == 2
+    assert plan_next_world(shrunk, {Member("a", 0)}).world is None  # already out
+    # a spare already holding a rank is not offered twice
+    again = plan_next_world(taken, {Member("b", 1)}, [spare]).world
+    assert again.size == 3
+
+
+def test_resume_at_the_newest_step_everyone_can_have():
+    fresh = plan_resume([-1, -1], set())
+    assert fresh.fresh and fresh.step == 0
+    same = plan_resume([7, 7, 7], {5, 6})
+    assert (same.step, same.restore) == (7, (False, False, False))
+    spare = plan_resume([7, 7, -1], {6, 7})
+    assert (spare.step, spare.restore) == (7, (False, False, True))
+    ahead = plan_resume([13, 12], {12})  # one rank stepped past the others: it rolls back
+    assert (ahead.step, ahead.restore) == (12, (True, False))
+    behind = plan_resume([13, 12], {12, 13})
+    assert (behind.step, behind.restore) == (13, (False, True))
+    assert plan_resume([5, 9], set()) is None
+
+
+def _inplace(sizes=(2, 2), me=0) -> M.AgentMachine:
+    m, _ = M.start("ab"[me], max_restarts=1, membership_poll_interval=1.0,
+                   coordination_timeout=60.0)  # fmt: skip
+    m, _ = M.step(m, M.RoundFormed(_plan(*sizes, me=me)), 0.0)
+    for slot in range(sizes[me]):
+        m, _ = M.step(m, M.WorkerAttached(m.generation, slot, "inplace"), 0.0)
+    return m
+
+
+def test_a_lost_in_place_worker_is_proposed_out_of_the_world():
+    m = _inplace()
+    m, effects = M.step(m, M.WorkerLost(m.generation, 1, "session closed"), 1.0)
+    (propose,) = [e for e in effects if isinstance(e, M.ProposeWorld)]
+    assert propose.lost == {Member("a", 1)} and propose.world.size == 3
+    assert m.verdict.action is M.Action.RECONFIGURE and m.verdict.details["ranks"] == [1]
+    assert not [e for e in effects if isinstance(e, M.StopWorkers)]  # nobody is restarted
+    # its exit later changes nothing; the new world is pushed to the survivors
+    m, effects = M.step(m, M.WorkerExited(m.generation, 1, -9), 1.1)
+    assert effects == []
+    m, effects = M.step(m, M.WorldChanged(propose.world), 1.2)
+    assert [type(e) for e in effects if not isinstance(e, M.Record)] == [M.PushWorld]
+    assert m.world.epoch == 1 and m.members_here() == {0: 0}
+
+
+def test_a_lost_node_is_taken_out_in_place_and_the_last_rank_falls_back_to_a_restart():
+    m = _inplace()
+    m, effects = M.step(m, M.NodesLost(frozenset({"b"})), 1.0)
+    (propose,) = [e for e in effects if isinstance(e, M.ProposeWorld)]
+    assert propose.world.members == (Member("a", 0), Member("a", 1))
+    assert not [e for e in effects if isinstance(e, M.Rendezvous)]
+    single = _inplace(sizes=(1,))
+    single, effects = M.step(single, M.WorkerLost(single.generation, 0, "closed"), 1.0)
+    assert single.verdict.action is M.Action.REQUEST_RESTART  # no rank left to go on with
+
+
+def test_planned_faults_go_to_the_holder_of_the_rank_in_the_first_world_only():
+    m, _ = M.start("b", max_restarts=0, membership_poll_interval=1.0, coordination_timeout=60.0,
+                   faults=(M.FaultPlan("kill", 3, 7), M.FaultPlan("kill", 1, 2)))  # fmt: skip
+    m, _ = M.step(m, M.RoundFormed(_plan(2, 2, me=1)), 0.0)
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 1, "inplace"), 0.0)
+    assert effects == [M.PushFault(1, M.FaultPlan("kill", 3, 7))]
+    m = replace(m, world=replace(m.world, epoch=1))
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 0, "inplace"), 0.0)
+    assert effects == []
