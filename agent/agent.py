@@ -205,6 +205,7 @@ class Agent:
             membership_poll_interval=cfg.membership_poll_interval,
             coordination_timeout=cfg.coordination_timeout,
             hang_timeout=cfg.hang_timeout,
+            hot_spares=cfg.hot_spares,
             faults=tuple(cfg.faults),
         )
         self._apply(effects)
@@ -258,6 +259,8 @@ class Agent:
                 self._record(effect.verdict)
             elif isinstance(effect, M.StartWorkers):
                 self._start_workers(effect.plan, effect.generation, effect.world)
+            elif isinstance(effect, M.StartSpares):
+                self._start_spares(effect.generation, effect.slots)
             elif isinstance(effect, M.KillWorker):
                 self._workers.kill_slot(effect.slot, signal.SIGKILL)
             elif isinstance(effect, M.StopWorkers):
@@ -317,7 +320,19 @@ class Agent:
                 run_id=cfg.job_id,
                 parent_env=os.environ,
             )
-            | {
+            | self._agent_env(generation, a.local_rank)
+            for a in self._assignments
+        ]
+        self._workers.start(
+            [(a.local_rank, a, env) for a, env in zip(self._assignments, envs, strict=True)]
+        )
+
+    def _agent_env(self, generation: int, slot: int) -> dict[str, str]:
+        """What every worker of this agent is told: how to reach it, and its session."""
+        cfg = self.config
+        assert self._sessions is not None
+        return (
+            {
                 "ETRAIN_AGENT_ENDPOINT": self.endpoint,
                 "ETRAIN_JOB_ID": cfg.job_id,
                 "ETRAIN_NODE_ID": cfg.node_id,
@@ -325,16 +340,32 @@ class Agent:
             | ({"ETRAIN_SNAPSHOT_DIR": cfg.snapshot_dir} if cfg.snapshot_dir else {})
             | {
                 constants.ENV_SESSION_ADDRESS: self._sessions.env_address,
-                constants.ENV_SESSION_TOKEN: self._sessions.expect(
-                    WorkerKey(generation, a.local_rank)
-                ),
+                constants.ENV_SESSION_TOKEN: self._sessions.expect(WorkerKey(generation, slot)),
                 constants.ENV_ETCD: cfg.etcd,
             }
-            for a in self._assignments
-        ]
-        self._workers.start(
-            [(a.local_rank, a, env) for a, env in zip(self._assignments, envs, strict=True)]
         )
+
+    def _start_spares(self, generation: int, slots: tuple[int, ...]) -> None:
+        """Hot spares: torchrun's variables that do not depend on a rank (a spare's device
+        is that of local rank ``slot mod nproc``); no RANK, WORLD_SIZE or MASTER_*: the
+        ``Job`` is told its rank by the world that names it."""
+        plan = self._plan
+        if plan is None or generation != self._generation:
+            return
+        nproc = plan.slots[plan.group_rank].local_world_size
+        envs = []
+        for slot in slots:
+            env = {
+                "LOCAL_RANK": str(slot % nproc),
+                "LOCAL_WORLD_SIZE": str(nproc),
+                "TORCHELASTIC_RESTART_COUNT": str(plan.restart_count),
+                "TORCHELASTIC_MAX_RESTARTS": str(self.config.max_restarts),
+                "TORCHELASTIC_RUN_ID": self.config.job_id,
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                constants.ENV_SPARE: "1",
+            } | self._agent_env(generation, slot)
+            envs.append((slot, None, env))
+        self._workers.start(envs)
 
     def _push_world(self, world: World) -> None:
         """Every local worker of ``world`` hears its rank (survivors abort and re-form)."""

@@ -20,6 +20,7 @@ class Action(enum.Enum):
     """The kinds of verdict."""
 
     START_ROUND = "start_round"  # a round formed: start its workers
+    START_SPARES = "start_spares"  # in place: hot spares to start (first, or replacements)
     WAIT_FOR_PEERS = "wait_for_peers"  # our workers are done, others are not
     REQUEST_RESTART = "request_restart"  # our workers failed: restart the job (counts)
     FOLLOW_RESTART = "follow_restart"  # a restart was asked: re-rendezvous
@@ -57,6 +58,15 @@ class StartWorkers:
     plan: RoundPlan
     generation: int  # tells this start's workers from earlier ones
     world: World  # epoch 0 of the round's in-place world
+
+
+@dataclass(frozen=True)
+class StartSpares:
+    """Start hot spares in ``slots``: workers that run the script until its ``Job`` needs a
+    rank, then wait for a world that names them."""
+
+    generation: int
+    slots: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -180,10 +190,9 @@ class Exit:
 
 
 Effect = (
-    Record | StartWorkers | KillWorker | StopWorkers | PushWorld | PushFault | ProposeWorld
-    | Rendezvous
-    | PollMembership | RequestRestart | FailJob | CloseRendezvous | MarkRoundDone | EvictNodes
-    | Register | Exit
+    Record | StartWorkers | StartSpares | KillWorker | StopWorkers | PushWorld | PushFault
+    | ProposeWorld | Rendezvous | PollMembership | RequestRestart | FailJob | CloseRendezvous
+    | MarkRoundDone | EvictNodes | Register | Exit
 )  # fmt: skip
 
 # Writes that the job cannot do without: retried while etcd is away (until the timeout).

@@ -48,6 +48,7 @@ from .effects import (
     Register,
     Rendezvous,
     RequestRestart,
+    StartSpares,
     StartWorkers,
     StopWorkers,
     Verdict,
@@ -88,7 +89,8 @@ __all__ = [  # the observations and effects, for ``machine.X`` in executors and 
     "NodesJoined", "NodesListed", "NodesLost",
     "NodesWaiting", "Observation", "PeerDone", "Phase", "PollMembership", "ProposeWorld",
     "PushWorld", "Record", "Register", "Registered", "Rendezvous", "RendezvousClosed",
-    "RendezvousFailed", "RequestRestart", "RestartRequested", "RoundFormed", "StartWorkers",
+    "RendezvousFailed", "RequestRestart", "RestartRequested", "RoundFormed", "StartSpares",
+    "StartWorkers",
     "StopWorkers", "Stopped", "Tick", "Verdict", "WorkerAttached", "WorkerExited",
     "WorkerFinishing", "WorkerHeartbeat", "WorkerLost", "WorldChanged", "start", "step",
 ]  # fmt: skip
@@ -137,12 +139,14 @@ class AgentMachine:
     membership_poll_interval: float
     coordination_timeout: float
     hang_timeout: float = 0.0  # 0: hangs are not detected
+    hot_spares: int = 0  # idle spares to keep on this node while the job runs in place
     faults: tuple[FaultPlan, ...] = ()  # planned faults not handed to a worker yet
     phase: Phase = Phase.RENDEZVOUS
     round: RoundPlan | None = None
     generation: int = 0  # worker starts so far
     world: World | None = None  # the round's in-place world as last seen
-    spares: tuple[int, ...] = ()  # idle hot-spare slots on this node
+    spares: tuple[int, ...] = ()  # hot-spare slots on this node, started and not in the world
+    next_slot: int = 0  # the slot the next spare started gets (slots are never reused)
     beats: Mapping[int, Beat] = field(default_factory=dict)
     lost: Mapping[int, float] = field(default_factory=dict)  # slot -> when it was seen lost
     modes: Mapping[int, str] = field(default_factory=dict)  # slot -> its session's mode
@@ -172,6 +176,12 @@ class AgentMachine:
             return range(0)
         return range(self.round.slots[self.round.group_rank].local_world_size)
 
+    @property
+    def ready_spares(self) -> tuple[int, ...]:
+        """Spares whose library is attached (model and optimizer built): ready to take a rank."""
+        return tuple(s for s in self.spares
+                     if self.modes.get(s) == MODE_INPLACE and s not in self.lost)  # fmt: skip
+
     def members_here(self) -> dict[int, int]:
         """slot -> rank of this node's members of the current world."""
         return self.world.slots_on(self.node_id) if self.world is not None else {}
@@ -184,6 +194,7 @@ def start(
     membership_poll_interval: float,
     coordination_timeout: float,
     hang_timeout: float = 0.0,
+    hot_spares: int = 0,
     faults: tuple[FaultPlan, ...] = (),
 ) -> tuple[AgentMachine, list[Effect]]:
     """A new agent's machine, and its first effect: join the rendezvous."""
@@ -193,6 +204,7 @@ def start(
         membership_poll_interval=membership_poll_interval,
         coordination_timeout=coordination_timeout,
         hang_timeout=hang_timeout,
+        hot_spares=hot_spares,
         faults=faults,
     )
     return machine, [Rendezvous()]
@@ -291,6 +303,7 @@ def _on_round_formed(m: AgentMachine, obs: RoundFormed, now: float):
     world = initial_world(plan)
     m = _verdict(
         m, Action.START_ROUND, reason, phase=Phase.RUNNING, round=plan, world=world, spares=(),
+        next_slot=plan.slots[plan.group_rank].local_world_size,
         done={k: v for k, v in m.done.items() if k == plan.round_id},
         next_membership_poll=now + m.membership_poll_interval, failing_since=None, retries=0,
         generation=m.generation + 1, beats={}, lost={}, modes={}, finishing=frozenset(),
@@ -419,10 +432,11 @@ def _lose_in_place(m: AgentMachine, slots, how: str, now: float, report: str = "
     fresh = [s for s in slots if s not in m.lost]
     if not fresh:
         return m, []
-    m = replace(m, lost={**m.lost, **{s: now for s in fresh}})
+    m = replace(m, lost={**m.lost, **{s: now for s in fresh}},
+                spares=tuple(s for s in m.spares if s not in fresh))  # fmt: skip
     members = m.members_here()
     gone = [s for s in fresh if s in members]
-    if not gone:  # a spare, or a worker no longer in the world
+    if not gone:  # a spare (not replaced: it may fail again), or a worker out of the world
         where, _ = _rank_text(m, fresh[0])
         m = _verdict(m, Action.WORKER_LOST, f"{where}: {how}", {"slot": fresh[0], "how": how})
         return m, [_announce(m)]
@@ -436,7 +450,7 @@ def _reconfigure(m: AgentMachine, lost: frozenset[Member], what: str,
                  details: Mapping[str, Any], report: str = ""):  # fmt: skip
     """Propose the world without ``lost``; with no rank left, restart the world instead."""
     assert m.world is not None
-    spares = tuple(Member(m.node_id, s) for s in m.spares)
+    spares = tuple(Member(m.node_id, s) for s in m.ready_spares)
     change = plan_next_world(m.world, lost, spares)
     if change.world is None:
         return m, []
@@ -454,6 +468,7 @@ def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
         return m, []
     mine = world.slots_on(m.node_id)
     spares = tuple(s for s in m.spares if s not in mine)
+    taken = len(m.spares) - len(spares)
     # the members re-form: a step that takes long now is the re-forming, not a hang
     beats = {s: replace(b, since=now) for s, b in m.beats.items()}
     m = replace(m, world=world, spares=spares, beats=beats)
@@ -462,9 +477,12 @@ def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
                  {"epoch": world.epoch, "world_size": world.size,
                   "ranks": sorted(mine.values())})  # fmt: skip
     effects: list[Effect] = [_announce(m), PushWorld(world)]
-    for slot in m.round_slots:  # a round worker left out of the world must not linger
+    for slot in range(m.next_slot):  # a worker left out of the world must not linger
         if slot not in mine and slot not in m.exited and slot not in spares:
             effects.append(KillWorker(slot, f"slot {slot} is not in world epoch {world.epoch}"))
+    if taken and mine:  # a spare took a rank: the next one starts now, before it is needed
+        m, more = _start_spares(m, taken, f"{taken} spare(s) took a rank in epoch {world.epoch}")
+        effects += more
     if not mine and m.phase is Phase.RUNNING:
         finished, done = _finish_if_all_done(m)
         if done:
@@ -505,14 +523,31 @@ def _on_worker_heartbeat(m: AgentMachine, obs: WorkerHeartbeat, now: float):
 def _on_worker_attached(m: AgentMachine, obs: WorkerAttached, now: float):
     if not _current(m, obs):
         return m, []
-    return _hand_faults(replace(m, modes={**m.modes, obs.slot: obs.mode}))
+    first_inplace = obs.mode == MODE_INPLACE and not m.inplace
+    m, effects = _hand_faults(replace(m, modes={**m.modes, obs.slot: obs.mode}))
+    if first_inplace and m.hot_spares > 0 and m.phase is Phase.RUNNING:
+        # Only a Job API script can use a spare: they start once its first worker says so.
+        m, more = _start_spares(m, m.hot_spares, "the workers recover in place")
+        effects += more
+    return m, effects
+
+
+def _start_spares(m: AgentMachine, count: int, why: str):
+    slots = tuple(range(m.next_slot, m.next_slot + count))
+    m = _verdict(m, Action.START_SPARES, f"{why}: starting hot spare(s) in slot(s) "
+                 f"{', '.join(map(str, slots))}", {"slots": list(slots)},
+                 spares=m.spares + slots, next_slot=m.next_slot + count)  # fmt: skip
+    return m, [_announce(m), StartSpares(m.generation, slots)]
 
 
 def _hand_faults(m: AgentMachine):
     """Planned faults go to the in-place worker that holds their rank in the round's first
     world (every agent plans the same faults; each holds different ranks there, so a fault is
-    handed out once in the job)."""
+    handed out once in the job). With hot spares, not before this node's are ready: the fault
+    is there to exercise them (one whose step has passed fires at the next step)."""
     if m.world is None or m.world.epoch != 0:
+        return m, []
+    if m.hot_spares and len(m.ready_spares) < m.hot_spares:
         return m, []
     members = m.members_here()
     by_rank = {rank: slot for slot, rank in members.items()

@@ -130,13 +130,23 @@ def add_parser(sub) -> None:
         "(default 300; 0: never)",
     )
     p.add_argument(
+        "--hot-spares",
+        dest="hot_spares",
+        type=int,
+        default=0,
+        metavar="N",
+        help="idle workers kept ready on this node to take a lost rank in place (Job API "
+        "scripts; default 0)",
+    )
+    p.add_argument(
         "--fault",
         dest="faults",
         action="append",
         default=[],
         metavar="KIND:rank=R:step=S",
         help="inject a fault when rank R (a Job API worker) reaches step S: kill, stop or "
-        "kill-agent (repeatable; for chaos tests)",
+        "kill-agent (repeatable; for chaos tests). With --hot-spares, it waits for the "
+        "node's spares to be ready",
     )
     p.add_argument(
         "--local-addr",
@@ -330,6 +340,7 @@ def run(args) -> int:
             snapshot_disk_every=args.snapshot_disk_every,
             snapshot_memory_limit=int(args.snapshot_memory_limit * 1e9),
             faults=faults,
+            hot_spares=args.hot_spares,
             **extra,
         )
         agent = Agent(config)

@@ -38,6 +38,7 @@ ENV_SESSION_ADDRESS = "ETRAIN_SESSION_ADDRESS"  # the agent's socket ("@name": a
 ENV_SESSION_TOKEN = "ETRAIN_SESSION_TOKEN"  # this worker's one-time token
 ENV_SESSION_FD = "ETRAIN_SESSION_FD"  # the connected session, handed to the program
 ENV_ETCD = "ETRAIN_ETCD"  # the job's etcd (in-place worlds meet in its store)
+ENV_SPARE = "ETRAIN_SPARE"  # "1": a hot spare (no rank until a world names it)
 
 # Seconds without a progress report after which a reporting worker counts as hung (0: never).
 DEFAULT_HANG_TIMEOUT_S = 300.0

@@ -14,7 +14,7 @@ from elastictrain.events import read_events
 
 JOB_SCRIPT = SCRIPTS / "job_train.py"
 STEPS = 20
-PIDS = re.compile(r"^pid (\d+) (starts|done)", re.M)
+PIDS = re.compile(r"^pid (\d+) (starts|done) as rank (-?\d+)", re.M)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,9 +35,9 @@ def reference(tmp_path_factory) -> dict:
 
 
 def _launch(cluster: Cluster, etcd: str, job_id: str, nodes: str, *flags: str,
-            reduction: str = "deterministic") -> list:  # fmt: skip
+            reduction: str = "deterministic", step_sleep: float = 0.05) -> list:  # fmt: skip
     args = ["--steps", str(STEPS), "--out", str(cluster.workdir / "final.pt"),
-            "--reduction", reduction, "--step-sleep", "0.05"]  # fmt: skip
+            "--reduction", reduction, "--step-sleep", str(step_sleep)]  # fmt: skip
     return [
         cluster.agent(node, etcd=etcd, job_id=job_id, nnodes="1:2", nproc=2, max_restarts=0,
                       script=JOB_SCRIPT, script_args=args, extra=list(flags))  # fmt: skip
@@ -46,9 +46,14 @@ def _launch(cluster: Cluster, etcd: str, job_id: str, nodes: str, *flags: str,
 
 
 def _pids(text: str) -> tuple[set[int], set[int]]:
+    """(pids that started with a rank, pids that finished with one)."""
     found = PIDS.findall(text)
-    return ({int(p) for p, what in found if what == "starts"},
-            {int(p) for p, what in found if what == "done"})  # fmt: skip
+    return ({int(p) for p, what, rank in found if what == "starts" and int(rank) >= 0},
+            {int(p) for p, what, _ in found if what == "done"})  # fmt: skip
+
+
+def _spares(text: str) -> set[int]:
+    return {int(p) for p, what, rank in PIDS.findall(text) if what == "starts" and rank == "-1"}
 
 
 def _check(cluster: Cluster, reference: dict, reduction: str) -> None:
@@ -99,6 +104,32 @@ def test_a_killed_worker_is_dropped_and_the_survivors_go_on(cluster, etcd_endpoi
     assert sorted(e.details["rank"] for e in read_events(etcd_client, job_id, "recovered")) == [
         0, 1, 2
     ]  # fmt: skip
+    _check(cluster, reference, "deterministic")
+
+
+def test_a_killed_worker_is_replaced_by_a_hot_spare(cluster, etcd_endpoint, etcd_client, job_id,
+                                                    reference):  # fmt: skip
+    a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill:rank=3:step=7",
+                   "--hot-spares", "1", step_sleep=0.4)  # fmt: skip
+    for proc in (a, b):
+        assert proc.wait(240) == 0, proc.text()
+    text = a.text() + b.text()
+    started, done = _pids(text)
+    spares = _spares(text)
+    assert len(started) == 4 and len(done & started) == 3  # the survivors were never restarted
+    (taker,) = done - started
+    assert taker in spares and f"pid {taker} done as rank 3 of 4" in text
+    (fault,) = read_events(etcd_client, job_id, "fault")
+    assert fault.details["rank"] == 3 and fault.details["step"] >= 7
+    (reconfigure,) = read_events(etcd_client, job_id, "reconfigure")
+    assert reconfigure.details["ranks"] == [3] and reconfigure.time - fault.time < 0.5
+    (world,) = read_events(etcd_client, job_id, "world_changed")[:1]
+    assert world.details["world_size"] == 4
+    recovered = {e.details["rank"]: e.details for e in read_events(etcd_client, job_id,
+                                                                    "recovered")}  # fmt: skip
+    assert sorted(recovered) == [0, 1, 2, 3] and recovered[3]["restored"]
+    assert not recovered[0]["restored"]  # a survivor keeps its state when it is the step's
+    assert len(read_events(etcd_client, job_id, "start_spares")) == 3  # 2, then b's next one
     _check(cluster, reference, "deterministic")
 
 

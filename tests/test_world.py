@@ -57,9 +57,9 @@ def test_resume_at_the_newest_step_everyone_can_have():
     assert plan_resume([5, 9], set()) is None
 
 
-def _inplace(sizes=(2, 2), me=0) -> M.AgentMachine:
+def _inplace(sizes=(2, 2), me=0, hot_spares=0) -> M.AgentMachine:
     m, _ = M.start("ab"[me], max_restarts=1, membership_poll_interval=1.0,
-                   coordination_timeout=60.0)  # fmt: skip
+                   coordination_timeout=60.0, hot_spares=hot_spares)  # fmt: skip
     m, _ = M.step(m, M.RoundFormed(_plan(*sizes, me=me)), 0.0)
     for slot in range(sizes[me]):
         m, _ = M.step(m, M.WorkerAttached(m.generation, slot, "inplace"), 0.0)
@@ -101,3 +101,55 @@ def test_planned_faults_go_to_the_holder_of_the_rank_in_the_first_world_only():
     m = replace(m, world=replace(m.world, epoch=1))
     m, effects = M.step(m, M.WorkerAttached(m.generation, 0, "inplace"), 0.0)
     assert effects == []
+
+
+def _effects(effects, kind):
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def test_spares_start_once_the_workers_recover_in_place_and_are_used_when_ready():
+    m, _ = M.start("a", max_restarts=0, membership_poll_interval=1.0, coordination_timeout=60.0,
+                   hot_spares=1)  # fmt: skip
+    m, effects = M.step(m, M.RoundFormed(_plan(2, 2)), 0.0)
+    assert not _effects(effects, M.StartSpares)  # an unmodified script has no use for them
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 0, "snapshot"), 0.1)
+    assert not _effects(effects, M.StartSpares)
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 1, "inplace"), 0.2)
+    assert _effects(effects, M.StartSpares) == [M.StartSpares(m.generation, (2,))]
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 0, "inplace"), 0.3)
+    assert not _effects(effects, M.StartSpares)  # once
+    # not attached yet: a lost rank shrinks the world
+    _, effects = M.step(m, M.WorkerLost(m.generation, 1, "closed"), 1.0)
+    assert _effects(effects, M.ProposeWorld)[0].world.size == 3
+    # ready: the spare takes the rank; once it is in the world, a new spare starts
+    m, _ = M.step(m, M.WorkerAttached(m.generation, 2, "inplace"), 1.0)
+    assert m.ready_spares == (2,)
+    m, effects = M.step(m, M.WorkerLost(m.generation, 1, "closed"), 1.1)
+    (propose,) = _effects(effects, M.ProposeWorld)
+    assert propose.world.members[1] == Member("a", 2) and propose.world.size == 4
+    m, effects = M.step(m, M.WorldChanged(propose.world), 1.2)
+    assert _effects(effects, M.StartSpares) == [M.StartSpares(m.generation, (3,))]
+    assert m.members_here() == {0: 0, 2: 1} and m.spares == (3,)
+
+
+def test_a_spare_that_dies_is_dropped_and_only_ready_spares_take_ranks():
+    m = _inplace(hot_spares=2)
+    assert m.spares == (2, 3)
+    m, _ = M.step(m, M.WorkerAttached(m.generation, 2, "inplace"), 0.5)
+    m, _ = M.step(m, M.WorkerAttached(m.generation, 3, "inplace"), 0.5)
+    m, effects = M.step(m, M.WorkerLost(m.generation, 2, "session closed"), 1.0)
+    assert m.verdict.action is M.Action.WORKER_LOST and "spare slot 2" in m.verdict.reason
+    assert not _effects(effects, M.ProposeWorld) and m.spares == (3,)
+    m, effects = M.step(m, M.WorkerExited(m.generation, 2, -9), 1.1)
+    assert not _effects(effects, M.ProposeWorld) and not _effects(effects, M.StopWorkers)
+    m, effects = M.step(m, M.WorkerLost(m.generation, 0, "session closed"), 1.2)
+    assert _effects(effects, M.ProposeWorld)[0].world.members[0] == Member("a", 3)
+
+
+def test_a_world_that_leaves_out_a_live_worker_kills_it():
+    m = _inplace(hot_spares=1)
+    m, _ = M.step(m, M.WorkerAttached(m.generation, 2, "inplace"), 0.5)
+    world = World(m.world.round_id, 1, (Member("a", 2), Member("b", 0), Member("b", 1)))
+    m, effects = M.step(m, M.WorldChanged(world), 1.0)
+    assert sorted(e.slot for e in _effects(effects, M.KillWorker)) == [0, 1]
+    assert _effects(effects, M.StartSpares) == [M.StartSpares(m.generation, (3,))]

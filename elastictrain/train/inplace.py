@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from elastictrain.constants import ENV_ETCD
+from elastictrain.constants import ENV_ETCD, ENV_SPARE
 from elastictrain.errors import ElasticTrainError
 from elastictrain.session import protocol as P
 from elastictrain.session.client import WorkerSession, worker_session
@@ -124,9 +124,16 @@ class InPlaceWorld:
         latest = self.latest()
         return latest is not None and latest.newer_than(view)
 
+    @property
+    def is_spare(self) -> bool:
+        """Started as a hot spare, and no world has named it yet."""
+        latest = self.latest()
+        return os.environ.get(ENV_SPARE) == "1" and (latest is None or latest.rank < 0)
+
     def next_world(self, after: WorldView | None, timeout: float = WORLD_WAIT_S) -> WorldView:
-        """The first world newer than ``after`` in which this worker holds a rank."""
-        deadline = time.monotonic() + timeout
+        """The first world newer than ``after`` in which this worker holds a rank. A worker
+        that never held one (a hot spare) waits as long as its session lasts."""
+        deadline = time.monotonic() + timeout if after is not None else float("inf")
         with self._lock:
             while True:
                 latest = self._latest
@@ -142,10 +149,11 @@ class InPlaceWorld:
     # -- faults planned by rank and step ------------------------------------------------------
 
     def fire_faults(self, step: int) -> None:
-        """Carry out the faults planned for this step (``etrain launch --fault``)."""
+        """Carry out the faults planned for this step (``etrain launch --fault``), or for an
+        earlier one (a fault held back until this node's hot spares were ready)."""
         with self._lock:
-            due = [f for f in self._faults if int(f["step"]) == step]
-            self._faults = [f for f in self._faults if int(f["step"]) != step]
+            due = [f for f in self._faults if int(f["step"]) <= step]
+            self._faults = [f for f in self._faults if int(f["step"]) > step]
         for fault in due:
             kind = str(fault["kind"])
             logger.warning("injected fault %s at step %d", kind, step)

@@ -131,14 +131,18 @@ class Job:
         self.loss: float | None = None
         self.step = 0  # optimizer steps done
         self.recoveries: list[dict[str, Any]] = []  # in-place recoveries of this process
+        self._warmed = False  # a hot spare built its optimizer state ahead of time
         self._inplace = InPlaceWorld.attach(self.device)
         self._view: WorldView | None = None
         self._coll: Collectives | None = None
         if self._inplace is None:
             self._init_process_group()
             self._coll = Collectives.default()
-        self.rank = self._coll.rank if self._coll is not None else -1
+        self.rank = self._coll.rank if self._coll is not None else -1  # -1: a hot spare
         self.world = self._coll.size if self._coll is not None else 0
+        latest = self._inplace.latest() if self._inplace is not None else None
+        if latest is not None and latest.rank >= 0:  # the rank it starts with, until a change
+            self.rank, self.world = latest.rank, latest.size
         self._capacities: list[float] = []
         from elastictrain.snapshot.worker import Snapshotter
 
@@ -170,8 +174,12 @@ class Job:
     # -- the loop ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[int]:
+        first_after_recovery: float | None = None
         if self._inplace is not None:
-            self._reform(first=True)
+            if self._inplace.is_spare:
+                self._warm_up_spare()
+            if self._reform(first=True):  # a spare, named by a world that moved on
+                first_after_recovery = time.monotonic()
         else:
             self._set_world(self.rank, self.world)
             restored = self._snapshots.restore()
@@ -181,7 +189,6 @@ class Job:
                             restored.source)  # fmt: skip
             elif self.step == 0:
                 self._snapshots.snapshot(0, data_position={"step": 0})
-        first_after_recovery: float | None = None
         while self.step < self.steps:
             step = self.step
             if self._inplace is not None:
@@ -223,9 +230,31 @@ class Job:
 
     # -- in place -------------------------------------------------------------------------------
 
-    def _reform(self, first: bool = False) -> None:
+    def _warm_up_spare(self) -> None:
+        """A hot spare builds what a restore fills in place: the optimizer's state, by one
+        step of zero gradients at learning rate 0 (the parameters do not move)."""
+        if self.optimizer.state:
+            return
+        started = time.monotonic()
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for p in self._params:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        try:
+            self.optimizer.step()
+        finally:
+            for group, lr in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+        self._warmed = True
+        logger.info("hot spare ready in %.2f s: waiting for a rank", time.monotonic() - started)
+
+    def _reform(self, first: bool = False) -> bool:
         """Join the next world: discard the step in flight, form the new group, agree where to
-        go on from, restore in place if this rank's state is not that step's."""
+        go on from, restore in place if this rank's state is not that step's. True when it
+        was a recovery (not the job's first world)."""
         assert self._inplace is not None
         started = time.monotonic()
         self._progress(self.step, active=False)  # waiting for a world is no hang
@@ -256,8 +285,10 @@ class Job:
                 continue
         done = time.monotonic()
         self._truncate(plan.step, view.epoch)
-        if first:
-            return
+        if first and view.epoch == 0:
+            return False
+        if first:  # a spare: its recovery begins when the world names it
+            started = view.received
         report = {
             "epoch": view.epoch, "rank": view.rank, "world_size": view.size,
             "resume_step": plan.step, "steps_before": live, "restored": restored,
@@ -269,6 +300,7 @@ class Job:
         self.recoveries.append(report)
         logger.info("rank %d: re-formed in place at epoch %d: %s", view.rank, view.epoch,
                     plan.reason)  # fmt: skip
+        return True
 
     def _report_recovery(self, first_step_s: float) -> None:
         if not self.recoveries:
@@ -304,6 +336,8 @@ class Job:
     def _resume(self, plan: ResumePlan, coll: Collectives) -> bool:
         """Bring this rank to ``plan.step``; True if it restored from the records."""
         if plan.fresh:
+            if self._warmed:  # a spare in a job with nothing to restore: start clean
+                self.optimizer.state.clear()
             restored = self._snapshots.restore()  # a job restarted from the disk tier
             if restored is not None:
                 self.step = restored.step

@@ -58,7 +58,7 @@ def train(args) -> Job:
         scheduler=sched, logical_workers=args.logical_workers, reduction=args.reduction,
     )  # fmt: skip
     losses = []
-    print(f"pid {os.getpid()} starts", flush=True)
+    print(f"pid {os.getpid()} starts as rank {job.rank}", flush=True)  # -1: a hot spare
     for step in job:
         losses.append(job.loss)
         if job.rank == 0:
