@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from elastictrain import constants
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.nodes import list_nodes
+from elastictrain.errors import CoordinationUnavailableError
 from elastictrain.events import Event
 from elastictrain.session import protocol as P
 from elastictrain.snapshot.memory_store import SnapshotError, SnapshotStore
@@ -89,6 +90,7 @@ class Agent:
             tee=config.tee,
         )
         self._world: World | None = None
+        self._endpoints: dict[str, str] = {}  # node -> gRPC endpoint, of the world's nodes
         self._generation = 0
         self._exiting_reported: set[int] = set()
         self._sessions: SessionServer | None = None
@@ -118,7 +120,7 @@ class Agent:
             round=self._rounds,
             group_rank=plan.group_rank if plan else -1,
             group_world_size=len(plan.slots) if plan else 0,
-            world_size=self._assignments[0].world_size if self._assignments else 0,
+            world_size=self._world.size if self._world is not None else 0,
             gpus=self.config.gpus,
             pid=os.getpid(),
             workers=self._workers.snapshot(),
@@ -259,6 +261,8 @@ class Agent:
                 self._record(effect.verdict)
             elif isinstance(effect, M.StartWorkers):
                 self._start_workers(effect.plan, effect.generation, effect.world)
+            elif isinstance(effect, M.JoinWorld):
+                self._join_world(effect.plan, effect.generation, effect.world)
             elif isinstance(effect, M.StartSpares):
                 self._start_spares(effect.generation, effect.slots)
             elif isinstance(effect, M.KillWorker):
@@ -297,19 +301,41 @@ class Agent:
             )  # fmt: skip
         )
 
-    def _start_workers(self, plan: RoundPlan, generation: int, world: World) -> None:
-        cfg = self.config
+    def _new_start(self, plan: RoundPlan, generation: int, world: World) -> None:
+        """Forget the previous start's workers: a round begins, or a running world is joined."""
         assert self._sessions is not None
         self._rounds += 1
         self._plan = plan
         self._world = world
+        self._endpoints = {s.node_id: s.endpoint for s in plan.slots}
         self._generation = generation
         self._workers.reset()
         self._exiting_reported = set()
         self._sessions.forget(generation)
-        self._assignments = assign_worker_ranks(plan.slots, plan.group_rank)
+        self._assignments = []
         if self.snapshots is not None:
             self.snapshots.new_round()
+
+    def _join_world(self, plan: RoundPlan, generation: int, world: World) -> None:
+        self._new_start(plan, generation, world)
+        self._refresh_endpoints(world)
+
+    def _refresh_endpoints(self, world: World) -> None:
+        """The gRPC endpoints of the world's nodes (a node that joined in place, or came back
+        with a new agent, is not in the round's slots): from the node registry."""
+        assert self._coordinator is not None
+        try:
+            registered = {n.node_id: n.endpoint
+                          for n in list_nodes(self._client, self._coordinator.keys)}  # fmt: skip
+        except CoordinationUnavailableError as exc:
+            logger.warning("agent %s: node endpoints not read: %s", self.config.node_id, exc)
+            return
+        self._endpoints = {**self._endpoints, **registered}
+
+    def _start_workers(self, plan: RoundPlan, generation: int, world: World) -> None:
+        cfg = self.config
+        self._new_start(plan, generation, world)
+        self._assignments = assign_worker_ranks(plan.slots, plan.group_rank)
         envs = [
             worker_env(
                 a,
@@ -371,6 +397,7 @@ class Agent:
         """Every local worker of ``world`` hears its rank (survivors abort and re-form)."""
         assert self._sessions is not None
         self._world = world
+        self._refresh_endpoints(world)
         for slot, rank in world.slots_on(self.config.node_id).items():
             self._workers.set_assignment(slot, self._assignment_in(world, slot))
             if not self._sessions.push(WorkerKey(self._generation, slot),
@@ -437,7 +464,7 @@ class Agent:
             return RoundView()
         return RoundView(
             members=world.nodes,
-            endpoints={s.node_id: s.endpoint for s in plan.slots},
+            endpoints=dict(self._endpoints),
             local_ranks=frozenset(world.slots_on(self.config.node_id).values()),
         )
 

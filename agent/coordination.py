@@ -52,7 +52,7 @@ from elastictrain.rendezvous.registration import create_handler
 from . import machine as M
 from .config import AgentConfig
 from .plan import NodeSlot, RoundPlan
-from .world import World, WorldFormatError, plan_next_world
+from .world import World, WorldFormatError, joinable, plan_next_world
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,8 @@ class JobCoordinator:
             self._rendezvous.submit(self._write(effect, self._close), effect.delay)
         elif isinstance(effect, M.FailJob):
             self._rendezvous.submit(self._write(effect, self._fail_job), effect.delay)
+        elif isinstance(effect, M.PublishWorld):
+            self._writes.submit(self._write(effect, self._publish_world))
         elif isinstance(effect, M.ProposeWorld):
             self._writes.submit(self._write(effect, self._propose_world), effect.delay)
         elif isinstance(effect, M.RequestRestart):
@@ -273,6 +275,14 @@ class JobCoordinator:
 
     def _next_round(self) -> None:
         try:
+            found = self._joinable_world()
+        except CoordinationUnavailableError as exc:
+            self._post(M.RendezvousFailed(f"{type(exc).__name__}: {exc}", retryable=True))
+            return
+        if found is not None:
+            self._post(found)
+            return
+        try:
             info = self._handler.next_rendezvous()
             plan = self._exchange_round_data(info)
         except RendezvousClosedError:
@@ -289,6 +299,54 @@ class JobCoordinator:
             self._post(M.RendezvousFailed(f"{type(exc).__name__}: {exc}", retryable=False))
             return
         self._post(M.RoundFormed(plan))
+
+    def _joinable_world(self) -> M.WorldFound | None:
+        """A live round that runs in place, which this node joins instead of a rendezvous."""
+        kv = self.client.get(self.keys.world)
+        if kv is None:
+            return None
+        try:
+            world = World.decode(kv.value)
+        except WorldFormatError:
+            return None
+        restart = self.client.get(self.keys.restart_signal)
+        done_kvs, _ = self.client.get_prefix(f"{self.keys.rounds_prefix}{world.round_id}/done/")
+        ended = self.client.get(self.keys.outcome) is not None or self._handler_closed()
+        ok, reason = joinable(
+            world, me=self.config.node_id,
+            restart_revision=restart.mod_revision if restart else 0,
+            live=[n.node_id for n in list_nodes(self.client, self.keys)],
+            done=[kv.key.rsplit("/", 1)[-1] for kv in done_kvs], ended=ended,
+        )  # fmt: skip
+        logger.info("agent %s: world record of round %s: %s", self.config.node_id,
+                    world.round_id, reason if ok else f"not joined ({reason})")  # fmt: skip
+        if not ok:
+            return None
+        cfg = self.config
+        slot = NodeSlot(0, cfg.node_id, cfg.nproc_per_node, cfg.local_addr, self.endpoint)
+        plan = RoundPlan(world.round_id, 0, (slot,), "", 0, world.restart_revision,
+                         json.loads(restart.value)["count"] if restart else 0)  # fmt: skip
+        return M.WorldFound(plan, world)
+
+    def _handler_closed(self) -> bool:
+        kv = self.client.get(self.keys.rendezvous_state)
+        if kv is None:
+            return False
+        try:
+            return bool(pickle.loads(kv.value).closed)
+        except Exception:  # an unreadable state is as good as closed
+            return True
+
+    def _publish_world(self, effect: M.PublishWorld) -> None:
+        kv = self.client.get(self.keys.world)
+        if kv is not None:
+            try:
+                if World.decode(kv.value).round_id == effect.world.round_id:
+                    return  # this round's world is there (maybe moved on already)
+            except WorldFormatError:
+                pass
+        self.client.compare_and_swap(self.keys.world, effect.world.encode(),
+                                     kv.mod_revision if kv is not None else 0)  # fmt: skip
 
     def _closed(self) -> M.RendezvousClosed:
         try:
@@ -371,7 +429,8 @@ class JobCoordinator:
                 if stored is not None and stored.round_id == effect.base.round_id:
                     current = stored
             if current.epoch >= proposal.epoch:
-                proposal = plan_next_world(current, effect.lost, effect.spares).world
+                proposal = plan_next_world(current, effect.lost, effect.spares,
+                                           effect.joining).world  # fmt: skip
                 if proposal is None:
                     return  # another agent already took them out
             written, _ = self.client.compare_and_swap(self.keys.world, proposal.encode(), revision)

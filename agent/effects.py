@@ -21,6 +21,8 @@ class Action(enum.Enum):
 
     START_ROUND = "start_round"  # a round formed: start its workers
     START_SPARES = "start_spares"  # in place: hot spares to start (first, or replacements)
+    JOIN_WORLD = "join_world"  # in place: a running world found; its workers start as spares
+    GROW = "grow"  # in place: propose the world with this node's new workers
     WAIT_FOR_PEERS = "wait_for_peers"  # our workers are done, others are not
     REQUEST_RESTART = "request_restart"  # our workers failed: restart the job (counts)
     FOLLOW_RESTART = "follow_restart"  # a restart was asked: re-rendezvous
@@ -58,6 +60,24 @@ class StartWorkers:
     plan: RoundPlan
     generation: int  # tells this start's workers from earlier ones
     world: World  # epoch 0 of the round's in-place world
+
+
+@dataclass(frozen=True)
+class JoinWorld:
+    """Take part in a running in-place world (``plan`` is this node's view of its round); no
+    process starts yet: the workers start as spares (``StartSpares``) and then join."""
+
+    plan: RoundPlan
+    generation: int
+    world: World
+
+
+@dataclass(frozen=True)
+class PublishWorld:
+    """Write the round's first world to the record unless it holds this round already (a
+    node that starts later finds the running world there)."""
+
+    world: World
 
 
 @dataclass(frozen=True)
@@ -113,12 +133,14 @@ class PushFault:
 @dataclass(frozen=True)
 class ProposeWorld:
     """Compare-and-set ``world`` over ``base`` (the world it was planned from); if another
-    agent moved the record first, plan again on top of it without ``lost`` (with ``spares``)."""
+    agent moved the record first, plan again on top of it without ``lost`` (with ``spares``,
+    and ``joining`` added)."""
 
     world: World
     base: World
     lost: frozenset[Member]
     spares: tuple[Member, ...] = ()
+    joining: tuple[Member, ...] = ()
     delay: float = 0.0
 
 
@@ -190,9 +212,9 @@ class Exit:
 
 
 Effect = (
-    Record | StartWorkers | StartSpares | KillWorker | StopWorkers | PushWorld | PushFault
-    | ProposeWorld | Rendezvous | PollMembership | RequestRestart | FailJob | CloseRendezvous
-    | MarkRoundDone | EvictNodes | Register | Exit
+    Record | StartWorkers | JoinWorld | StartSpares | KillWorker | StopWorkers | PushWorld
+    | PushFault | ProposeWorld | PublishWorld | Rendezvous | PollMembership | RequestRestart
+    | FailJob | CloseRendezvous | MarkRoundDone | EvictNodes | Register | Exit
 )  # fmt: skip
 
 # Writes that the job cannot do without: retried while etcd is away (until the timeout).

@@ -38,10 +38,12 @@ from .effects import (
     Exit,
     FailJob,
     FaultPlan,
+    JoinWorld,
     KillWorker,
     MarkRoundDone,
     PollMembership,
     ProposeWorld,
+    PublishWorld,
     PushFault,
     PushWorld,
     Record,
@@ -78,21 +80,21 @@ from .observations import (
     WorkerLost,
     WorkerReport,
     WorldChanged,
+    WorldFound,
 )
 from .plan import RoundPlan
 from .world import Member, World, initial_world, plan_next_world
 
 __all__ = [  # the observations and effects, for ``machine.X`` in executors and tests
     "Action", "AgentMachine", "Beat", "CloseRendezvous", "CoordinationFailed",
-    "CoordinationSucceeded", "Effect", "EvictNodes", "Exit", "FailJob", "JobFailed",
-    "FaultPlan", "KillWorker", "LeaseLost", "PushFault", "WorkerReport", "MarkRoundDone",
-    "NodesJoined", "NodesListed", "NodesLost",
-    "NodesWaiting", "Observation", "PeerDone", "Phase", "PollMembership", "ProposeWorld",
-    "PushWorld", "Record", "Register", "Registered", "Rendezvous", "RendezvousClosed",
-    "RendezvousFailed", "RequestRestart", "RestartRequested", "RoundFormed", "StartSpares",
-    "StartWorkers",
-    "StopWorkers", "Stopped", "Tick", "Verdict", "WorkerAttached", "WorkerExited",
-    "WorkerFinishing", "WorkerHeartbeat", "WorkerLost", "WorldChanged", "start", "step",
+    "CoordinationSucceeded", "Effect", "EvictNodes", "Exit", "FailJob", "FaultPlan", "JobFailed",
+    "JoinWorld", "KillWorker", "LeaseLost", "MarkRoundDone", "NodesJoined", "NodesListed",
+    "NodesLost", "NodesWaiting", "Observation", "PeerDone", "Phase", "PollMembership",
+    "ProposeWorld", "PublishWorld", "PushFault", "PushWorld", "Record", "Register", "Registered",
+    "Rendezvous", "RendezvousClosed", "RendezvousFailed", "RequestRestart", "RestartRequested",
+    "RoundFormed", "StartSpares", "StartWorkers", "StopWorkers", "Stopped", "Tick", "Verdict",
+    "WorkerAttached", "WorkerExited", "WorkerFinishing", "WorkerHeartbeat", "WorkerLost",
+    "WorkerReport", "WorldChanged", "WorldFound", "start", "step",
 ]  # fmt: skip
 
 # Seconds between two attempts of an etcd operation that failed (doubling up to the cap).
@@ -147,6 +149,7 @@ class AgentMachine:
     world: World | None = None  # the round's in-place world as last seen
     spares: tuple[int, ...] = ()  # hot-spare slots on this node, started and not in the world
     next_slot: int = 0  # the slot the next spare started gets (slots are never reused)
+    joining: tuple[int, ...] = ()  # spares that join a running world once all are ready
     beats: Mapping[int, Beat] = field(default_factory=dict)
     lost: Mapping[int, float] = field(default_factory=dict)  # slot -> when it was seen lost
     modes: Mapping[int, str] = field(default_factory=dict)  # slot -> its session's mode
@@ -260,7 +263,7 @@ def _participants(m: AgentMachine) -> frozenset[str]:
     """The nodes whose success the job waits for: the round's, or, once the world changed in
     place, the nodes that still hold ranks."""
     assert m.round is not None
-    if m.world is not None and m.world.epoch > 0:
+    if m.world is not None:  # epoch 0: the round's nodes
         return frozenset(m.world.nodes)
     return m.round.participants
 
@@ -312,6 +315,32 @@ def _on_round_formed(m: AgentMachine, obs: RoundFormed, now: float):
                  "group_rank": plan.group_rank, "restart_count": plan.restart_count},
     )  # fmt: skip
     return m, [_announce(m), StartWorkers(plan, m.generation, world)]
+
+
+def _on_world_found(m: AgentMachine, obs: WorldFound, now: float):
+    """A live in-place world: join it without a rendezvous (nobody restarts). Its workers start
+    as spares; once all are ready, the world grows by them."""
+    if m.phase is not Phase.RENDEZVOUS:
+        return m, []
+    world, plan = obs.world, obs.plan
+    if world.slots_on(m.node_id):  # this node's earlier workers are still in it: not yet
+        m = _verdict(m, Action.RETRY, f"world epoch {world.epoch} still names this node's "
+                     "earlier workers; joining once they are out")  # fmt: skip
+        return m, [_announce(m), Rendezvous(delay=1.0)]
+    nproc = plan.slots[plan.group_rank].local_world_size
+    slots = tuple(range(nproc))
+    m = _verdict(
+        m, Action.JOIN_WORLD, f"joining the running world (epoch {world.epoch}, {world.size} "
+        f"rank(s) on {', '.join(world.nodes)}) with {nproc} worker(s)",
+        {"round_id": world.round_id, "epoch": world.epoch, "world_size": world.size},
+        phase=Phase.RUNNING, round=plan, world=world, spares=slots, next_slot=nproc,
+        joining=slots, done={k: v for k, v in m.done.items() if k == plan.round_id},
+        next_membership_poll=now + m.membership_poll_interval, failing_since=None, retries=0,
+        generation=m.generation + 1, beats={}, lost={}, modes={}, finishing=frozenset(),
+        exited={}, faults=(),
+    )  # fmt: skip
+    return m, [_announce(m), JoinWorld(plan, m.generation, world),
+               StartSpares(m.generation, slots)]  # fmt: skip
 
 
 def _on_rendezvous_closed(m: AgentMachine, obs: RendezvousClosed, now: float):
@@ -433,7 +462,8 @@ def _lose_in_place(m: AgentMachine, slots, how: str, now: float, report: str = "
     if not fresh:
         return m, []
     m = replace(m, lost={**m.lost, **{s: now for s in fresh}},
-                spares=tuple(s for s in m.spares if s not in fresh))  # fmt: skip
+                spares=tuple(s for s in m.spares if s not in fresh),
+                joining=tuple(s for s in m.joining if s not in fresh))  # fmt: skip
     members = m.members_here()
     gone = [s for s in fresh if s in members]
     if not gone:  # a spare (not replaced: it may fail again), or a worker out of the world
@@ -469,9 +499,10 @@ def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
     mine = world.slots_on(m.node_id)
     spares = tuple(s for s in m.spares if s not in mine)
     taken = len(m.spares) - len(spares)
+    joining = tuple(s for s in m.joining if s not in mine)
     # the members re-form: a step that takes long now is the re-forming, not a hang
     beats = {s: replace(b, since=now) for s, b in m.beats.items()}
-    m = replace(m, world=world, spares=spares, beats=beats)
+    m = replace(m, world=world, spares=spares, beats=beats, joining=joining)
     m = _verdict(m, Action.WORLD_CHANGED,
                  f"epoch {world.epoch}: {world.size} rank(s) on {', '.join(world.nodes)}",
                  {"epoch": world.epoch, "world_size": world.size,
@@ -481,7 +512,7 @@ def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
         if slot not in mine and slot not in m.exited and slot not in spares:
             effects.append(KillWorker(slot, f"slot {slot} is not in world epoch {world.epoch}"))
     if taken and mine:  # a spare took a rank: the next one starts now, before it is needed
-        m, more = _start_spares(m, taken, f"{taken} spare(s) took a rank in epoch {world.epoch}")
+        m, more = _top_up_spares(m, f"{taken} spare(s) took a rank in epoch {world.epoch}")
         effects += more
     if not mine and m.phase is Phase.RUNNING:
         finished, done = _finish_if_all_done(m)
@@ -525,11 +556,38 @@ def _on_worker_attached(m: AgentMachine, obs: WorkerAttached, now: float):
         return m, []
     first_inplace = obs.mode == MODE_INPLACE and not m.inplace
     m, effects = _hand_faults(replace(m, modes={**m.modes, obs.slot: obs.mode}))
-    if first_inplace and m.hot_spares > 0 and m.phase is Phase.RUNNING:
-        # Only a Job API script can use a spare: they start once its first worker says so.
-        m, more = _start_spares(m, m.hot_spares, "the workers recover in place")
-        effects += more
-    return m, effects
+    if not (first_inplace and m.phase is Phase.RUNNING):
+        return _join_when_ready(m, effects)
+    assert m.world is not None
+    if m.world.epoch == 0 and not m.joining:  # a node that starts later finds it
+        effects.append(PublishWorld(m.world))
+    # Only a Job API script can use a spare: they start once its first worker says so.
+    m, more = _top_up_spares(m, "the workers recover in place")
+    return _join_when_ready(m, effects + more)
+
+
+def _join_when_ready(m: AgentMachine, effects: list[Effect]):
+    """Once every worker of a joining node is ready, propose the world with them."""
+    if not m.joining or m.world is None or m.phase is not Phase.RUNNING:
+        return m, effects
+    if any(m.modes.get(s) != MODE_INPLACE for s in m.joining):
+        return m, effects
+    joining = tuple(Member(m.node_id, s) for s in m.joining)
+    change = plan_next_world(m.world, frozenset(), (), joining)
+    if change.world is None:
+        return m, effects
+    m = _verdict(m, Action.GROW, f"{len(joining)} worker(s) ready: proposing {change.reason}",
+                 {"epoch": change.world.epoch, "world_size": change.world.size})  # fmt: skip
+    return m, [*effects, _announce(m), ProposeWorld(change.world, m.world, frozenset(), (),
+                                                    joining)]  # fmt: skip
+
+
+def _top_up_spares(m: AgentMachine, why: str):
+    """Start spares until this node has ``hot_spares`` of them (joining workers aside)."""
+    want = m.hot_spares - len([s for s in m.spares if s not in m.joining])
+    if want <= 0:
+        return m, []
+    return _start_spares(m, want, why)
 
 
 def _start_spares(m: AgentMachine, count: int, why: str):
@@ -629,7 +687,7 @@ def _on_nodes_lost(m: AgentMachine, obs: NodesLost, now: float):
     m = _verdict(m, Action.NODE_LOST, f"node(s) {', '.join(sorted(lost))} lost their lease",
                  {"lost": sorted(lost)})  # fmt: skip
     effects: list[Effect] = [_announce(m), EvictNodes(lost)]
-    if not (m.phase.has_workers and m.round is not None and lost & m.round.participants):
+    if not (m.phase.has_workers and m.round is not None and lost & _participants(m)):
         return m, effects
     if m.inplace and m.world is not None:
         gone = frozenset(member for member in m.world.members if member.node in lost)
@@ -702,6 +760,7 @@ def _on_stopped(m: AgentMachine, obs: Stopped, now: float):
 
 _HANDLERS = {
     RoundFormed: _on_round_formed,
+    WorldFound: _on_world_found,
     RendezvousClosed: _on_rendezvous_closed,
     RendezvousFailed: _on_rendezvous_failed,
     WorkerExited: _on_worker_exited,

@@ -22,6 +22,15 @@ class RoundFormed:
 
 
 @dataclass(frozen=True)
+class WorldFound:
+    """Instead of a rendezvous: the job runs in place in a live round, which this node can
+    join without anyone restarting (``plan``: this node's part in it)."""
+
+    plan: RoundPlan
+    world: World
+
+
+@dataclass(frozen=True)
 class RendezvousClosed:
     """The rendezvous is closed: the job ended. ``report`` is its failure, if it failed."""
 
@@ -176,7 +185,7 @@ class Tick:
 
 
 Observation = (
-    RoundFormed | RendezvousClosed | RendezvousFailed | WorkerExited | WorkerLost
+    RoundFormed | WorldFound | RendezvousClosed | RendezvousFailed | WorkerExited | WorkerLost
     | WorkerHeartbeat | WorkerAttached | WorkerFinishing | WorkerReport | WorldChanged
     | RestartRequested | JobFailed | NodesLost | NodesJoined | NodesListed | PeerDone
     | NodesWaiting | LeaseLost | Registered | CoordinationFailed | CoordinationSucceeded

@@ -37,6 +37,7 @@ class World:
     round_id: str
     epoch: int
     members: tuple[Member, ...]
+    restart_revision: int = 0  # the restart key's revision when the round began (its era)
 
     @property
     def size(self) -> int:
@@ -65,7 +66,8 @@ class World:
 
     def encode(self) -> bytes:
         record = {"version": WORLD_VERSION, "round_id": self.round_id, "epoch": self.epoch,
-                  "members": [[m.node, m.slot] for m in self.members]}  # fmt: skip
+                  "members": [[m.node, m.slot] for m in self.members],
+                  "restart_revision": self.restart_revision}  # fmt: skip
         return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
@@ -76,7 +78,8 @@ class World:
                 raise WorldFormatError(f"world version {record.get('version')!r} is not "
                                        f"{WORLD_VERSION}")  # fmt: skip
             members = tuple(Member(str(n), int(s)) for n, s in record["members"])
-            return cls(str(record["round_id"]), int(record["epoch"]), members)
+            return cls(str(record["round_id"]), int(record["epoch"]), members,
+                       int(record.get("restart_revision", 0)))  # fmt: skip
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
                 AttributeError) as exc:  # fmt: skip
             raise WorldFormatError(f"malformed world record: {exc}") from exc
@@ -86,7 +89,24 @@ def initial_world(plan: RoundPlan) -> World:
     """Epoch 0: the round's ranks (contiguous per node, in group-rank order)."""
     slots = sorted(plan.slots, key=lambda s: s.group_rank)
     members = tuple(Member(s.node_id, local) for s in slots for local in range(s.local_world_size))
-    return World(plan.round_id, 0, members)
+    return World(plan.round_id, 0, members, plan.restart_revision)
+
+
+def joinable(world: World, *, me: str, restart_revision: int, live: Collection[str],
+             done: Collection[str], ended: bool) -> tuple[bool, str]:  # fmt: skip
+    """Can a node that starts now join ``world`` in place (instead of a rendezvous)? Only
+    while its round runs: no restart since it began, not ended, some other node of it alive
+    and not every one of them done."""
+    if ended:
+        return False, "the job has ended"
+    if world.restart_revision != restart_revision:
+        return False, "the job restarted since the world's round began"
+    others = [n for n in world.nodes if n != me]
+    if not any(n in set(live) for n in others):
+        return False, "no node of the world is alive"
+    if all(n in set(done) for n in world.nodes):
+        return False, "every node of the world is done"
+    return True, f"round {world.round_id} runs in place at epoch {world.epoch}"
 
 
 @dataclass(frozen=True)
@@ -95,15 +115,18 @@ class WorldChange:
     reason: str
 
 
-def plan_next_world(current: World, lost: Collection[Member],
-                    spares: Sequence[Member] = ()) -> WorldChange:  # fmt: skip
-    """The next world without the ``lost`` members: each lost rank goes to the next idle
-    spare (one that is not a member already), else the world shrinks and the ranks after it
-    move down. The survivors keep their order."""
+def plan_next_world(current: World, lost: Collection[Member], spares: Sequence[Member] = (),
+                    joining: Sequence[Member] = ()) -> WorldChange:  # fmt: skip
+    """The next world without the ``lost`` members and with the ``joining`` ones: each lost
+    rank goes to the next idle spare (one that is not a member already), else the world
+    shrinks and the ranks after it move down; joining members get the ranks after the last.
+    The survivors keep their order."""
     gone = [m for m in current.members if m in set(lost)]
-    if not gone:
-        return WorldChange(None, "no lost member is in the current world")
-    idle = [s for s in spares if s not in current.members and s not in set(lost)]
+    new = [j for j in dict.fromkeys(joining) if j not in current.members and j not in set(lost)]
+    if not gone and not new:
+        return WorldChange(None, "no lost member is in the current world, none joins")
+    idle = [s for s in spares if s not in current.members and s not in set(lost)
+            and s not in new]  # fmt: skip
     members: list[Member] = []
     replaced, dropped = [], []
     for rank, member in enumerate(current.members):
@@ -116,5 +139,10 @@ def plan_next_world(current: World, lost: Collection[Member],
         else:
             dropped.append(rank)
     parts = replaced + ([f"ranks {dropped} dropped"] if dropped else [])
-    world = World(current.round_id, current.epoch + 1, tuple(members))
+    if new:
+        first = len(members)
+        members += new
+        parts.append(f"ranks {first}..{len(members) - 1} join from "
+                     f"{', '.join(dict.fromkeys(j.node for j in new))}")  # fmt: skip
+    world = World(current.round_id, current.epoch + 1, tuple(members), current.restart_revision)
     return WorldChange(world, f"epoch {world.epoch}, {world.size} rank(s): {'; '.join(parts)}")

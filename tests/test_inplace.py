@@ -5,6 +5,7 @@ run (bit-identical with the deterministic reduction)."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -50,6 +51,14 @@ def _pids(text: str) -> tuple[set[int], set[int]]:
     found = PIDS.findall(text)
     return ({int(p) for p, what, rank in found if what == "starts" and int(rank) >= 0},
             {int(p) for p, what, _ in found if what == "done"})  # fmt: skip
+
+
+def _wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
+    """Wait until ``condition()`` holds (the job's own progress: a step done, an event)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def _spares(text: str) -> set[int]:
@@ -143,4 +152,46 @@ def test_a_stopped_worker_is_declared_hung_and_dropped(cluster, etcd_endpoint, e
     (hung,) = read_events(etcd_client, job_id, "worker_hung")
     assert hung.details["rank"] == 1 and 1.4 <= hung.time - fault.time < 3.5
     assert read_events(etcd_client, job_id, "world_changed")[0].details["world_size"] == 3
+    _check(cluster, reference, "deterministic")
+
+
+def test_a_job_grows_from_one_node_to_two_in_place(cluster, etcd_endpoint, etcd_client, job_id,
+                                                   reference):  # fmt: skip
+    (a,) = _launch(cluster, etcd_endpoint, job_id, "a", step_sleep=0.6)
+    _wait_for(lambda: "step 2 loss" in a.text(), what="step 2 on node a")
+    (b,) = _launch(cluster, etcd_endpoint, job_id, "b", step_sleep=0.6)
+    for proc in (a, b):
+        assert proc.wait(240) == 0, proc.text()
+    started, done = _pids(a.text())
+    assert len(started) == 2 and done == started  # node a's workers were never restarted
+    joined = {int(p) for p, what, _ in PIDS.findall(b.text()) if what == "starts"}
+    assert len(joined) == 2 and {f"pid {p} done as rank" in b.text() for p in joined} == {True}
+    (join,) = read_events(etcd_client, job_id, "join_world")
+    assert join.node == "b"
+    (grow,) = read_events(etcd_client, job_id, "world_changed")[:1]
+    assert grow.details["world_size"] == 4
+    recovered = {e.details["rank"]: e.details for e in read_events(etcd_client, job_id,
+                                                                    "recovered")}  # fmt: skip
+    assert sorted(recovered) == [0, 1, 2, 3] and recovered[2]["restored"]
+    assert not read_events(etcd_client, job_id, "request_restart")
+    _check(cluster, reference, "deterministic")
+
+
+def test_a_lost_node_comes_back_in_place(cluster, etcd_endpoint, etcd_client, job_id, reference):
+    a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill-agent:rank=2:step=4",
+                   step_sleep=0.6)  # fmt: skip
+    sizes = lambda: [e.details["world_size"]  # noqa: E731
+                     for e in read_events(etcd_client, job_id, "world_changed")]  # fmt: skip
+    _wait_for(lambda: 2 in sizes(), what="the world without node b")
+    assert b.wait(30) != 0
+    (back,) = [cluster.agent("b-again", etcd=etcd_endpoint, job_id=job_id, nnodes="1:2", nproc=2,
+                             max_restarts=0, script=JOB_SCRIPT,
+                             script_args=["--steps", str(STEPS), "--step-sleep", "0.6"],
+                             extra=["--node-id", "b"])]  # fmt: skip
+    for proc in (a, back):
+        assert proc.wait(240) == 0, proc.text()
+    started, done = _pids(a.text())
+    assert len(started) == 2 and done == started
+    assert sizes()[:2] == [2, 4]
+    assert [e.node for e in read_events(etcd_client, job_id, "join_world")] == ["b"]
     _check(cluster, reference, "deterministic")

@@ -97,10 +97,10 @@ def test_planned_faults_go_to_the_holder_of_the_rank_in_the_first_world_only():
                    faults=(M.FaultPlan("kill", 3, 7), M.FaultPlan("kill", 1, 2)))  # fmt: skip
     m, _ = M.step(m, M.RoundFormed(_plan(2, 2, me=1)), 0.0)
     m, effects = M.step(m, M.WorkerAttached(m.generation, 1, "inplace"), 0.0)
-    assert effects == [M.PushFault(1, M.FaultPlan("kill", 3, 7))]
+    assert _effects(effects, M.PushFault) == [M.PushFault(1, M.FaultPlan("kill", 3, 7))]
     m = replace(m, world=replace(m.world, epoch=1))
     m, effects = M.step(m, M.WorkerAttached(m.generation, 0, "inplace"), 0.0)
-    assert effects == []
+    assert not _effects(effects, M.PushFault)
 
 
 def _effects(effects, kind):
@@ -153,3 +153,47 @@ def test_a_world_that_leaves_out_a_live_worker_kills_it():
     m, effects = M.step(m, M.WorldChanged(world), 1.0)
     assert sorted(e.slot for e in _effects(effects, M.KillWorker)) == [0, 1]
     assert _effects(effects, M.StartSpares) == [M.StartSpares(m.generation, (3,))]
+
+
+def test_a_node_joins_a_running_world_once_its_workers_are_ready():
+    from elastictrain.agent.world import joinable
+
+    running = World("r1", 1, (Member("a", 0), Member("a", 1)), restart_revision=5)
+    ok, _ = joinable(running, me="b", restart_revision=5, live=["a"], done=[], ended=False)
+    assert ok
+    for facts in ({"restart_revision": 6}, {"live": []}, {"done": ["a"]}, {"ended": True}):
+        args = {"restart_revision": 5, "live": ["a"], "done": [], "ended": False} | facts
+        assert not joinable(running, me="b", **args)[0], facts
+
+    m, _ = M.start("b", max_restarts=0, membership_poll_interval=1.0, coordination_timeout=60.0)
+    plan = RoundPlan("r1", 0, (NodeSlot(0, "b", 2, "127.0.0.1", "127.0.0.1:9001"),), "", 0, 5, 0)
+    m, effects = M.step(m, M.WorldFound(plan, running), 0.0)
+    assert m.phase is M.Phase.RUNNING and m.verdict.action is M.Action.JOIN_WORLD
+    assert [type(e) for e in effects if not isinstance(e, M.Record)] == [M.JoinWorld,
+                                                                          M.StartSpares]
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 0, "inplace"), 0.5)
+    assert not _effects(effects, M.ProposeWorld) and not _effects(effects, M.PublishWorld)
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 1, "inplace"), 0.6)
+    (grow,) = _effects(effects, M.ProposeWorld)
+    assert grow.world.members == running.members + (Member("b", 0), Member("b", 1))
+    assert grow.world.epoch == 2 and grow.world.restart_revision == 5
+    m, effects = M.step(m, M.WorldChanged(grow.world), 0.7)
+    assert m.members_here() == {0: 2, 1: 3} and m.joining == () and m.spares == ()
+    assert not _effects(effects, M.KillWorker) and not _effects(effects, M.StartSpares)
+
+
+def test_a_node_whose_old_workers_are_still_in_the_world_waits_to_join():
+    m, _ = M.start("b", max_restarts=0, membership_poll_interval=1.0, coordination_timeout=60.0)
+    plan = RoundPlan("r1", 0, (NodeSlot(0, "b", 2, "127.0.0.1", "127.0.0.1:9001"),), "", 0, 0, 0)
+    stale = World("r1", 0, (Member("a", 0), Member("b", 0)))
+    m, effects = M.step(m, M.WorldFound(plan, stale), 0.0)
+    assert m.phase is M.Phase.RENDEZVOUS and _effects(effects, M.Rendezvous)[0].delay > 0
+
+
+def test_the_first_world_is_published_once_the_workers_recover_in_place():
+    m, _ = M.start("a", max_restarts=0, membership_poll_interval=1.0, coordination_timeout=60.0)
+    m, _ = M.step(m, M.RoundFormed(_plan(2, 2)), 0.0)
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 0, "inplace"), 0.1)
+    assert _effects(effects, M.PublishWorld) == [M.PublishWorld(m.world)]
+    m, effects = M.step(m, M.WorkerAttached(m.generation, 1, "inplace"), 0.1)
+    assert not _effects(effects, M.PublishWorld)
