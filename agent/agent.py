@@ -273,7 +273,8 @@ class Agent:
                 self._push_world(effect.world)
             elif isinstance(effect, M.PushFault):
                 fault = effect.fault
-                message = {"type": P.FAULT, "kind": fault.kind, "step": fault.step}
+                message = {"type": P.FAULT, "kind": fault.kind, "step": fault.step,
+                           "at": fault.at}  # fmt: skip
                 assert self._sessions is not None
                 self._sessions.push(WorkerKey(self._generation, effect.slot), message)
             elif isinstance(effect, M.Exit):

@@ -14,20 +14,22 @@ from .effects import FaultPlan
 
 
 def parse_fault(text: str) -> FaultPlan:
-    """``KIND:rank=R:step=S`` (``--fault``): KIND is kill, stop or kill-agent."""
+    """``KIND:rank=R:step=S[:at=reform]`` (``--fault``): KIND is kill, stop or kill-agent."""
+    usage = f"--fault {text!r}: expected KIND:rank=R:step=S[:at=reform]"
     kind, *fields = text.split(":")
     values: dict[str, int] = {}
+    at = "step"
     for item in fields:
         key, sep, raw = item.partition("=")
+        if key == "at" and sep and raw in FaultPlan.MOMENTS:
+            at = raw
+            continue
         if not sep or key not in ("rank", "step") or not raw.isdigit():
-            raise ConfigError(f"--fault {text!r}: expected KIND:rank=R:step=S")
+            raise ConfigError(usage)
         values[key] = int(raw)
     if kind not in FaultPlan.KINDS or set(values) != {"rank", "step"}:
-        raise ConfigError(
-            f"--fault {text!r}: expected KIND:rank=R:step=S with KIND one of "
-            f"{', '.join(FaultPlan.KINDS)}"
-        )
-    return FaultPlan(kind, values["rank"], values["step"])
+        raise ConfigError(f"{usage} with KIND one of {', '.join(FaultPlan.KINDS)}")
+    return FaultPlan(kind, values["rank"], values["step"], at)
 
 
 def parse_nnodes(text: str) -> tuple[int, int]:

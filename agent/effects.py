@@ -113,13 +113,17 @@ class PushWorld:
 @dataclass(frozen=True)
 class FaultPlan:
     """A fault to inject when rank ``rank`` reaches step ``step`` (``kill``: the worker
-    SIGKILLs itself; ``stop``: SIGSTOPs itself; ``kill-agent``: SIGKILLs its agent)."""
+    SIGKILLs itself; ``stop``: SIGSTOPs itself; ``kill-agent``: SIGKILLs its agent). ``at``
+    ``"reform"``: not at the step's start but when it next re-forms after it (a second fault
+    in the middle of a recovery)."""
 
     kind: str
     rank: int
     step: int
+    at: str = "step"
 
     KINDS = ("kill", "stop", "kill-agent")
+    MOMENTS = ("step", "reform")
 
 
 @dataclass(frozen=True)

@@ -143,9 +143,10 @@ def add_parser(sub) -> None:
         dest="faults",
         action="append",
         default=[],
-        metavar="KIND:rank=R:step=S",
+        metavar="KIND:rank=R:step=S[:at=reform]",
         help="inject a fault when rank R (a Job API worker) reaches step S: kill, stop or "
-        "kill-agent (repeatable; for chaos tests). With --hot-spares, it waits for the "
+        "kill-agent (repeatable; for chaos tests); at=reform: when it next re-forms after "
+        "step S instead (a fault during a recovery). With --hot-spares, it waits for the "
         "node's spares to be ready",
     )
     p.add_argument(

@@ -38,6 +38,9 @@ def _assert_clean_error(done: subprocess.CompletedProcess, needle: str, code: in
         (["launch", "--rdzv-conf", "bogus=1", __file__], "--rdzv-conf 'bogus=1'"),
         (["launch", "--job-id", "bad/id", "--etcd", "127.0.0.1:1", __file__], "job id 'bad/id'"),
         (["launch", "--rdzv-backend", "c10d", __file__], "only etcd-v3"),
+        (["launch", "--fault", "kill:rank=1", __file__], "expected KIND:rank=R:step=S"),
+        (["launch", "--fault", "boom:rank=1:step=2", __file__], "KIND one of kill"),
+        (["launch", "--hot-spares", "-1", "--etcd", "127.0.0.1:1", __file__], "--hot-spares"),
         (["chaos", "kill", "--rank", "-1", "--etcd", "127.0.0.1:1"], "--rank -1"),
         (
             ["chaos", "kill", "--rank", "0", "--signal", "SIGNOPE", "--etcd", "127.0.0.1:1"],

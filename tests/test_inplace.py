@@ -195,3 +195,20 @@ def test_a_lost_node_comes_back_in_place(cluster, etcd_endpoint, etcd_client, jo
     assert sizes()[:2] == [2, 4]
     assert [e.node for e in read_events(etcd_client, job_id, "join_world")] == ["b"]
     _check(cluster, reference, "deterministic")
+
+
+def test_a_second_fault_during_the_recovery_still_recovers(cluster, etcd_endpoint, etcd_client,
+                                                           job_id, reference):  # fmt: skip
+    a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill:rank=3:step=7",
+                   "--fault", "kill:rank=1:step=7:at=reform")  # fmt: skip
+    for proc in (a, b):
+        assert proc.wait(240) == 0, proc.text()
+    faults = read_events(etcd_client, job_id, "fault")
+    assert sorted(f.details["rank"] for f in faults) == [1, 3]
+    worlds = [(e.details["epoch"], e.details["world_size"])
+              for e in read_events(etcd_client, job_id, "world_changed")]  # fmt: skip
+    assert (1, 3) in worlds and (2, 2) in worlds
+    final = {e.details["rank"] for e in read_events(etcd_client, job_id, "recovered")
+             if e.details["epoch"] == 2}  # fmt: skip
+    assert final == {0, 1}
+    _check(cluster, reference, "deterministic")

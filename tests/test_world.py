@@ -197,3 +197,17 @@ def test_the_first_world_is_published_once_the_workers_recover_in_place():
     assert _effects(effects, M.PublishWorld) == [M.PublishWorld(m.world)]
     m, effects = M.step(m, M.WorkerAttached(m.generation, 1, "inplace"), 0.1)
     assert not _effects(effects, M.PublishWorld)
+
+
+def test_planned_faults_parse_with_their_moment():
+    from elastictrain.agent.config import parse_fault
+
+    from elastictrain.errors import ConfigError
+
+    assert parse_fault("kill:rank=3:step=7") == M.FaultPlan("kill", 3, 7, "step")
+    assert parse_fault("stop:step=2:rank=0:at=reform") == M.FaultPlan("stop", 0, 2, "reform")
+    bad_faults = ("kill:rank=3", "kill:rank=x:step=1", "nuke:rank=1:step=1",
+                  "kill:rank=1:step=1:at=x")  # fmt: skip
+    for bad in bad_faults:
+        with pytest.raises(ConfigError):
+            parse_fault(bad)

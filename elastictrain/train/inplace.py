@@ -148,12 +148,14 @@ class InPlaceWorld:
 
     # -- faults planned by rank and step ------------------------------------------------------
 
-    def fire_faults(self, step: int) -> None:
+    def fire_faults(self, step: int, at: str = "step") -> None:
         """Carry out the faults planned for this step (``etrain launch --fault``), or for an
-        earlier one (a fault held back until this node's hot spares were ready)."""
+        earlier one (a fault held back until this node's hot spares were ready); ``at``:
+        the moment, a step's start or a re-forming."""
         with self._lock:
-            due = [f for f in self._faults if int(f["step"]) <= step]
-            self._faults = [f for f in self._faults if int(f["step"]) > step]
+            due = [f for f in self._faults
+                   if int(f["step"]) <= step and f.get("at", "step") == at]  # fmt: skip
+            self._faults = [f for f in self._faults if f not in due]
         for fault in due:
             kind = str(fault["kind"])
             logger.warning("injected fault %s at step %d", kind, step)

@@ -257,6 +257,8 @@ class Job:
         was a recovery (not the job's first world)."""
         assert self._inplace is not None
         started = time.monotonic()
+        if not first:
+            self._inplace.fire_faults(self.step, at="reform")
         self._progress(self.step, active=False)  # waiting for a world is no hang
         self._deterministic.discard()
         if self._fast is not None:
