@@ -171,6 +171,7 @@ class Agent:
                 "end_snapshot": self._end_snapshot,
                 "world": self._current_world,
                 "truncate_snapshots": self._truncate_snapshots,
+                "snapshot_segments": self._snapshot_segments,
             },
         )
         self._server, port = start_server(self, cfg.grpc_host, cfg.grpc_port)
@@ -438,6 +439,12 @@ class Agent:
         assert self.snapshots is not None
         dropped = self.snapshots.truncate(int(request["after_step"]), int(request["epoch"]))
         return {"dropped": dropped}
+
+    def _snapshot_segments(self, key: WorkerKey, request: dict) -> dict:
+        """The segments that hold (or will hold) this node's records: a hot spare maps and
+        page-locks them ahead of a restore."""
+        assert self.snapshots is not None
+        return {"segments": self.snapshots.store.segment_names()}
 
     def _begin_snapshot(self, key: WorkerKey, request: dict) -> dict:
         record = self._snapshot_call(

@@ -29,11 +29,12 @@ def corpus(length: int, seed: int = 0) -> torch.Tensor:
 
 
 class TinyLM(nn.Module):
-    def __init__(self, dim: int = 64, layers: int = 2, context: int = 32) -> None:
+    def __init__(self, dim: int = 64, layers: int = 2, context: int = 32,
+                 dropout: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.pos = nn.Parameter(torch.zeros(context, dim))
-        block = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
+        block = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=dropout, batch_first=True)
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.head = nn.Linear(dim, VOCAB)
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))

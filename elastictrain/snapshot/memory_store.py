@@ -200,6 +200,12 @@ class SnapshotStore:
                 self._free.append(self.records.pop(key).segment)
             return stale
 
+    def segment_names(self) -> list[str]:
+        """Every segment this store holds, records' first (newest step first), then pooled."""
+        with self._lock:
+            held = sorted(self.records.values(), key=lambda r: -r.step)
+            return [r.segment.name for r in held] + [s.name for s in self._free]
+
     def list(self) -> list[Record]:
         with self._lock:
             return sorted(self.records.values(), key=lambda r: (r.step, r.rank))

@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 WAIT_SLICE = timedelta(milliseconds=20)
 FORM_TIMEOUT = timedelta(seconds=120)  # a process group's meeting, at the most
 WORLD_WAIT_S = 300.0  # a worker waits this long for its agent's next world
+IDLE_EVERY_S = 2.0  # a waiting spare refreshes its mapped snapshot segments this often
 
 
 class WorldChanged(ElasticTrainError):
@@ -84,6 +86,8 @@ class InPlaceWorld:
         self._latest: WorldView | None = None
         self._faults: list[dict[str, Any]] = []
         self._group: dist.ProcessGroup | None = None
+        self._store: dist.Store | None = None  # the current group's
+        self._abandoned: list[tuple[dist.ProcessGroup, dist.Store | None]] = []
         self._client = None
         session.on_push(self._on_push)
         session.attach(P.MODE_INPLACE)
@@ -130,12 +134,24 @@ class InPlaceWorld:
         latest = self.latest()
         return os.environ.get(ENV_SPARE) == "1" and (latest is None or latest.rank < 0)
 
-    def next_world(self, after: WorldView | None, timeout: float = WORLD_WAIT_S) -> WorldView:
+    def next_world(self, after: WorldView | None, timeout: float = WORLD_WAIT_S,
+                   idle: Callable[[], object] | None = None) -> WorldView:  # fmt: skip
         """The first world newer than ``after`` in which this worker holds a rank. A worker
-        that never held one (a hot spare) waits as long as its session lasts."""
+        that never held one (a hot spare) waits as long as its session lasts, calling
+        ``idle`` every :data:`IDLE_EVERY_S` meanwhile."""
         deadline = time.monotonic() + timeout if after is not None else float("inf")
+        next_idle = time.monotonic() + IDLE_EVERY_S
         with self._lock:
             while True:
+                if idle is not None and time.monotonic() >= next_idle:
+                    self._lock.release()
+                    try:
+                        idle()
+                    except Exception:  # a failed refresh only costs speed later
+                        logger.debug("idle work while waiting failed", exc_info=True)
+                    finally:
+                        self._lock.acquire()
+                    next_idle = time.monotonic() + IDLE_EVERY_S
                 latest = self._latest
                 if latest is not None and latest.rank >= 0 and latest.newer_than(after):
                     return latest
@@ -195,6 +211,9 @@ class InPlaceWorld:
                 raise WorldChanged(f"world epoch {view.epoch} superseded: {exc}") from exc
             raise CollectiveFailed(f"world epoch {view.epoch} did not form: {exc}") from exc
         self._group = group
+        # The store is a Python object that the group calls back into: NCCL meets its peers
+        # at the first collective, long after this returns, so it must stay alive with it.
+        self._store = store
         return Collectives(group, view.rank, view.size, wait=self._waiter(view))
 
     def _waiter(self, view: WorldView):
@@ -240,7 +259,9 @@ class InPlaceWorld:
         may still be blocked on a dead peer)."""
         if self.device.type != "cuda":
             self._abort_group()
-        self._group = None
+        if self._group is not None:  # kept, with the store its threads may still call
+            self._abandoned.append((self._group, self._store))
+        self._group, self._store = None, None
 
     def close(self) -> None:
         self.abandon()

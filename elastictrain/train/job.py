@@ -231,14 +231,23 @@ class Job:
     # -- in place -------------------------------------------------------------------------------
 
     def _warm_up_spare(self) -> None:
-        """A hot spare builds what a restore fills in place: the optimizer's state, by one
-        step of zero gradients at learning rate 0 (the parameters do not move)."""
+        """A hot spare builds what a restore fills in place and what a first step needs: one
+        forward and backward of a micro-batch (kernels chosen, memory cached), then one
+        optimizer step at learning rate 0 (its state allocated; the parameters do not move).
+        Buffers the forward changed are put back: a restore would overwrite them, a fresh
+        world shares them."""
         if self.optimizer.state:
             return
         started = time.monotonic()
+        with torch.no_grad():
+            buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self._micro_batch(0, 0, 0, torch.zeros(2, dtype=torch.float64, device=self.device))
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
         rates = [group["lr"] for group in self.optimizer.param_groups]
         for p in self._params:
-            if p.requires_grad:
+            if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         for group in self.optimizer.param_groups:
             group["lr"] = 0.0
@@ -249,7 +258,11 @@ class Job:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
         self._warmed = True
-        logger.info("hot spare ready in %.2f s: waiting for a rank", time.monotonic() - started)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        mapped = self._snapshots.premap(self.device)
+        logger.info("hot spare ready in %.2f s (%.2f GB of snapshot segments mapped): waiting "
+                    "for a rank", time.monotonic() - started, mapped / 1e9)  # fmt: skip
 
     def _reform(self, first: bool = False) -> bool:
         """Join the next world: discard the step in flight, form the new group, agree where to
@@ -268,7 +281,10 @@ class Job:
         self._coll = None
         live = -1 if first else self.step
         while True:
-            view = self._inplace.next_world(self._view)
+            # a spare keeps the node's snapshot segments mapped (new ones appear) meanwhile
+            spare = self._warmed and first
+            idle = (lambda: self._snapshots.premap(self.device)) if spare else None
+            view = self._inplace.next_world(self._view, idle=idle)
             self._view = view
             try:
                 formed_at = time.monotonic()
@@ -315,10 +331,11 @@ class Job:
     def _agree(self, coll: Collectives, live: int) -> ResumePlan:
         """Every member's steps done, gathered; rank 0 decides from what the agents hold and
         tells the others (one decider per epoch: if it dies, the epoch fails)."""
-        steps = torch.full((1,), live, dtype=torch.int64)
-        every = torch.empty(coll.size, dtype=torch.int64)
+        # on the job's device: NCCL groups take CUDA tensors only
+        steps = torch.full((1,), live, dtype=torch.int64, device=self.device)
+        every = torch.empty(coll.size, dtype=torch.int64, device=self.device)
         coll.all_gather(every, steps)
-        decided = torch.zeros(2, dtype=torch.int64)
+        decided = torch.zeros(2, dtype=torch.int64, device=self.device)
         if coll.rank == 0:
             complete = self._snapshots.complete_steps() if self._snapshots.enabled else set()
             plan = plan_resume(every.tolist(), complete)
@@ -380,7 +397,10 @@ class Job:
         start, end = blocks[self.rank]
         sum_mode = False
         fast = self._fast
-        if fast is None:
+        # Alone in the world, the accumulated .grad is the sum already when it holds one
+        # logical worker (or any number, on the fast path): no copy, no collective.
+        direct = coll.size == 1 and (fast is not None or end - start == 1)
+        if fast is None and not direct:
             self._deterministic.begin(start, end)
         hosted = torch.zeros(2, dtype=torch.float64, device=self.device)
         for logical in range(start, end):
@@ -389,14 +409,20 @@ class Job:
                 for p in self._params:
                     p.grad = None
             for micro in range(self.plan.micro_batches):
-                if fast is not None and logical == end - 1 and micro == self.plan.micro_batches - 1:
+                last = logical == end - 1 and micro == self.plan.micro_batches - 1
+                if fast is not None and not direct and last:
                     fast.arm(coll)
                 sum_mode = self._micro_batch(step, logical, micro, extras)
-            if fast is None:
+            if fast is None and not direct:
                 self._deterministic.leaf_done(extras)
             else:
                 hosted += extras
-        if fast is None:
+        if direct:
+            for p in self._params:  # as the reductions do: an unused parameter's sum is 0
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            total = hosted
+        elif fast is None:
             total = self._deterministic.reduce(blocks, coll)
         else:
             total = fast.reduce(hosted, coll)
