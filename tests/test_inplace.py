@@ -156,11 +156,12 @@ def test_a_stopped_worker_is_declared_hung_and_dropped(cluster, etcd_endpoint, e
     _check(cluster, reference, "deterministic")
 
 
+@pytest.mark.parametrize("reduction", ["deterministic", "fast"])
 def test_a_job_grows_from_one_node_to_two_in_place(cluster, etcd_endpoint, etcd_client, job_id,
-                                                   reference):  # fmt: skip
-    (a,) = _launch(cluster, etcd_endpoint, job_id, "a", step_sleep=0.6)
+                                                   reference, reduction):  # fmt: skip
+    (a,) = _launch(cluster, etcd_endpoint, job_id, "a", step_sleep=0.6, reduction=reduction)
     _wait_for(lambda: "step 2 loss" in a.text(), what="step 2 on node a")
-    (b,) = _launch(cluster, etcd_endpoint, job_id, "b", step_sleep=0.6)
+    (b,) = _launch(cluster, etcd_endpoint, job_id, "b", step_sleep=0.6, reduction=reduction)
     for proc in (a, b):
         assert proc.wait(240) == 0, proc.text()
     started, done = _pids(a.text())
@@ -175,7 +176,7 @@ def test_a_job_grows_from_one_node_to_two_in_place(cluster, etcd_endpoint, etcd_
                                                                     "recovered")}  # fmt: skip
     assert sorted(recovered) == [0, 1, 2, 3] and recovered[2]["restored"]
     assert not read_events(etcd_client, job_id, "request_restart")
-    _check(cluster, reference, "deterministic")
+    _check(cluster, reference, reduction)
 
 
 def test_a_lost_node_comes_back_in_place(cluster, etcd_endpoint, etcd_client, job_id, reference):

@@ -34,7 +34,7 @@ import torch
 from elastictrain.constants import MAX_PENDING_SNAPSHOTS
 from elastictrain.rpc.agent_client import AgentClient, SnapshotRefusedError
 from elastictrain.session import protocol as session_protocol
-from elastictrain.session.client import SessionRequestError, worker_session
+from elastictrain.session.client import SessionRequestError, WorkerSession, worker_session
 from elastictrain.snapshot.device_copy import (
     CopyPlan,
     CopyTargets,
@@ -129,6 +129,11 @@ class Snapshotter:
     @property
     def enabled(self) -> bool:
         return self._client is not None
+
+    @property
+    def session(self) -> WorkerSession | None:
+        """The worker's session with its agent (None without one)."""
+        return self._session
 
     @property
     def checksum_threads(self) -> int:

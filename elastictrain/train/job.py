@@ -224,7 +224,7 @@ class Job:
         return self.step
 
     def _progress(self, steps_done: int, active: bool) -> None:
-        session = self._snapshots._session
+        session = self._snapshots.session
         if session is not None:
             session.progress(steps_done, active=active)
 
@@ -380,7 +380,7 @@ class Job:
 
     def _truncate(self, step: int, epoch: int) -> None:
         """Records after ``step`` belong to an abandoned future: the agent drops them."""
-        session = self._snapshots._session
+        session = self._snapshots.session
         if session is not None and self._snapshots.enabled:
             session.call("truncate_snapshots", after_step=step, epoch=epoch)
         if self.step == 0 and step == 0:
@@ -468,7 +468,7 @@ class Job:
         return self._permutation[1]
 
     def close(self) -> None:
-        session = self._snapshots._session
+        session = self._snapshots.session
         self._snapshots.close()
         if self._fast is not None:
             self._fast.close()

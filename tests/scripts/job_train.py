@@ -57,17 +57,17 @@ def train(args) -> Job:
         global_batch=args.global_batch, micro_batch=args.micro_batch, steps=args.steps,
         scheduler=sched, logical_workers=args.logical_workers, reduction=args.reduction,
     )  # fmt: skip
-    losses = []
+    losses: dict[int, float] = {}  # by step: a step redone after a recovery counts once
     print(f"pid {os.getpid()} starts as rank {job.rank}", flush=True)  # -1: a hot spare
     for step in job:
-        losses.append(job.loss)
+        losses[step] = job.loss
         if job.rank == 0:
             print(f"step {step} loss {job.loss:.6f} world {job.world}", flush=True)
         time.sleep(args.step_sleep)
     print(f"pid {os.getpid()} done as rank {job.rank} of {job.world}", flush=True)
     if job.rank == 0 and args.out:
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        torch.save({"params": state, "losses": losses}, args.out)
+        torch.save({"params": state, "losses": [losses[s] for s in sorted(losses)]}, args.out)
     job.close()
     return job
 
