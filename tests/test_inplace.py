@@ -4,7 +4,7 @@ run (bit-identical with the deterministic reduction)."""
 
 from __future__ import annotations
 
-import re
+import json
 import time
 
 import pytest
@@ -15,8 +15,6 @@ from elastictrain.events import read_events
 
 JOB_SCRIPT = SCRIPTS / "job_train.py"
 STEPS = 20
-# not anchored: two workers' lines can land on one line of the agent's output
-PIDS = re.compile(r"pid (\d+) (starts|done) as rank (-?\d+)")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,7 +37,8 @@ def reference(tmp_path_factory) -> dict:
 def _launch(cluster: Cluster, etcd: str, job_id: str, nodes: str, *flags: str,
             reduction: str = "deterministic", step_sleep: float = 0.05) -> list:  # fmt: skip
     args = ["--steps", str(STEPS), "--out", str(cluster.workdir / "final.pt"),
-            "--reduction", reduction, "--step-sleep", str(step_sleep)]  # fmt: skip
+            "--reduction", reduction, "--step-sleep", str(step_sleep),
+            "--workers-dir", str(cluster.workdir / "workers")]  # fmt: skip
     return [
         cluster.agent(node, etcd=etcd, job_id=job_id, nnodes="1:2", nproc=2, max_restarts=0,
                       script=JOB_SCRIPT, script_args=args, extra=list(flags))  # fmt: skip
@@ -47,11 +46,17 @@ def _launch(cluster: Cluster, etcd: str, job_id: str, nodes: str, *flags: str,
     ]
 
 
-def _pids(text: str) -> tuple[set[int], set[int]]:
+def _workers(cluster: Cluster, node: str | None = None) -> list[dict]:
+    """What each worker process of the job recorded: its node, pid, first and last rank."""
+    found = [json.loads(p.read_text()) for p in (cluster.workdir / "workers").glob("*.json")]
+    return [w for w in found if node is None or w["node"] == node]
+
+
+def _pids(cluster: Cluster, node: str | None = None) -> tuple[set[int], set[int]]:
     """(pids that started with a rank, pids that finished with one)."""
-    found = PIDS.findall(text)
-    return ({int(p) for p, what, rank in found if what == "starts" and int(rank) >= 0},
-            {int(p) for p, what, _ in found if what == "done"})  # fmt: skip
+    workers = _workers(cluster, node)
+    return ({w["pid"] for w in workers if w["start_rank"] >= 0},
+            {w["pid"] for w in workers if "done_rank" in w})  # fmt: skip
 
 
 def _wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
@@ -60,10 +65,6 @@ def _wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
-
-
-def _spares(text: str) -> set[int]:
-    return {int(p) for p, what, rank in PIDS.findall(text) if what == "starts" and rank == "-1"}
 
 
 def _check(cluster: Cluster, reference: dict, reduction: str) -> None:
@@ -86,7 +87,7 @@ def test_a_lost_node_shrinks_the_world_in_place(cluster, etcd_endpoint, etcd_cli
                    reduction=reduction)  # fmt: skip
     assert a.wait(240) == 0, a.text()
     assert b.wait(30) != 0
-    started, done = _pids(a.text())
+    started, done = _pids(cluster, "a")
     assert len(started) == 2 and done == started  # the survivors were never restarted
     (lost,) = read_events(etcd_client, job_id, "node_lost")
     assert (lost.node, lost.details["lost"]) == ("a", ["b"])
@@ -104,7 +105,7 @@ def test_a_killed_worker_is_dropped_and_the_survivors_go_on(cluster, etcd_endpoi
     a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill:rank=3:step=7")
     for proc in (a, b):
         assert proc.wait(240) == 0, proc.text()
-    started, done = _pids(a.text() + b.text())
+    started, done = _pids(cluster)
     assert len(started) == 4 and len(done) == 3 and done < started
     (fault,) = read_events(etcd_client, job_id, "fault")
     (lost,) = read_events(etcd_client, job_id, "reconfigure")
@@ -123,12 +124,10 @@ def test_a_killed_worker_is_replaced_by_a_hot_spare(cluster, etcd_endpoint, etcd
                    "--hot-spares", "1", step_sleep=0.4)  # fmt: skip
     for proc in (a, b):
         assert proc.wait(240) == 0, proc.text()
-    text = a.text() + b.text()
-    started, done = _pids(text)
-    spares = _spares(text)
+    started, done = _pids(cluster)
     assert len(started) == 4 and len(done & started) == 3  # the survivors were never restarted
-    (taker,) = done - started
-    assert taker in spares and f"pid {taker} done as rank 3 of 4" in text
+    (taker,) = [w for w in _workers(cluster) if w["pid"] in done - started]
+    assert (taker["start_rank"], taker["done_rank"], taker["world"]) == (-1, 3, 4)  # a spare
     (fault,) = read_events(etcd_client, job_id, "fault")
     assert fault.details["rank"] == 3 and fault.details["step"] >= 7
     (reconfigure,) = read_events(etcd_client, job_id, "reconfigure")
@@ -164,10 +163,10 @@ def test_a_job_grows_from_one_node_to_two_in_place(cluster, etcd_endpoint, etcd_
     (b,) = _launch(cluster, etcd_endpoint, job_id, "b", step_sleep=0.6, reduction=reduction)
     for proc in (a, b):
         assert proc.wait(240) == 0, proc.text()
-    started, done = _pids(a.text())
+    started, done = _pids(cluster, "a")
     assert len(started) == 2 and done == started  # node a's workers were never restarted
-    joined = {int(p) for p, what, _ in PIDS.findall(b.text()) if what == "starts"}
-    assert len(joined) == 2 and {f"pid {p} done as rank" in b.text() for p in joined} == {True}
+    joined = _workers(cluster, "b")
+    assert sorted(w.get("done_rank") for w in joined) == [2, 3]
     (join,) = read_events(etcd_client, job_id, "join_world")
     assert join.node == "b"
     (grow,) = read_events(etcd_client, job_id, "world_changed")[:1]
@@ -192,7 +191,7 @@ def test_a_lost_node_comes_back_in_place(cluster, etcd_endpoint, etcd_client, jo
                              extra=["--node-id", "b"])]  # fmt: skip
     for proc in (a, back):
         assert proc.wait(240) == 0, proc.text()
-    started, done = _pids(a.text())
+    started, done = _pids(cluster, "a")
     assert len(started) == 2 and done == started
     assert sizes()[:2] == [2, 4]
     assert [e.node for e in read_events(etcd_client, job_id, "join_world")] == ["b"]

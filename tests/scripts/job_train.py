@@ -7,6 +7,7 @@ Run by the tests as worker processes (``run(rank, world, ...)``) or under ``etra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -59,17 +60,31 @@ def train(args) -> Job:
     )  # fmt: skip
     losses: dict[int, float] = {}  # by step: a step redone after a recovery counts once
     print(f"pid {os.getpid()} starts as rank {job.rank}", flush=True)  # -1: a hot spare
+    record = {"node": os.environ.get("ETRAIN_NODE_ID", ""), "pid": os.getpid(),
+              "start_rank": job.rank}  # fmt: skip
+    _record(args, record)
     for step in job:
         losses[step] = job.loss
         if job.rank == 0:
             print(f"step {step} loss {job.loss:.6f} world {job.world}", flush=True)
         time.sleep(args.step_sleep)
     print(f"pid {os.getpid()} done as rank {job.rank} of {job.world}", flush=True)
+    _record(args, record | {"done_rank": job.rank, "world": job.world})
     if job.rank == 0 and args.out:
         state = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save({"params": state, "losses": [losses[s] for s in sorted(losses)]}, args.out)
     job.close()
     return job
+
+
+def _record(args, record: dict) -> None:
+    """This process's part, as a file in ``--workers-dir`` (the tests' end state)."""
+    if args.workers_dir:
+        os.makedirs(args.workers_dir, exist_ok=True)
+        path = os.path.join(args.workers_dir, f"{record['node']}-{record['pid']}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -82,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default="mean")
     p.add_argument("--out", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--workers-dir", default=None, help="record each process's ranks here")
     return p
 
 
