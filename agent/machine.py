@@ -423,8 +423,10 @@ def _on_worker_exited(m: AgentMachine, obs: WorkerExited, now: float):
         if members and all(m.exited.get(s) == 0 for s in members):
             return _local_success(m, members)
         return m, []
-    if obs.slot in m.spares:  # a spare that never became anything
-        return replace(m, spares=tuple(s for s in m.spares if s != obs.slot)), []
+    if obs.slot in m.spares:  # a spare that never became anything (a joining one too)
+        m = replace(m, spares=tuple(s for s in m.spares if s != obs.slot),
+                    joining=tuple(s for s in m.joining if s != obs.slot))  # fmt: skip
+        return _join_when_ready(m, [])
     if obs.exit_code != 0:
         return _workers_failed(m, obs.report)
     if all(m.exited.get(s) == 0 for s in m.round_slots):
@@ -514,8 +516,15 @@ def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
     if taken and mine:  # a spare took a rank: the next one starts now, before it is needed
         m, more = _top_up_spares(m, f"{taken} spare(s) took a rank in epoch {world.epoch}")
         effects += more
-    if not mine and m.phase is Phase.RUNNING:
-        finished, done = _finish_if_all_done(m)
+    dead = [s for s in mine if s in m.lost or m.exited.get(s, 0) != 0]
+    if dead and m.phase is Phase.RUNNING:  # named while it died (a spare, say): out again
+        lost = frozenset(Member(m.node_id, s) for s in dead)
+        m, more = _reconfigure(m, lost, ", ".join(f"rank {mine[s]}" for s in dead)
+                               + f" named in epoch {world.epoch} but already lost",
+                               {"ranks": sorted(mine[s] for s in dead)})  # fmt: skip
+        return m, effects + more
+    if (not mine and m.phase is Phase.RUNNING) or m.phase is Phase.DONE_WAITING:
+        finished, done = _finish_if_all_done(m)  # the world may have left only done nodes
         if done:
             return finished, effects + done
     return m, effects
@@ -716,7 +725,7 @@ def _on_peer_done(m: AgentMachine, obs: PeerDone, now: float):
     nodes = m.done.get(obs.round_id, frozenset())
     nodes = nodes | {obs.node} if obs.done else nodes - {obs.node}
     m = replace(m, done={**m.done, obs.round_id: nodes})
-    memberless = m.world is not None and m.world.epoch > 0 and not m.members_here()
+    memberless = m.world is not None and not m.members_here()  # out of it, or not joined yet
     if m.phase is Phase.DONE_WAITING or (m.phase is Phase.RUNNING and memberless):
         return _finish_if_all_done(m)
     return m, []

@@ -211,3 +211,37 @@ def test_planned_faults_parse_with_their_moment():
     for bad in bad_faults:
         with pytest.raises(ConfigError):
             parse_fault(bad)
+
+
+def test_a_world_that_names_a_spare_which_died_meanwhile_is_planned_again():
+    m = _inplace(hot_spares=1)
+    m, _ = M.step(m, M.WorkerAttached(m.generation, 2, "inplace"), 0.5)
+    m, effects = M.step(m, M.WorkerLost(m.generation, 1, "closed"), 1.0)
+    (propose,) = _effects(effects, M.ProposeWorld)  # rank 1 -> the spare in slot 2
+    m, _ = M.step(m, M.WorkerLost(m.generation, 2, "closed"), 1.01)  # the spare dies too
+    m, effects = M.step(m, M.WorldChanged(propose.world), 1.02)
+    (again,) = _effects(effects, M.ProposeWorld)
+    assert Member("a", 2) in again.lost and again.world.size == 3
+
+
+def test_a_node_done_waiting_finishes_when_the_world_drops_the_peer_it_waited_for():
+    m = _inplace()
+    m, _ = M.step(m, M.WorkerFinishing(m.generation, 0), 1.0)
+    m, _ = M.step(m, M.WorkerFinishing(m.generation, 1), 1.0)
+    m, _ = M.step(m, M.WorkerExited(m.generation, 0, 0), 1.1)
+    m, _ = M.step(m, M.WorkerExited(m.generation, 1, 0), 1.1)
+    assert m.phase is M.Phase.DONE_WAITING
+    world = World(m.world.round_id, 1, (Member("a", 0), Member("a", 1)))
+    m, effects = M.step(m, M.WorldChanged(world), 2.0)
+    assert m.phase is M.Phase.SUCCEEDED and _effects(effects, M.Exit)
+
+
+def test_a_joining_worker_that_dies_before_attaching_does_not_hold_the_join():
+    m, _ = M.start("b", max_restarts=0, membership_poll_interval=1.0, coordination_timeout=60.0)
+    plan = RoundPlan("r1", 0, (NodeSlot(0, "b", 2, "127.0.0.1", "127.0.0.1:9001"),), "", 0, 0, 0)
+    running = World("r1", 1, (Member("a", 0), Member("a", 1)))
+    m, _ = M.step(m, M.WorldFound(plan, running), 0.0)
+    m, _ = M.step(m, M.WorkerAttached(m.generation, 0, "inplace"), 0.5)
+    m, effects = M.step(m, M.WorkerExited(m.generation, 1, 1), 0.6)
+    (grow,) = _effects(effects, M.ProposeWorld)
+    assert grow.world.members[-1] == Member("b", 0) and grow.world.size == 3

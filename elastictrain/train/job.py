@@ -301,6 +301,13 @@ class Job:
                                view.rank, view.epoch, exc)  # fmt: skip
                 self._inplace.abandon()
                 continue
+            except (RuntimeError, dist.DistError) as exc:  # NCCL: raised at a launch, or lazily
+                if not self._inplace.changed_since(view):
+                    raise
+                logger.warning("rank %d: world epoch %d superseded while re-forming: %s",
+                               view.rank, view.epoch, exc)  # fmt: skip
+                self._inplace.abandon()
+                continue
         done = time.monotonic()
         self._truncate(plan.step, view.epoch)
         if first and view.epoch == 0:
@@ -427,6 +434,9 @@ class Job:
         else:
             total = fast.reduce(hosted, coll)
         loss, count = total.tolist()
+        if self._inplace is not None and self._inplace.changed_since(self._view):
+            # NCCL: an abort can make a pending reduction return early; never apply it
+            raise WorldChanged(f"world epoch {self._view.epoch} superseded during step {step}")
         if sum_mode:
             for p in self._params:
                 if p.grad is not None:
