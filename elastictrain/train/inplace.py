@@ -90,8 +90,13 @@ class InPlaceWorld:
         self._abandoned: list[tuple[dist.ProcessGroup, dist.Store | None]] = []
         self._client = None
         session.on_push(self._on_push)
-        session.attach(P.MODE_INPLACE)
+        if os.environ.get(ENV_SPARE) != "1":  # a spare says so once it is warm (ready)
+            session.attach(P.MODE_INPLACE)
         self._on_push(session.call("world")["world"])
+
+    def ready(self) -> None:
+        """A hot spare is warm: from now on its agent may give it a rank."""
+        self.session.attach(P.MODE_INPLACE)
 
     @classmethod
     def attach(cls, device: torch.device) -> InPlaceWorld | None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from elastictrain.constants import ENV_SPARE
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
 from elastictrain.train.data_plan import DataPlan, plan_hosting
@@ -176,8 +177,10 @@ class Job:
     def __iter__(self) -> Iterator[int]:
         first_after_recovery: float | None = None
         if self._inplace is not None:
-            if self._inplace.is_spare:
-                self._warm_up_spare()
+            if os.environ.get(ENV_SPARE) == "1":
+                if self._inplace.is_spare:
+                    self._warm_up_spare()
+                self._inplace.ready()  # only now may its agent count on it
             if self._reform(first=True):  # a spare, named by a world that moved on
                 first_after_recovery = time.monotonic()
         else:
