@@ -58,6 +58,17 @@ logger = logging.getLogger(__name__)
 
 _ROUND_DATA_TIMEOUT = timedelta(seconds=60)
 
+
+def _rendezvous_closed(state_kv) -> bool:
+    """torch's rendezvous state (its own pickled format in etcd) says the job is closed; an
+    unreadable state is as good as closed."""
+    if state_kv is None:
+        return False
+    try:
+        return bool(pickle.loads(state_kv.value).closed)
+    except Exception:
+        return True
+
 Post = Callable[[M.Observation], None]
 
 
@@ -125,13 +136,7 @@ class JobCoordinator:
         afresh; one that ended with live agents is refused."""
         outcome = self.client.get(self.keys.outcome)
         state_kv = self.client.get(self.keys.rendezvous_state)
-        closed = False
-        if state_kv is not None:
-            try:
-                closed = bool(pickle.loads(state_kv.value).closed)
-            except Exception:  # an unreadable state is as good as finished
-                closed = True
-        if outcome is None and not closed:
+        if outcome is None and not _rendezvous_closed(state_kv):
             return
         live = list_nodes(self.client, self.keys)
         if live:
@@ -311,7 +316,8 @@ class JobCoordinator:
             return None
         restart = self.client.get(self.keys.restart_signal)
         done_kvs, _ = self.client.get_prefix(f"{self.keys.rounds_prefix}{world.round_id}/done/")
-        ended = self.client.get(self.keys.outcome) is not None or self._handler_closed()
+        ended = (self.client.get(self.keys.outcome) is not None
+                 or _rendezvous_closed(self.client.get(self.keys.rendezvous_state)))
         ok, reason = joinable(
             world, me=self.config.node_id,
             restart_revision=restart.mod_revision if restart else 0,
@@ -327,15 +333,6 @@ class JobCoordinator:
         plan = RoundPlan(world.round_id, 0, (slot,), "", 0, world.restart_revision,
                          json.loads(restart.value)["count"] if restart else 0)  # fmt: skip
         return M.WorldFound(plan, world)
-
-    def _handler_closed(self) -> bool:
-        kv = self.client.get(self.keys.rendezvous_state)
-        if kv is None:
-            return False
-        try:
-            return bool(pickle.loads(kv.value).closed)
-        except Exception:  # an unreadable state is as good as closed
-            return True
 
     def _publish_world(self, effect: M.PublishWorld) -> None:
         kv = self.client.get(self.keys.world)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from launch_harness import SCRIPTS, Cluster
 
+from elastictrain.coord.keys import JobKeys
 from elastictrain.events import read_events
 
 JOB_SCRIPT = SCRIPTS / "job_train.py"
@@ -65,6 +66,12 @@ def _wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def _committed(client, job_id: str) -> int:
+    """The job's newest committed snapshot step (-1: none yet)."""
+    kv = client.get(JobKeys(job_id).snapshot_committed)
+    return int(json.loads(kv.value)["step"]) if kv is not None else -1
 
 
 def _check(cluster: Cluster, reference: dict, reduction: str) -> None:
@@ -159,7 +166,7 @@ def test_a_stopped_worker_is_declared_hung_and_dropped(cluster, etcd_endpoint, e
 def test_a_job_grows_from_one_node_to_two_in_place(cluster, etcd_endpoint, etcd_client, job_id,
                                                    reference, reduction):  # fmt: skip
     (a,) = _launch(cluster, etcd_endpoint, job_id, "a", step_sleep=0.6, reduction=reduction)
-    _wait_for(lambda: "step 2 loss" in a.text(), what="step 2 on node a")
+    _wait_for(lambda: _committed(etcd_client, job_id) >= 2, what="step 2 committed on node a")
     (b,) = _launch(cluster, etcd_endpoint, job_id, "b", step_sleep=0.6, reduction=reduction)
     for proc in (a, b):
         assert proc.wait(240) == 0, proc.text()
