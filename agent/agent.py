@@ -33,6 +33,7 @@ from elastictrain.snapshot.shm import shm_dir
 from . import machine as M
 from .config import AgentConfig
 from .coordination import JobCoordinator
+from .mirrors import MirrorBoard
 from .plan import RoundPlan, WorkerAssignment, assign_worker_ranks, worker_env
 from .server import start_server
 from .sessions import SessionServer, WorkerKey
@@ -94,6 +95,7 @@ class Agent:
         self._generation = 0
         self._exiting_reported: set[int] = set()
         self._sessions: SessionServer | None = None
+        self._mirrors = MirrorBoard()
         self._next_tick = 0.0
         self._exit_code: int | None = None
         self.snapshots: SnapshotCoordinator | None = None
@@ -172,6 +174,9 @@ class Agent:
                 "world": self._current_world,
                 "truncate_snapshots": self._truncate_snapshots,
                 "snapshot_segments": self._snapshot_segments,
+                "offer_mirror": self._offer_mirror,
+                "claim_mirror": self._claim_mirror,
+                "withdraw_mirror": self._withdraw_mirror,
             },
         )
         self._server, port = start_server(self, cfg.grpc_host, cfg.grpc_port)
@@ -314,6 +319,7 @@ class Agent:
         self._workers.reset()
         self._exiting_reported = set()
         self._sessions.forget(generation)
+        self._mirrors.forget(generation)
         self._assignments = []
         if self.snapshots is not None:
             self.snapshots.new_round()
@@ -371,6 +377,7 @@ class Agent:
                 constants.ENV_SESSION_TOKEN: self._sessions.expect(WorkerKey(generation, slot)),
                 constants.ENV_ETCD: cfg.etcd,
             }
+            | ({constants.ENV_DEVICE_MIRROR: "1"} if cfg.device_mirror else {})
         )
 
     def _start_spares(self, generation: int, slots: tuple[int, ...]) -> None:
@@ -445,6 +452,26 @@ class Agent:
         page-locks them ahead of a restore."""
         assert self.snapshots is not None
         return {"segments": self.snapshots.store.segment_names()}
+
+    def _offer_mirror(self, key: WorkerKey, request: dict) -> dict:
+        """A warm spare offers its device mirror slots to the worker on its GPU."""
+        offer = request.get("offer")
+        if not isinstance(offer, dict) or not isinstance(offer.get("device"), str):
+            raise SnapshotError("a mirror offer needs its device")
+        self._mirrors.offer(key, offer["device"], offer)
+        return {}
+
+    def _claim_mirror(self, key: WorkerKey, request: dict) -> dict:
+        """The mirror a worker writes into (None: none, or stop)."""
+        return {"offer": self._mirrors.claim(key, str(request.get("device")), self._alive)}
+
+    def _withdraw_mirror(self, key: WorkerKey, request: dict) -> dict:
+        """A spare that takes a rank ends its offer; is a live worker still writing into it?"""
+        return {"feeder_alive": self._mirrors.withdraw(key, self._alive)}
+
+    def _alive(self, key: WorkerKey) -> bool:
+        assert self._sessions is not None
+        return key.generation == self._generation and self._sessions.pid_of(key) is not None
 
     def _begin_snapshot(self, key: WorkerKey, request: dict) -> dict:
         record = self._snapshot_call(

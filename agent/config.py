@@ -104,6 +104,7 @@ class AgentConfig:
     snapshot_memory_limit: int = 0  # bytes of records this agent may hold (0: unbounded)
     faults: list[FaultPlan] = field(default_factory=list)  # injected by rank and step (chaos)
     hot_spares: int = 0  # idle workers per node that take a lost rank (in place only)
+    device_mirror: bool = False  # a spare on a worker's GPU keeps its state there every step
 
     def __post_init__(self) -> None:
         validate_name("job id", self.job_id)
@@ -128,6 +129,8 @@ class AgentConfig:
             raise ConfigError(f"--snapshot-disk-every must be >= 0, got {self.snapshot_disk_every}")
         if self.hot_spares < 0:
             raise ConfigError(f"--hot-spares must be >= 0, got {self.hot_spares}")
+        if self.device_mirror and not self.hot_spares:
+            raise ConfigError("--device-mirror needs --hot-spares (the spares hold the mirrors)")
         if self.hang_timeout < 0:
             raise ConfigError(f"--hang-timeout must be >= 0 s, got {self.hang_timeout}")
         if self.coordination_timeout <= 0:

@@ -235,6 +235,8 @@ class JobCoordinator:
             self._writes.submit(self._write(effect, self._request_restart), effect.delay)
         elif isinstance(effect, M.MarkRoundDone):
             self._writes.submit(self._write(effect, self._mark_done), effect.delay)
+        elif isinstance(effect, M.LeaveRound):
+            self._writes.submit(self._write(effect, self._leave_round))
         elif isinstance(effect, M.EvictNodes):
             self._writes.submit(self._write(effect, self._evict))
         elif isinstance(effect, M.Register):
@@ -323,6 +325,7 @@ class JobCoordinator:
             restart_revision=restart.mod_revision if restart else 0,
             live=[n.node_id for n in list_nodes(self.client, self.keys)],
             done=[kv.key.rsplit("/", 1)[-1] for kv in done_kvs], ended=ended,
+            left=self.client.get(self.keys.round_left(world.round_id)) is not None,
         )  # fmt: skip
         logger.info("agent %s: world record of round %s: %s", self.config.node_id,
                     world.round_id, reason if ok else f"not joined ({reason})")  # fmt: skip
@@ -423,7 +426,12 @@ class JobCoordinator:
                     stored = World.decode(kv.value)
                 except WorldFormatError:
                     stored = None
-                if stored is not None and stored.round_id == effect.base.round_id:
+                if stored is not None and stored.round_id != effect.base.round_id:
+                    logger.info("agent %s: the world record belongs to round %s now: the "
+                                "proposal for round %s is dropped", self.config.node_id,
+                                stored.round_id, effect.base.round_id)  # fmt: skip
+                    return
+                if stored is not None:
                     current = stored
             if current.epoch >= proposal.epoch:
                 proposal = plan_next_world(current, effect.lost, effect.spares,
@@ -447,6 +455,9 @@ class JobCoordinator:
 
     def _mark_done(self, effect: M.MarkRoundDone) -> None:
         self.client.put(self.keys.round_done(effect.round_id, self.config.node_id), b"1")
+
+    def _leave_round(self, effect: M.LeaveRound) -> None:
+        self.client.put(self.keys.round_left(effect.round_id), b"1")
 
     def _evict(self, effect: M.EvictNodes) -> None:
         if self._backend is not None:

@@ -193,6 +193,13 @@ class MarkRoundDone:
 
 
 @dataclass(frozen=True)
+class LeaveRound:
+    """The round is left for a rendezvous: mark it so that no node joins its world in place."""
+
+    round_id: str
+
+
+@dataclass(frozen=True)
 class EvictNodes:
     """Drop lost nodes from the rendezvous state now (their lease is gone)."""
 
@@ -218,8 +225,9 @@ class Exit:
 Effect = (
     Record | StartWorkers | JoinWorld | StartSpares | KillWorker | StopWorkers | PushWorld
     | PushFault | ProposeWorld | PublishWorld | Rendezvous | PollMembership | RequestRestart
-    | FailJob | CloseRendezvous | MarkRoundDone | EvictNodes | Register | Exit
+    | FailJob | CloseRendezvous | MarkRoundDone | LeaveRound | EvictNodes | Register | Exit
 )  # fmt: skip
 
 # Writes that the job cannot do without: retried while etcd is away (until the timeout).
-ESSENTIAL = (RequestRestart, FailJob, CloseRendezvous, MarkRoundDone, Register, ProposeWorld)
+ESSENTIAL = (RequestRestart, FailJob, CloseRendezvous, MarkRoundDone, LeaveRound, Register,
+             ProposeWorld)  # fmt: skip

@@ -40,6 +40,7 @@ from .effects import (
     FaultPlan,
     JoinWorld,
     KillWorker,
+    LeaveRound,
     MarkRoundDone,
     PollMembership,
     ProposeWorld,
@@ -88,13 +89,14 @@ from .world import Member, World, initial_world, plan_next_world
 __all__ = [  # the observations and effects, for ``machine.X`` in executors and tests
     "Action", "AgentMachine", "Beat", "CloseRendezvous", "CoordinationFailed",
     "CoordinationSucceeded", "Effect", "EvictNodes", "Exit", "FailJob", "FaultPlan", "JobFailed",
-    "JoinWorld", "KillWorker", "LeaseLost", "MarkRoundDone", "NodesJoined", "NodesListed",
-    "NodesLost", "NodesWaiting", "Observation", "PeerDone", "Phase", "PollMembership",
-    "ProposeWorld", "PublishWorld", "PushFault", "PushWorld", "Record", "Register", "Registered",
-    "Rendezvous", "RendezvousClosed", "RendezvousFailed", "RequestRestart", "RestartRequested",
-    "RoundFormed", "StartSpares", "StartWorkers", "StopWorkers", "Stopped", "Tick", "Verdict",
-    "WorkerAttached", "WorkerExited", "WorkerFinishing", "WorkerHeartbeat", "WorkerLost",
-    "WorkerReport", "WorldChanged", "WorldFound", "start", "step",
+    "JoinWorld", "KillWorker", "LeaseLost", "LeaveRound", "MarkRoundDone", "NodesJoined",
+    "NodesListed", "NodesLost", "NodesWaiting", "Observation", "PeerDone", "Phase",
+    "PollMembership", "ProposeWorld", "PublishWorld", "PushFault", "PushWorld", "Record",
+    "Register", "Registered", "Rendezvous", "RendezvousClosed", "RendezvousFailed",
+    "RequestRestart", "RestartRequested", "RoundFormed", "StartSpares", "StartWorkers",
+    "StopWorkers", "Stopped", "Tick", "Verdict", "WorkerAttached", "WorkerExited",
+    "WorkerFinishing", "WorkerHeartbeat", "WorkerLost", "WorkerReport", "WorldChanged",
+    "WorldFound", "start", "step",
 ]  # fmt: skip
 
 # Seconds between two attempts of an etcd operation that failed (doubling up to the cap).
@@ -733,8 +735,12 @@ def _on_peer_done(m: AgentMachine, obs: PeerDone, now: float):
 
 def _on_nodes_waiting(m: AgentMachine, obs: NodesWaiting, now: float):
     if m.phase is Phase.RUNNING and obs.count > 0:
-        return _rejoin(m, f"{obs.count} node(s) waiting to join", now,
-                       details={"waiting": obs.count})  # fmt: skip
+        left = m.round.round_id if m.round is not None else None
+        m, effects = _rejoin(m, f"{obs.count} node(s) waiting to join", now,
+                             details={"waiting": obs.count})  # fmt: skip
+        if left is not None:  # its world, if it ran in place, takes no joiner any more
+            effects.insert(-1, LeaveRound(left))
+        return m, effects
     return m, []
 
 

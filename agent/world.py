@@ -93,19 +93,24 @@ def initial_world(plan: RoundPlan) -> World:
 
 
 def joinable(world: World, *, me: str, restart_revision: int, live: Collection[str],
-             done: Collection[str], ended: bool) -> tuple[bool, str]:  # fmt: skip
+             done: Collection[str], ended: bool,
+             left: bool = False) -> tuple[bool, str]:  # fmt: skip
     """Can a node that starts now join ``world`` in place (instead of a rendezvous)? Only
-    while its round runs: no restart since it began, not ended, some other node of it alive
-    and not every one of them done."""
+    while its round runs: no restart since it began, the job not ended, the round not left
+    for a rendezvous (``left``), some other node of it alive and none of them done (a round
+    that finishes takes nobody)."""
     if ended:
         return False, "the job has ended"
     if world.restart_revision != restart_revision:
         return False, "the job restarted since the world's round began"
+    if left:
+        return False, "the round was left for a rendezvous"
     others = [n for n in world.nodes if n != me]
     if not any(n in set(live) for n in others):
         return False, "no node of the world is alive"
-    if all(n in set(done) for n in world.nodes):
-        return False, "every node of the world is done"
+    finished = [n for n in world.nodes if n in set(done)]
+    if finished:
+        return False, f"the round is finishing ({', '.join(finished)} done)"
     return True, f"round {world.round_id} runs in place at epoch {world.epoch}"
 
 

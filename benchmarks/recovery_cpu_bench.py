@@ -111,7 +111,12 @@ def etrain_events(etcd: str, job: str, out: Path, name: str) -> tuple[Run, float
     client = EtcdClient.from_spec(etcd)
     try:
         (fault,) = read_events(client, job, "fault")
-        (reconfigure,) = read_events(client, job, "reconfigure")
+        reconfigures = read_events(client, job, "reconfigure")
+        if len(reconfigures) > 1:  # reported: the first one answers the fault
+            for event in read_events(client, job):
+                print(f"#   {event.kind} {event.node} {event.time - fault.time:+.3f} s: "
+                      f"{event.reason}", file=sys.stderr)  # fmt: skip
+        reconfigure = min(reconfigures, key=lambda e: e.time)
         world = read_events(client, job, "world_changed")[0]
         recovered = [e.details for e in read_events(client, job, "recovered")
                      if e.details["epoch"] == world.details["epoch"]]  # fmt: skip

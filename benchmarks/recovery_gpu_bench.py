@@ -12,7 +12,10 @@ The job is the ~1B GPT of ``recovery_gpu_train.py`` (AdamW, bf16 autocast, 4 x 2
   step 17: everything restarts and loads the checkpoint;
 - ``etrain launch --hot-spares 1``: the ``Job`` API, one worker and one hot spare on the same
   GPU; the worker is SIGKILLed at step ``--kill-step`` or, if later, once the spare is ready
-  (a planned fault waits for the node's spares): the spare restores the snapshot in place.
+  (a planned fault waits for the node's spares): the spare restores the snapshot in place;
+- the same with ``--device-mirror`` (row ``mirror``): the worker also copies its state into
+  the spare's device memory every step, and the spare loads that (``--mirror-snapshot-every``
+  lists the host snapshot intervals to run it with).
 """
 
 from __future__ import annotations
@@ -47,9 +50,12 @@ def main() -> int:
     p.add_argument("--steady-steps", type=int, default=30)
     p.add_argument("--job-steps", type=int, default=260)
     p.add_argument("--kill-step", type=int, default=60)
-    p.add_argument("--snapshot-every", type=int, default=2)
+    p.add_argument("--snapshot-every", default="2",
+                   help="host snapshot intervals of the etrain rows (comma-separated)")
     p.add_argument("--etcd", default=None, help="an etcd to use (default: one of our own)")
-    p.add_argument("--rows", default="steady,torchrun,etrain")
+    p.add_argument("--mirror-snapshot-every", default="2,10",
+                   help="host snapshot intervals of the device-mirror rows (comma-separated)")
+    p.add_argument("--rows", default="steady,torchrun,etrain,mirror")
     args = p.parse_args()
     rows = set(args.rows.split(","))
     root = Path(tempfile.mkdtemp(prefix="etrain-gpu-recovery-"))
@@ -81,22 +87,29 @@ def main() -> int:
                         _next_step_done(times, kill_at, resume, new_only=True), 17 - resume))
         print(f"# {runs[-1].system}: {runs[-1].recovery_s:.2f} s", file=sys.stderr)
 
+    etrain_rows = []
     if "etrain" in rows:
+        etrain_rows += [(int(n), False) for n in args.snapshot_every.split(",") if n]
+    if "mirror" in rows:
+        etrain_rows += [(int(n), True) for n in args.mirror_snapshot_every.split(",") if n]
+    for index, (every, mirror) in enumerate(etrain_rows):
         from elastictrain.coord.embedded import EmbeddedEtcd
 
-        out = root / "etrain"
+        name = (f"etrain, 1 hot spare, device mirror, snapshot every {every}" if mirror
+                else f"etrain, 1 hot spare, snapshot every {every}")  # fmt: skip
+        out = root / f"etrain-{index}"
         out.mkdir()
-        with EmbeddedEtcd(name="gpu-recovery-bench") as etcd:
-            job = "gpu-bench"
+        with EmbeddedEtcd(name=f"gpu-recovery-bench-{index}") as etcd:
+            job = f"gpu-bench-{index}"
             _run([sys.executable, "-m", "elastictrain.cli.main", "launch", "--nproc-per-node",
                   "1", "--etcd", etcd.endpoint, "--job-id", job, "--hot-spares", "1",
-                  "--snapshot-memory-limit", "80",
+                  *(["--device-mirror"] if mirror else []), "--snapshot-memory-limit", "80",
                   "--fault", f"kill:rank=0:step={args.kill_step}", str(TRAIN), "--api", "job",
                   "--out", str(out), "--steps", str(args.job_steps),
-                  "--snapshot-every", str(args.snapshot_every)], out)  # fmt: skip
-            run, fault_at = etrain_events(etcd.endpoint, job, out, "etrain, 1 hot spare")
+                  "--snapshot-every", str(every)], out)  # fmt: skip
+            run, fault_at = etrain_events(etcd.endpoint, job, out, name)
         runs.append(run)
-        steady[f"Job under etrain launch, deterministic, snapshot every {args.snapshot_every}"] = (
+        steady[f"Job under etrain launch: {name.removeprefix('etrain, ')}"] = (
             _steady(out, skip=5, before=fault_at, last=15))
         print(f"# {run.system}: {run.recovery_s:.2f} s", file=sys.stderr)
 

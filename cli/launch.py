@@ -139,6 +139,14 @@ def add_parser(sub) -> None:
         "scripts; default 0)",
     )
     p.add_argument(
+        "--device-mirror",
+        dest="device_mirror",
+        action="store_true",
+        help="each hot spare on a worker's GPU keeps a copy of that worker's state in device "
+        "memory, updated every step, so a crashed worker redoes at most the step in flight "
+        "(costs the spare twice the state in GPU memory; CUDA only)",
+    )
+    p.add_argument(
         "--fault",
         dest="faults",
         action="append",
@@ -342,6 +350,7 @@ def run(args) -> int:
             snapshot_memory_limit=int(args.snapshot_memory_limit * 1e9),
             faults=faults,
             hot_spares=args.hot_spares,
+            device_mirror=args.device_mirror,
             **extra,
         )
         agent = Agent(config)

@@ -39,6 +39,10 @@ ENV_SESSION_TOKEN = "ETRAIN_SESSION_TOKEN"  # this worker's one-time token
 ENV_SESSION_FD = "ETRAIN_SESSION_FD"  # the connected session, handed to the program
 ENV_ETCD = "ETRAIN_ETCD"  # the job's etcd (in-place worlds meet in its store)
 ENV_SPARE = "ETRAIN_SPARE"  # "1": a hot spare (no rank until a world names it)
+# "1": a hot spare on a worker's GPU holds a copy of its state there, updated every step
+ENV_DEVICE_MIRROR = "ETRAIN_DEVICE_MIRROR"
+# How often a worker asks its agent for a spare's device mirror to write into (seconds).
+MIRROR_POLL_S = 2.0
 
 # Seconds without a progress report after which a reporting worker counts as hung (0: never).
 DEFAULT_HANG_TIMEOUT_S = 300.0

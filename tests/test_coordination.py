@@ -131,3 +131,27 @@ def test_etcd_going_away_is_an_observation_not_an_exception(job_id, runtime_dir)
         observed.next(M.CoordinationSucceeded)
         coordinator.close()
         coordinator.client.close()
+
+
+def test_a_world_is_joined_only_while_its_round_runs_and_never_overwritten_by_another(pair):
+    from elastictrain.agent.world import Member, World
+
+    (a, b), (seen_a, _) = pair
+    seen_a.next(M.NodesListed)
+    first = World("r1", 0, (Member("a", 0),))
+    a.apply(M.PublishWorld(first))
+    assert a.flush(10)
+    found = b._joinable_world()
+    assert found is not None and found.world == first
+    a.apply(M.LeaveRound("r1"))  # a's round goes to a rendezvous
+    assert a.flush(10)
+    assert b._joinable_world() is None
+
+    # a newer round's world is there: a late proposal of round r1 must not replace it
+    newer = World("r2", 0, (Member("a", 0), Member("b", 0)))
+    a.apply(M.PublishWorld(newer))
+    assert a.flush(10)
+    late = World("r1", 1, (Member("a", 0), Member("b", 0)))
+    b.apply(M.ProposeWorld(late, first, frozenset(), joining=(Member("b", 0),)))
+    assert b.flush(10)
+    assert World.decode(a.client.get(a.keys.world).value) == newer

@@ -183,7 +183,10 @@ def test_waiting_nodes_are_let_in_at_the_next_round():
     d = _running("a", "b")
     assert d.feed(M.NodesWaiting(0)) == []
     effects = d.feed(M.NodesWaiting(1))
-    assert _kinds(effects) == [M.StopWorkers, M.Rendezvous] and d.action is M.Action.REJOIN
+    assert _kinds(effects) == [M.StopWorkers, M.LeaveRound, M.Rendezvous]
+    assert d.action is M.Action.REJOIN
+    (left,) = [e for e in effects if isinstance(e, M.LeaveRound)]
+    assert left.round_id == d.machine.round.round_id  # its world takes no joiner any more
 
 
 def test_membership_is_polled_on_the_clock():

@@ -161,7 +161,8 @@ def test_a_node_joins_a_running_world_once_its_workers_are_ready():
     running = World("r1", 1, (Member("a", 0), Member("a", 1)), restart_revision=5)
     ok, _ = joinable(running, me="b", restart_revision=5, live=["a"], done=[], ended=False)
     assert ok
-    for facts in ({"restart_revision": 6}, {"live": []}, {"done": ["a"]}, {"ended": True}):
+    for facts in ({"restart_revision": 6}, {"live": []}, {"done": ["a"]}, {"ended": True},
+                  {"left": True}):  # fmt: skip
         args = {"restart_revision": 5, "live": ["a"], "done": [], "ended": False} | facts
         assert not joinable(running, me="b", **args)[0], facts
 

@@ -68,6 +68,10 @@ class JobKeys:
     def round_done(self, round_id: str, node_id: str) -> str:
         return f"{self.rounds_prefix}{round_id}/done/{node_id}"
 
+    def round_left(self, round_id: str) -> str:
+        """Set when a round's nodes leave it for a rendezvous: nobody joins it in place."""
+        return f"{self.rounds_prefix}{round_id}/left"
+
     @property
     def snapshot_committed(self) -> str:
         """``{"step": s, ...}``: the newest snapshot every node has stored."""

@@ -69,6 +69,29 @@ class SnapshotCorruptError(RuntimeError):
     """A record's bytes do not match its checksum."""
 
 
+def load_replicated(snap: Snapshotter, layout: StateLayout,
+                    pieces: list[tuple[int, torch.Tensor]]) -> None:  # fmt: skip
+    """Load a replicated state (its stream's pieces) into the snapshotter's objects: each
+    byte copied once, straight into the model's and optimizer's own tensors."""
+    into = tensors_by_path(snap._replicated_state())
+    with torch.no_grad():
+        state = unflatten_state(layout, pieces, into=into)
+    if snap.model is not None:
+        snap.model.load_state_dict(state["model"])
+    if snap.optimizer is not None:
+        snap.optimizer.load_state_dict(state["optimizer"])
+    if snap.scheduler is not None:
+        snap.scheduler.load_state_dict(state["scheduler"])
+
+
+def apply_rank_state(restored: Restored, blob: bytes) -> None:
+    """A rank's blob (RNG states, data position, extras) put back and noted in ``restored``."""
+    rank_state = pickle.loads(blob)
+    restore_rng(rank_state["rng"])
+    restored.data_position = rank_state["data"]
+    restored.extras = rank_state["extras"]
+
+
 class SnapshotReader:
     """Restores ``snap``'s objects; ``client`` is its agent's (None: nothing to restore).
 
@@ -175,26 +198,15 @@ class SnapshotReader:
                 f"step {step}: slices cover {covered} of {layout.total_bytes} bytes "
                 f"(ranks held: {sorted(records)})"
             )
-        into = tensors_by_path(snap._replicated_state())
-        with torch.no_grad():
-            state = unflatten_state(layout, pieces, into=into)
+        load_replicated(snap, layout, pieces)
         del pieces
-        if snap.model is not None:
-            snap.model.load_state_dict(state["model"])
-        if snap.optimizer is not None:
-            snap.optimizer.load_state_dict(state["optimizer"])
-        if snap.scheduler is not None:
-            snap.scheduler.load_state_dict(state["scheduler"])
         restored = Restored(step=step, world=any_meta.world, source=source,
                             sources={r: e for r, (e, _, _) in records.items()})  # fmt: skip
         mine = records.get(snap.rank)
         if mine is not None:
             meta = RecordMeta.decode(mine[1])
             blob = bytes(mine[2][meta.end - meta.start : meta.end - meta.start + meta.rank_bytes])
-            rank_state = pickle.loads(blob)
-            restore_rng(rank_state["rng"])
-            restored.data_position = rank_state["data"]
-            restored.extras = rank_state["extras"]
+            apply_rank_state(restored, blob)
         return restored
 
     def _restore_from_disk(self) -> Restored | None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from elastictrain.constants import MAX_PENDING_SNAPSHOTS
+from elastictrain.constants import ENV_DEVICE_MIRROR, MAX_PENDING_SNAPSHOTS, MIRROR_POLL_S
 from elastictrain.rpc.agent_client import AgentClient, SnapshotRefusedError
 from elastictrain.session import protocol as session_protocol
 from elastictrain.session.client import SessionRequestError, WorkerSession, worker_session
@@ -45,11 +45,25 @@ from elastictrain.snapshot.device_copy import (
     optimizer_storages,
     plan_copies,
 )
+from elastictrain.snapshot.device_mirror import (
+    MirrorError,
+    MirrorOffer,
+    MirrorSlots,
+    SlotWriter,
+    device_uuid,
+    read_newest,
+    slot_step,
+)
 from elastictrain.snapshot.layout import StateLayout, flatten_state, slice_range, stream_pieces
 from elastictrain.snapshot.record_meta import _FORMAT, RecordMeta, capture_rng
 from elastictrain.snapshot.record_meta import restore_rng as restore_rng  # re-exported
 from elastictrain.snapshot.restore import ENV_SNAPSHOT_DIR as ENV_SNAPSHOT_DIR  # re-exported
-from elastictrain.snapshot.restore import Restored, SnapshotReader
+from elastictrain.snapshot.restore import (
+    Restored,
+    SnapshotReader,
+    apply_rank_state,
+    load_replicated,
+)
 from elastictrain.snapshot.restore import SnapshotCorruptError as SnapshotCorruptError
 from elastictrain.snapshot.shm import ShmSegment
 
@@ -122,6 +136,12 @@ class Snapshotter:
         self.pin_seconds = 0.0
         self.staging: StagingDecision | None = None  # the last GPU snapshot's, with its reason
         self._inflight: InflightCopy | None = None
+        # device mirrors (``ETRAIN_DEVICE_MIRROR``): the slots a worker writes every step, the
+        # slots a hot spare holds for it
+        self._mirror_feed: tuple[MirrorSlots, SlotWriter] | None = None
+        self._mirror_held: MirrorSlots | None = None
+        self._mirror_spent: MirrorSlots | None = None  # loaded, to free after the first step
+        self._mirror_polled = float("-inf")
         self._fence_handle = None
         if self._client is not None and hasattr(optimizer, "register_step_pre_hook"):
             self._fence_handle = optimizer.register_step_pre_hook(self._fence_hook)
@@ -170,15 +190,22 @@ class Snapshotter:
             return False
         if self._session is not None:
             self._session.progress(step)
-        if step % self.every:
+        mirrored = self._mirror_feed is not None and not self.sharded
+        if step % self.every and not mirrored:
             return False
         if self.sharded:
             return self._snapshot_sharded(step, data_position)
         layout, tensors = flatten_state(self._replicated_state(), self._layout)
         self._layout = layout
+        rank_blob = self._rank_state(step, data_position)
+        if mirrored:
+            assert self._mirror_feed is not None
+            self._mirror_feed[1].write(step, layout, tensors, rank_blob,
+                                       lambda: optimizer_storages(self.optimizer))  # fmt: skip
+        if step % self.every:
+            return False
         world, rank = (self.world, self.rank) if self.replicated else (1, 0)
         start, end = slice_range(layout.total_bytes, world, rank)
-        rank_blob = self._rank_state(step, data_position)
         nbytes = (end - start) + len(rank_blob)
         segment = self._begin_record(self.rank, step, nbytes)
         if segment is None:
@@ -242,6 +269,8 @@ class Snapshotter:
         copy, self._inflight = self._inflight, None
         if copy is not None and self._copier is not None:
             self._copier.fence(copy)
+        if self._mirror_feed is not None:
+            self._mirror_feed[1].fence()
 
     def _snapshot_sharded(self, step: int, data_position: Any) -> bool:
         """DTensor/FSDP2 state through DCP into this rank's record (a collective call)."""
@@ -345,6 +374,115 @@ class Snapshotter:
             mapped += segment.size
         return mapped
 
+    # -- device mirrors -------------------------------------------------------------------------
+
+    @staticmethod
+    def mirrors_enabled(device: torch.device) -> bool:
+        """Whether this job keeps device mirrors (``etrain launch --device-mirror``, CUDA)."""
+        return device.type == "cuda" and os.environ.get(ENV_DEVICE_MIRROR) == "1"
+
+    def offer_mirror(self, device: torch.device) -> int:
+        """A hot spare: allocate two slots for this state on ``device`` and offer them, through
+        the agent, to the worker on the same GPU. Returns the bytes allocated (0: none)."""
+        if self._session is None or not self.mirrors_enabled(device) or self.sharded:
+            return 0
+        layout, _ = flatten_state(self._replicated_state(), self._layout)
+        try:
+            held = MirrorSlots.allocate(layout.total_bytes, device)
+        except MirrorError as exc:
+            logger.warning("no device mirror: %s", exc)
+            return 0
+        try:
+            self._session.call("offer_mirror", offer=held.offer.to_json())
+        except Exception:
+            held.close()
+            raise
+        self._mirror_held = held
+        return held.offer.slot_bytes * len(held.offer.handles)
+
+    def wait_mirror(self, timeout: float) -> bool:
+        """A hot spare: wait until its worker has written a whole step into the mirror (it
+        claims it within a few seconds of the offer). False if none came in time; True at once
+        without a mirror."""
+        held = self._mirror_held
+        if held is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while not any(slot_step(slot) >= 0 for slot in held.tensors):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def poll_mirror(self, device: torch.device) -> None:
+        """A worker, at a step boundary: every few seconds, ask the agent which spare's
+        mirror to write into (none: stop writing)."""
+        if self._session is None or not self.mirrors_enabled(device) or self.sharded:
+            return
+        now = time.monotonic()
+        if now - self._mirror_polled < MIRROR_POLL_S:
+            return
+        self._mirror_polled = now
+        try:
+            raw = self._session.call("claim_mirror", device=device_uuid(device)).get("offer")
+            offer = MirrorOffer.from_json(raw) if raw is not None else None
+        except (SessionRequestError, MirrorError) as exc:
+            logger.warning("rank %d: no device mirror: %s", self.rank, exc)
+            offer = None
+        feed = self._mirror_feed
+        if feed is not None and feed[0].offer == offer:
+            return
+        self._close_feed()
+        if offer is None:
+            return
+        try:
+            slots = MirrorSlots.open(offer, device)
+        except MirrorError as exc:
+            logger.warning("rank %d: the spare's device mirror did not open: %s", self.rank, exc)
+            return
+        self._mirror_feed = (slots, SlotWriter(slots.tensors))
+        logger.info("rank %d: writing a device mirror every step (2 x %.2f GB)", self.rank,
+                    offer.slot_bytes / 1e9)  # fmt: skip
+
+    def _close_feed(self) -> None:
+        feed, self._mirror_feed = self._mirror_feed, None
+        if feed is not None:
+            feed[1].synchronize()
+            feed[0].close()
+
+    def restore_mirror(self) -> Restored | None:
+        """A hot spare named in a world: load the newest whole step of the mirror it held
+        into its own objects (None: it held none, or none whole). Once no live worker writes
+        into them, the slots are freed by :meth:`release_spent_mirror` (freeing 20 GB waits
+        for the device: not on the recovery path)."""
+        held = self._mirror_held
+        if held is None or self._session is None:
+            return None
+        reply = self._session.call("withdraw_mirror")
+        restored: Restored | None = None
+        try:
+            state = read_newest(held.tensors)
+            if state is not None:
+                load_replicated(self, state.layout, state.pieces)
+                torch.cuda.synchronize(held.memory[0].device)
+                if slot_step(held.tensors[state.slot]) != state.step:  # a live writer
+                    raise MirrorError(f"slot {state.slot} was overwritten while it was loaded")
+                restored = Restored(step=state.step, source="device mirror")
+                if state.blob:
+                    apply_rank_state(restored, state.blob)
+        except MirrorError as exc:
+            logger.warning("the device mirror could not be loaded: %s", exc)
+            restored = None
+        if not reply.get("feeder_alive"):
+            self._mirror_spent, self._mirror_held = held, None
+        return restored
+
+    def release_spent_mirror(self) -> None:
+        """Free the slots of a mirror that was loaded (after the first step that followed)."""
+        spent, self._mirror_spent = self._mirror_spent, None
+        if spent is not None:
+            spent.close()
+
     # -- restoring ------------------------------------------------------------------------------
 
     def restore(self, step: int | None = None) -> Restored | None:
@@ -369,6 +507,11 @@ class Snapshotter:
             if self._fence_handle is not None:
                 self._fence_handle.remove()
         self._inflight = None
+        self._close_feed()
+        self.release_spent_mirror()
+        if self._mirror_held is not None:
+            self._mirror_held.close()
+            self._mirror_held = None
         self._targets.clear()
         for segment in self._segments.values():
             segment.close()

@@ -45,6 +45,7 @@ from elastictrain.train.resume import ResumePlan, plan_resume
 logger = logging.getLogger(__name__)
 
 REDUCTIONS = ("deterministic", "fast")
+MIRROR_READY_S = 10.0  # a spare waits this long for its worker's first write into its mirror
 
 LossFn = Callable[[torch.nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, Any]"]
 
@@ -180,6 +181,9 @@ class Job:
             if os.environ.get(ENV_SPARE) == "1":
                 if self._inplace.is_spare:
                     self._warm_up_spare()
+                    # its mirror in use first (if it has one): then every step is in it
+                    if not self._snapshots.wait_mirror(timeout=MIRROR_READY_S):
+                        logger.info("hot spare: its device mirror holds no step yet")
                 self._inplace.ready()  # only now may its agent count on it
             if self._reform(first=True):  # a spare, named by a world that moved on
                 first_after_recovery = time.monotonic()
@@ -196,6 +200,7 @@ class Job:
             step = self.step
             if self._inplace is not None:
                 self._inplace.fire_faults(step)
+                self._snapshots.poll_mirror(self.device)
                 if self._inplace.changed_since(self._view):
                     self._reform()
                     first_after_recovery = time.monotonic()
@@ -264,8 +269,10 @@ class Job:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         mapped = self._snapshots.premap(self.device)
-        logger.info("hot spare ready in %.2f s (%.2f GB of snapshot segments mapped): waiting "
-                    "for a rank", time.monotonic() - started, mapped / 1e9)  # fmt: skip
+        mirror = self._snapshots.offer_mirror(self.device)
+        logger.info("hot spare ready in %.2f s (%.2f GB of snapshot segments mapped, %.2f GB "
+                    "of device mirror): waiting for a rank", time.monotonic() - started,
+                    mapped / 1e9, mirror / 1e9)  # fmt: skip
 
     def _reform(self, first: bool = False) -> bool:
         """Join the next world: discard the step in flight, form the new group, agree where to
@@ -283,12 +290,19 @@ class Job:
         self._inplace.abandon()
         self._coll = None
         live = -1 if first else self.step
+        mirror_s = 0.0
         while True:
             # a spare keeps the node's snapshot segments mapped (new ones appear) meanwhile
             spare = self._warmed and first
             idle = (lambda: self._snapshots.premap(self.device)) if spare else None
             view = self._inplace.next_world(self._view, idle=idle)
             self._view = view
+            if spare and live < 0:  # the state its worker left in the spare's device mirror
+                loading = time.monotonic()
+                mirrored = self._snapshots.restore_mirror()
+                if mirrored is not None:
+                    live = self.step = mirrored.step
+                    mirror_s = time.monotonic() - loading
             try:
                 formed_at = time.monotonic()
                 coll = self._inplace.form(view)
@@ -320,8 +334,9 @@ class Job:
         report = {
             "epoch": view.epoch, "rank": view.rank, "world_size": view.size,
             "resume_step": plan.step, "steps_before": live, "restored": restored,
-            "wait_s": round(formed_at - started, 4), "reform_s": round(formed - formed_at, 4),
-            "agree_s": round(agreed - formed, 4), "restore_s": round(done - agreed, 4),
+            "wait_s": round(formed_at - started - mirror_s, 4),
+            "reform_s": round(formed - formed_at, 4), "agree_s": round(agreed - formed, 4),
+            "restore_s": round(done - agreed + mirror_s, 4), "mirror": mirror_s > 0,
             "world_received_s": round(started - view.received, 4) if view.received <= started
             else 0.0,
         }  # fmt: skip
@@ -337,6 +352,7 @@ class Job:
         self.recoveries[-1] = report
         assert self._inplace is not None
         self._inplace.session.recovered(report)
+        self._snapshots.release_spent_mirror()
 
     def _agree(self, coll: Collectives, live: int) -> ResumePlan:
         """Every member's steps done, gathered; rank 0 decides from what the agents hold and
