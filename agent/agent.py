@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from elastictrain import constants
@@ -73,6 +74,7 @@ class Agent:
         self.config = config
         self.hostname = socket.gethostname()
         self.endpoint = ""
+        self.incarnation = uuid.uuid4().hex[:12]  # this agent process, in the worlds it joins
         self._client: EtcdClient | None = None
         self._coordinator: JobCoordinator | None = None
         self._server = None
@@ -163,7 +165,7 @@ class Agent:
         cfg = self.config
         self._client = EtcdClient.from_spec(cfg.etcd)
         self._client.revision()  # fails fast, with a clear error, if etcd is unreachable
-        self._coordinator = JobCoordinator(cfg, self._client, self.post)
+        self._coordinator = JobCoordinator(cfg, self._client, self.post, self.incarnation)
         self._coordinator.prepare_job()
         self._sessions = SessionServer(
             f"{cfg.job_id}/{cfg.node_id}/{os.getpid()}",
@@ -215,6 +217,7 @@ class Agent:
             hang_timeout=cfg.hang_timeout,
             hot_spares=cfg.hot_spares,
             faults=tuple(cfg.faults),
+            incarnation=self.incarnation,
         )
         self._apply(effects)
         while self._exit_code is None:
@@ -407,7 +410,7 @@ class Agent:
         assert self._sessions is not None
         self._world = world
         self._refresh_endpoints(world)
-        for slot, rank in world.slots_on(self.config.node_id).items():
+        for slot, rank in world.slots_on(self.config.node_id, self.incarnation).items():
             self._workers.set_assignment(slot, self._assignment_in(world, slot))
             if not self._sessions.push(WorkerKey(self._generation, slot),
                                        self._world_message(world, slot)):  # fmt: skip
@@ -415,10 +418,10 @@ class Agent:
                                self.config.node_id, rank, slot, world.epoch)  # fmt: skip
 
     def _assignment_in(self, world: World, slot: int) -> WorkerAssignment | None:
-        rank = world.rank_of(self.config.node_id, slot)
+        rank = world.rank_of(self.config.node_id, slot, self.incarnation)
         if rank is None:
             return None
-        mine = world.slots_on(self.config.node_id)
+        mine = world.slots_on(self.config.node_id, self.incarnation)
         nodes = world.nodes
         return WorkerAssignment(
             local_rank=sorted(mine).index(slot), global_rank=rank, role_rank=rank,
@@ -427,7 +430,7 @@ class Agent:
         )  # fmt: skip
 
     def _world_message(self, world: World, slot: int) -> dict:
-        rank = world.rank_of(self.config.node_id, slot)
+        rank = world.rank_of(self.config.node_id, slot, self.incarnation)
         return {"type": P.WORLD, "round_id": world.round_id, "epoch": world.epoch,
                 "rank": -1 if rank is None else rank, "world_size": world.size,
                 "store": world.store_prefix, "etcd": self.config.etcd,
@@ -500,7 +503,7 @@ class Agent:
         return RoundView(
             members=world.nodes,
             endpoints=dict(self._endpoints),
-            local_ranks=frozenset(world.slots_on(self.config.node_id).values()),
+            local_ranks=frozenset(world.slots_on(self.config.node_id, self.incarnation).values()),
         )
 
     def _teardown(self) -> None:

@@ -110,8 +110,10 @@ class Lane:
 class JobCoordinator:
     """This agent's registration, watches and rendezvous in etcd."""
 
-    def __init__(self, config: AgentConfig, client: EtcdClient, post: Post) -> None:
+    def __init__(self, config: AgentConfig, client: EtcdClient, post: Post,
+                 incarnation: str = "") -> None:  # fmt: skip
         self.config = config
+        self.incarnation = incarnation  # this agent process's id, published in its round slots
         self.keys = JobKeys(config.job_id)
         self.client = client
         self._post = post
@@ -332,7 +334,8 @@ class JobCoordinator:
         if not ok:
             return None
         cfg = self.config
-        slot = NodeSlot(0, cfg.node_id, cfg.nproc_per_node, cfg.local_addr, self.endpoint)
+        slot = NodeSlot(0, cfg.node_id, cfg.nproc_per_node, cfg.local_addr, self.endpoint,
+                        self.incarnation)  # fmt: skip
         plan = RoundPlan(world.round_id, 0, (slot,), "", 0, world.restart_revision,
                          json.loads(restart.value)["count"] if restart else 0)  # fmt: skip
         return M.WorldFound(plan, world)
@@ -363,7 +366,8 @@ class JobCoordinator:
         cfg = self.config
         store = info.store
         group_rank, group_world_size = info.rank, info.world_size
-        slot = NodeSlot(group_rank, cfg.node_id, cfg.nproc_per_node, cfg.local_addr, self.endpoint)
+        slot = NodeSlot(group_rank, cfg.node_id, cfg.nproc_per_node, cfg.local_addr,
+                        self.endpoint, self.incarnation)  # fmt: skip
         store.set(f"etrain/slot/{group_rank}", json.dumps(slot.__dict__))
         self._tcp_store = None  # the previous round's server, if we hosted it, goes away
         if group_rank == 0:

@@ -142,6 +142,7 @@ class AgentMachine:
     max_restarts: int
     membership_poll_interval: float
     coordination_timeout: float
+    incarnation: str = ""  # this agent process's id, in the world members it starts
     hang_timeout: float = 0.0  # 0: hangs are not detected
     hot_spares: int = 0  # idle spares to keep on this node while the job runs in place
     faults: tuple[FaultPlan, ...] = ()  # planned faults not handed to a worker yet
@@ -189,7 +190,13 @@ class AgentMachine:
 
     def members_here(self) -> dict[int, int]:
         """slot -> rank of this node's members of the current world."""
-        return self.world.slots_on(self.node_id) if self.world is not None else {}
+        if self.world is None:
+            return {}
+        return self.world.slots_on(self.node_id, self.incarnation)
+
+    def member(self, slot: int) -> Member:
+        """This agent's worker ``slot`` as a world member."""
+        return Member(self.node_id, slot, self.incarnation)
 
 
 def start(
@@ -201,10 +208,12 @@ def start(
     hang_timeout: float = 0.0,
     hot_spares: int = 0,
     faults: tuple[FaultPlan, ...] = (),
+    incarnation: str = "",
 ) -> tuple[AgentMachine, list[Effect]]:
     """A new agent's machine, and its first effect: join the rendezvous."""
     machine = AgentMachine(
         node_id=node_id,
+        incarnation=incarnation,
         max_restarts=max_restarts,
         membership_poll_interval=membership_poll_interval,
         coordination_timeout=coordination_timeout,
@@ -325,7 +334,7 @@ def _on_world_found(m: AgentMachine, obs: WorldFound, now: float):
     if m.phase is not Phase.RENDEZVOUS:
         return m, []
     world, plan = obs.world, obs.plan
-    if world.slots_on(m.node_id):  # this node's earlier workers are still in it: not yet
+    if world.slots_on(m.node_id, None):  # this node's earlier workers are still in it: not yet
         m = _verdict(m, Action.RETRY, f"world epoch {world.epoch} still names this node's "
                      "earlier workers; joining once they are out")  # fmt: skip
         return m, [_announce(m), Rendezvous(delay=1.0)]
@@ -474,7 +483,7 @@ def _lose_in_place(m: AgentMachine, slots, how: str, now: float, report: str = "
         where, _ = _rank_text(m, fresh[0])
         m = _verdict(m, Action.WORKER_LOST, f"{where}: {how}", {"slot": fresh[0], "how": how})
         return m, [_announce(m)]
-    lost = frozenset(Member(m.node_id, s) for s in gone)
+    lost = frozenset(m.member(s) for s in gone)
     return _reconfigure(m, lost, ", ".join(f"rank {members[s]}" for s in gone) + f": {how}",
                         {"ranks": sorted(members[s] for s in gone), "how": how},
                         report)  # fmt: skip
@@ -484,7 +493,7 @@ def _reconfigure(m: AgentMachine, lost: frozenset[Member], what: str,
                  details: Mapping[str, Any], report: str = ""):  # fmt: skip
     """Propose the world without ``lost``; with no rank left, restart the world instead."""
     assert m.world is not None
-    spares = tuple(Member(m.node_id, s) for s in m.ready_spares)
+    spares = tuple(m.member(s) for s in m.ready_spares)
     change = plan_next_world(m.world, lost, spares)
     if change.world is None:
         return m, []
@@ -500,7 +509,7 @@ def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
     if (not m.phase.has_workers or m.round is None or m.world is None
             or world.round_id != m.round.round_id or world.epoch <= m.world.epoch):  # fmt: skip
         return m, []
-    mine = world.slots_on(m.node_id)
+    mine = world.slots_on(m.node_id, m.incarnation)
     spares = tuple(s for s in m.spares if s not in mine)
     taken = len(m.spares) - len(spares)
     joining = tuple(s for s in m.joining if s not in mine)
@@ -520,7 +529,7 @@ def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
         effects += more
     dead = [s for s in mine if s in m.lost or m.exited.get(s, 0) != 0]
     if dead and m.phase is Phase.RUNNING:  # named while it died (a spare, say): out again
-        lost = frozenset(Member(m.node_id, s) for s in dead)
+        lost = frozenset(m.member(s) for s in dead)
         m, more = _reconfigure(m, lost, ", ".join(f"rank {mine[s]}" for s in dead)
                                + f" named in epoch {world.epoch} but already lost",
                                {"ranks": sorted(mine[s] for s in dead)})  # fmt: skip
@@ -583,7 +592,7 @@ def _join_when_ready(m: AgentMachine, effects: list[Effect]):
         return m, effects
     if any(m.modes.get(s) != MODE_INPLACE for s in m.joining):
         return m, effects
-    joining = tuple(Member(m.node_id, s) for s in m.joining)
+    joining = tuple(m.member(s) for s in m.joining)
     change = plan_next_world(m.world, frozenset(), (), joining)
     if change.world is None:
         return m, effects

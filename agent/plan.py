@@ -19,6 +19,7 @@ class NodeSlot:
     local_world_size: int
     host: str
     endpoint: str
+    incarnation: str = ""  # the agent process's id (a node that comes back gets a new one)
 
 
 @dataclass(frozen=True)

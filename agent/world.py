@@ -2,8 +2,10 @@
 
 Within one rendezvous round, the ranks of a job whose workers use the ``Job`` API can change
 without restarting anyone: a lost worker's rank goes to a hot spare, or the world shrinks. A
-world is an ordered tuple of members ``(node, slot)`` (rank = position; ``slot`` is the
-worker's id on its node) and an epoch that only grows. Epoch 0 follows from the round's
+world is an ordered tuple of members ``(node, slot, incarnation)`` (rank = position; ``slot``
+is the worker's id on its node, ``incarnation`` the id of the agent process that started it, so
+a node that comes back under the same name is never taken for its earlier self) and an epoch
+that only grows. Epoch 0 follows from the round's
 rendezvous; later epochs live in one etcd record (``ctl/world``), moved forward by a fenced
 compare-and-set: any agent that sees a fault proposes the next world on top of the current
 one, and a lost race re-plans on top of the winner. No agent coordinates the others.
@@ -19,7 +21,8 @@ from elastictrain.errors import ElasticTrainError
 
 from .plan import RoundPlan
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1: members without their incarnation
 
 
 class WorldFormatError(ElasticTrainError):
@@ -30,6 +33,7 @@ class WorldFormatError(ElasticTrainError):
 class Member:
     node: str
     slot: int
+    incarnation: str = ""  # the agent process that started the worker
 
 
 @dataclass(frozen=True)
@@ -54,19 +58,21 @@ class World:
         hosted by no node."""
         return f"worlds/{self.round_id}/{self.epoch}/"
 
-    def rank_of(self, node: str, slot: int) -> int | None:
+    def rank_of(self, node: str, slot: int, incarnation: str) -> int | None:
         try:
-            return self.members.index(Member(node, slot))
+            return self.members.index(Member(node, slot, incarnation))
         except ValueError:
             return None
 
-    def slots_on(self, node: str) -> dict[int, int]:
-        """slot -> rank of this node's members."""
-        return {m.slot: rank for rank, m in enumerate(self.members) if m.node == node}
+    def slots_on(self, node: str, incarnation: str | None) -> dict[int, int]:
+        """slot -> rank of this node's members started by agent ``incarnation`` (None: by any
+        agent of the node)."""
+        return {m.slot: rank for rank, m in enumerate(self.members)
+                if m.node == node and incarnation in (None, m.incarnation)}  # fmt: skip
 
     def encode(self) -> bytes:
         record = {"version": WORLD_VERSION, "round_id": self.round_id, "epoch": self.epoch,
-                  "members": [[m.node, m.slot] for m in self.members],
+                  "members": [[m.node, m.slot, m.incarnation] for m in self.members],
                   "restart_revision": self.restart_revision}  # fmt: skip
         return json.dumps(record, separators=(",", ":")).encode()
 
@@ -74,10 +80,10 @@ class World:
     def decode(cls, raw: bytes) -> World:
         try:
             record = json.loads(raw)
-            if record.get("version") != WORLD_VERSION:
-                raise WorldFormatError(f"world version {record.get('version')!r} is not "
-                                       f"{WORLD_VERSION}")  # fmt: skip
-            members = tuple(Member(str(n), int(s)) for n, s in record["members"])
+            if record.get("version") not in _READABLE_VERSIONS:
+                raise WorldFormatError(f"world version {record.get('version')!r} is not one of "
+                                       f"{_READABLE_VERSIONS}")  # fmt: skip
+            members = tuple(_member(entry) for entry in record["members"])
             return cls(str(record["round_id"]), int(record["epoch"]), members,
                        int(record.get("restart_revision", 0)))  # fmt: skip
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
@@ -85,10 +91,17 @@ class World:
             raise WorldFormatError(f"malformed world record: {exc}") from exc
 
 
+def _member(entry) -> Member:
+    if not isinstance(entry, list) or len(entry) not in (2, 3):
+        raise ValueError(f"a member is [node, slot, incarnation], not {entry!r}")
+    return Member(str(entry[0]), int(entry[1]), str(entry[2]) if len(entry) == 3 else "")
+
+
 def initial_world(plan: RoundPlan) -> World:
     """Epoch 0: the round's ranks (contiguous per node, in group-rank order)."""
     slots = sorted(plan.slots, key=lambda s: s.group_rank)
-    members = tuple(Member(s.node_id, local) for s in slots for local in range(s.local_world_size))
+    members = tuple(Member(s.node_id, local, s.incarnation)
+                    for s in slots for local in range(s.local_world_size))  # fmt: skip
     return World(plan.round_id, 0, members, plan.restart_revision)
 
 

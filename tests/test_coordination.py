@@ -155,3 +155,17 @@ def test_a_world_is_joined_only_while_its_round_runs_and_never_overwritten_by_an
     b.apply(M.ProposeWorld(late, first, frozenset(), joining=(Member("b", 0),)))
     assert b.flush(10)
     assert World.decode(a.client.get(a.keys.world).value) == newer
+
+    # node b came back (a new incarnation, b2) and joined round r3 again: a's proposal to drop
+    # b's earlier workers (b1), planned on the round's first world and retried on top of b's
+    # return, drops nobody
+    base = World("r3", 0, (Member("a", 0, "a1"), Member("b", 0, "b1")))
+    back = World("r3", 2, (Member("a", 0, "a1"), Member("b", 0, "b2")))
+    a.apply(M.PublishWorld(base))
+    assert a.flush(10)
+    kv = a.client.get(a.keys.world)
+    assert a.client.compare_and_swap(a.keys.world, back.encode(), kv.mod_revision)[0]
+    drop = World("r3", 1, (Member("a", 0, "a1"),))
+    a.apply(M.ProposeWorld(drop, base, frozenset({Member("b", 0, "b1")})))
+    assert a.flush(10)
+    assert World.decode(a.client.get(a.keys.world).value) == back

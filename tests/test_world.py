@@ -22,8 +22,11 @@ def _plan(*sizes: int, me: int = 0) -> RoundPlan:
 def test_the_first_world_is_the_rounds_ranks_and_records_round_trip():
     world = initial_world(_plan(2, 2))
     assert world.members == (Member("a", 0), Member("a", 1), Member("b", 0), Member("b", 1))
-    assert world.rank_of("b", 1) == 3 and world.slots_on("b") == {0: 2, 1: 3}
+    assert world.rank_of("b", 1, "") == 3 and world.slots_on("b", "") == {0: 2, 1: 3}
     assert World.decode(world.encode()) == world
+    # version 1 records (members without their incarnation) are still read
+    old = b'{"version":1,"round_id":"r1","epoch":0,"members":[["a",0],["a",1]]}'
+    assert World.decode(old).members == (Member("a", 0), Member("a", 1))
     assert world.store_prefix == "worlds/r1/0/"
     for raw in (b"{", b'{"version": 9}', b'{"version": 1, "round_id": "r"}'):
         with pytest.raises(WorldFormatError):
@@ -41,6 +44,19 @@ def test_a_lost_rank_goes_to_a_spare_else_the_world_shrinks():
     # a spare already holding a rank is not offered twice
     again = plan_next_world(taken, {Member("b", 1)}, [spare]).world
     assert again.size == 3
+
+
+def test_a_node_that_came_back_is_not_its_earlier_self():
+    slots = (NodeSlot(0, "a", 1, "h", "e0", "a1"), NodeSlot(1, "b", 1, "h", "e1", "b1"))
+    world = initial_world(RoundPlan("r1", 0, slots, "h", 1, 0, 0))
+    assert world.members == (Member("a", 0, "a1"), Member("b", 0, "b1"))
+    shrunk = plan_next_world(world, {Member("b", 0, "b1")}).world
+    back = plan_next_world(shrunk, frozenset(), joining=[Member("b", 0, "b2")]).world
+    assert back.slots_on("b", "b2") == {0: 1} and back.slots_on("b", "b1") == {}
+    assert back.rank_of("b", 0, "b1") is None and back.slots_on("b", None) == {0: 1}
+    # a proposal to drop node b's earlier workers, retried on top of its return, drops nobody
+    assert plan_next_world(back, {Member("b", 0, "b1")}).world is None
+    assert World.decode(back.encode()) == back
 
 
 def test_resume_at_the_newest_step_everyone_can_have():
