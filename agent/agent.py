@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from elastictrain import constants
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.nodes import list_nodes
-from elastictrain.errors import CoordinationUnavailableError
+from elastictrain.credentials import JobCredentials
+from elastictrain.errors import AgentUnavailableError, CoordinationUnavailableError
 from elastictrain.events import Event
+from elastictrain.leftovers import owned_name, sweep
+from elastictrain.rpc.agent_client import AgentClient
 from elastictrain.session import protocol as P
 from elastictrain.snapshot.memory_store import SnapshotError, SnapshotStore
 from elastictrain.snapshot.shm import shm_dir
@@ -38,7 +41,7 @@ from .mirrors import MirrorBoard
 from .plan import RoundPlan, WorkerAssignment, assign_worker_ranks, worker_env
 from .server import start_server
 from .sessions import SessionServer, WorkerKey
-from .snapshots import RoundView, SnapshotCoordinator
+from .snapshots import RoundView, SnapshotCoordinator, record_request_problem
 from .workers import WorkerGroup, WorkerInfo
 from .world import World
 
@@ -49,6 +52,7 @@ EXIT_FAILED = M.EXIT_FAILED
 
 # How long an exiting agent waits for its last etcd writes (the outcome, a done mark).
 _FLUSH_TIMEOUT_S = 15.0
+_BEGUN_KEPT = 256  # records begun (step, rank) -> by which worker, newest last
 
 
 @dataclass
@@ -67,6 +71,8 @@ class StatusView:
     gpus: int
     pid: int
     workers: list[WorkerInfo] = field(default_factory=list)
+    disk_error: str = ""
+    etcd_silent_ms: int = 0
 
 
 class Agent:
@@ -98,6 +104,8 @@ class Agent:
         self._exiting_reported: set[int] = set()
         self._sessions: SessionServer | None = None
         self._mirrors = MirrorBoard()
+        self._lock = threading.Lock()
+        self._begun: dict[tuple[int, int], WorkerKey] = {}  # who may end each record
         self._next_tick = 0.0
         self._exit_code: int | None = None
         self.snapshots: SnapshotCoordinator | None = None
@@ -128,7 +136,14 @@ class Agent:
             gpus=self.config.gpus,
             pid=os.getpid(),
             workers=self._workers.snapshot(),
+            disk_error=self.snapshots.disk_error if self.snapshots is not None else "",
+            etcd_silent_ms=self._etcd_silent_ms(),
         )
+
+    def _etcd_silent_ms(self) -> int:
+        """How long no keepalive of ours has got through (what peers ask during an outage)."""
+        lease = self._coordinator.lease if self._coordinator is not None else None
+        return int(lease.unconfirmed_s * 1000) if lease is not None else 0
 
     def kill_worker(self, rank: int, sig: int) -> WorkerInfo | None:
         return self._workers.kill(rank, sig)
@@ -150,13 +165,20 @@ class Agent:
             if threading.current_thread() is threading.main_thread()
             else {}
         )
+        code = 1
         try:
             self._setup()
-            return self._loop()
+            code = self._loop()
         finally:
             self._teardown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        disk_error = self.snapshots.disk_error if self.snapshots is not None else ""
+        if code == 0 and disk_error:  # trained, but the snapshot asked for is not on disk
+            print(f"etrain launch: the job finished but its disk snapshot failed: {disk_error}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        return code
 
     def _on_signal(self, signum: int, frame) -> None:
         self.post(M.Stopped(signal.Signals(signum).name))
@@ -181,15 +203,21 @@ class Agent:
                 "withdraw_mirror": self._withdraw_mirror,
             },
         )
-        self._server, port = start_server(self, cfg.grpc_host, cfg.grpc_port)
+        sweep(shm_dir())  # segments of agents of this user that were killed
+        credentials = JobCredentials.load(cfg.credentials_dir) if cfg.credentials_dir else None
+        if cfg.credentials_dir:  # this agent's own calls to peers, and its workers', use them
+            os.environ[constants.ENV_CREDENTIALS] = cfg.credentials_dir
+        else:
+            os.environ.pop(constants.ENV_CREDENTIALS, None)
+        self._coordinator.check_job_ca(credentials.fingerprint if credentials else "")
+        self._server, port = start_server(self, cfg.grpc_host, cfg.grpc_port, credentials)
         self.endpoint = f"{cfg.grpc_host}:{port}"
         self.snapshots = SnapshotCoordinator(
             self._client,
             self._coordinator.keys,
             cfg.node_id,
-            SnapshotStore(
-                prefix=f"etrain-{cfg.job_id}-{cfg.node_id}", max_bytes=cfg.snapshot_memory_limit
-            ),
+            SnapshotStore(prefix=owned_name(f"{cfg.job_id}-{cfg.node_id}"),
+                          max_bytes=cfg.snapshot_memory_limit),  # fmt: skip
             self._round_view,
             scheme=cfg.snapshot_scheme,
             agent_endpoints=self.agent_endpoints,
@@ -218,6 +246,7 @@ class Agent:
             hot_spares=cfg.hot_spares,
             faults=tuple(cfg.faults),
             incarnation=self.incarnation,
+            node_ttl=cfg.node_ttl,
         )
         self._apply(effects)
         while self._exit_code is None:
@@ -276,8 +305,11 @@ class Agent:
                 self._start_spares(effect.generation, effect.slots)
             elif isinstance(effect, M.KillWorker):
                 self._workers.kill_slot(effect.slot, signal.SIGKILL)
+            elif isinstance(effect, M.CheckPeers):
+                threading.Thread(target=self._check_peers, args=(effect.nodes,),
+                                 name="agent-check-peers", daemon=True).start()  # fmt: skip
             elif isinstance(effect, M.StopWorkers):
-                self._workers.stop(self.config.stop_grace)
+                self._workers.stop(0.0 if effect.fence else self.config.stop_grace)
             elif isinstance(effect, M.PushWorld):
                 self._push_world(effect.world)
             elif isinstance(effect, M.PushFault):
@@ -330,6 +362,33 @@ class Agent:
     def _join_world(self, plan: RoundPlan, generation: int, world: World) -> None:
         self._new_start(plan, generation, world)
         self._refresh_endpoints(world)
+
+    def _check_peers(self, nodes: tuple[str, ...]) -> None:
+        """Ask ``nodes``' agents (in parallel, each within a sixth of the TTL) how long etcd
+        has been silent for them."""
+        assert self._coordinator is not None
+        endpoints = dict(self._endpoints)
+        if self._plan is not None:
+            endpoints = {s.node_id: s.endpoint for s in self._plan.slots} | endpoints
+        ttl = self.config.node_ttl
+        lease = self._coordinator.lease
+        silent = lease.unconfirmed_s if lease is not None else 0.0
+        answers: dict[str, float] = {}
+
+        def ask(node: str) -> None:
+            try:
+                with AgentClient(endpoints[node], timeout=max(ttl / 6, 0.2)) as peer:
+                    answers[node] = peer.get_status().etcd_silent_ms / 1000
+            except (KeyError, AgentUnavailableError) as exc:
+                logger.info("agent %s: %s did not say whether it reaches etcd: %s",
+                            self.config.node_id, node, exc)  # fmt: skip
+
+        askers = [threading.Thread(target=ask, args=(n,), daemon=True) for n in nodes]
+        for thread in askers:
+            thread.start()
+        for thread in askers:
+            thread.join(ttl / 6 + 0.5)
+        self.post(M.PeersOnEtcd(nodes, silent, dict(answers)))
 
     def _refresh_endpoints(self, world: World) -> None:
         """The gRPC endpoints of the world's nodes (a node that joined in place, or came back
@@ -477,16 +536,33 @@ class Agent:
         return key.generation == self._generation and self._sessions.pid_of(key) is not None
 
     def _begin_snapshot(self, key: WorkerKey, request: dict) -> dict:
-        record = self._snapshot_call(
-            self.snapshots.begin, int(request["rank"]), int(request["step"]), int(request["nbytes"])
-        )
+        rank, step, nbytes = int(request["rank"]), int(request["step"]), int(request["nbytes"])
+        if self.snapshots is None:
+            raise SnapshotError("the agent is not set up yet")
+        problem = record_request_problem(
+            rank, step, nbytes,
+            worker_rank=self._workers.rank_of(key.slot) if key.generation == self._generation
+            else None,
+            newest=self.snapshots.newest_step(), max_bytes=self.snapshots.record_budget(),
+        )  # fmt: skip
+        if problem:
+            raise SnapshotError(f"slot {key.slot}: {problem}")
+        record = self.snapshots.begin(rank, step, nbytes)
+        with self._lock:
+            self._begun[(step, rank)] = key
+            while len(self._begun) > _BEGUN_KEPT:
+                self._begun.pop(next(iter(self._begun)))
         return {"segment": record.segment.name, "shm_dir": shm_dir()}
 
     def _end_snapshot(self, key: WorkerKey, request: dict) -> dict:
+        rank, step = int(request["rank"]), int(request["step"])
+        with self._lock:
+            began = self._begun.get((step, rank))
+        if began != key:
+            raise SnapshotError(f"slot {key.slot} did not begin the record of rank {rank} "
+                                f"step {step}")  # fmt: skip
         meta = P.unb64(str(request["meta"]))
-        committed = self._snapshot_call(
-            self.snapshots.end, int(request["rank"]), int(request["step"]), meta
-        )
+        committed = self._snapshot_call(self.snapshots.end, rank, step, meta)
         return {"committed": bool(committed)}
 
     def _snapshot_call(self, fn, *args):

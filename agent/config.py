@@ -105,6 +105,7 @@ class AgentConfig:
     faults: list[FaultPlan] = field(default_factory=list)  # injected by rank and step (chaos)
     hot_spares: int = 0  # idle workers per node that take a lost rank (in place only)
     device_mirror: bool = False  # a spare on a worker's GPU keeps its state there every step
+    credentials_dir: str | None = None  # the job's CA, certificate and token (None: insecure)
 
     def __post_init__(self) -> None:
         validate_name("job id", self.job_id)

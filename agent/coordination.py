@@ -23,7 +23,6 @@ import itertools
 import json
 import logging
 import os
-import pickle
 import threading
 import time
 import uuid
@@ -40,10 +39,11 @@ from torch.distributed.elastic.rendezvous import (
     RendezvousTimeoutError,
 )
 
+from elastictrain import safe_pickle
 from elastictrain.coord.etcd import EtcdClient, LeaseKeeper, PrefixWatch, WatchEvent
 from elastictrain.coord.keys import JobKeys
 from elastictrain.coord.nodes import NodeRecord, list_nodes
-from elastictrain.errors import ConfigError, CoordinationUnavailableError
+from elastictrain.errors import ConfigError, CoordinationUnavailableError, SnapshotFormatError
 from elastictrain.events import Event
 from elastictrain.rendezvous.backend import EtcdV3RendezvousBackend
 from elastictrain.rendezvous.eviction import evict_nodes
@@ -65,8 +65,8 @@ def _rendezvous_closed(state_kv) -> bool:
     if state_kv is None:
         return False
     try:
-        return bool(pickle.loads(state_kv.value).closed)
-    except Exception:
+        return bool(safe_pickle.loads(state_kv.value, profile="rendezvous").closed)
+    except (SnapshotFormatError, AttributeError):
         return True
 
 Post = Callable[[M.Observation], None]
@@ -153,6 +153,24 @@ class JobCoordinator:
         ):
             logger.info("job id %s was used by a finished run; starting afresh", self.config.job_id)
 
+    def check_job_ca(self, fingerprint: str) -> None:
+        """The first agent of a job records which CA it serves with ("" : none); an agent with
+        other credentials (or none, or some where the job has none) is refused before it
+        registers, so a job never mixes agents that cannot talk to each other."""
+        mine = fingerprint or "insecure"
+        if self.client.create(self.keys.job_ca, mine):
+            return
+        kv = self.client.get(self.keys.job_ca)
+        theirs = kv.value.decode(errors="replace") if kv is not None else mine
+        if theirs == mine:
+            return
+        if theirs == "insecure":
+            raise ConfigError(f"job {self.config.job_id!r} runs with --insecure: start this "
+                              "agent with --insecure too")  # fmt: skip
+        raise ConfigError(f"job {self.config.job_id!r} uses the credentials of CA {theirs[:12]}, "
+                          f"this agent {'none' if mine == 'insecure' else mine[:12]}: give it "
+                          "the job's --credentials DIR")  # fmt: skip
+
     def register(self, endpoint: str, hostname: str) -> None:
         """Take a lease and create this node's key under it (refused if the id is taken)."""
         self.endpoint, self.hostname = endpoint, hostname
@@ -185,8 +203,14 @@ class JobCoordinator:
 
     def _new_lease(self) -> LeaseKeeper:
         return LeaseKeeper(
-            self.client, self.config.node_ttl, on_lost=lambda: self._post(M.LeaseLost())
+            self.client, self.config.node_ttl, on_lost=lambda: self._post(M.LeaseLost()),
+            on_unconfirmed=lambda waited: self._post(M.LeaseUnconfirmed(waited)),
+            on_confirmed=lambda: self._post(M.LeaseConfirmed()),
         )
+
+    @property
+    def lease(self) -> LeaseKeeper | None:
+        return self._lease
 
     def start(self) -> None:
         """Watch ``ctl/`` and ``nodes/`` and build the rendezvous handler. What the keys hold

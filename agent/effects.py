@@ -39,6 +39,9 @@ class Action(enum.Enum):
     FAULT = "fault"  # a planned fault fires (``--fault``)
     RECOVERED = "recovered"  # a worker re-formed in place (with its durations)
     STOP = "stop"  # a signal asked the agent to stop
+    CHECK_PEERS = "check_peers"  # our lease is unconfirmed: do the other nodes reach etcd?
+    RIDE_OUT = "ride_out"  # etcd is away for every node: nobody can take our ranks, go on
+    ETCD_BACK = "etcd_back"  # a keepalive got through again
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,10 @@ class KillWorker:
 
 @dataclass(frozen=True)
 class StopWorkers:
-    pass
+    """Stop every local worker: SIGTERM, then SIGKILL after the stop grace (``fence``: SIGKILL
+    at once, so no worker of this node runs once its lease may have run out)."""
+
+    fence: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,13 @@ class EvictNodes:
 
 
 @dataclass(frozen=True)
+class CheckPeers:
+    """Ask ``nodes``' agents whether they reach etcd (after one more keepalive of our own)."""
+
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Register:
     """Take a new lease and create this node's key again."""
 
@@ -226,6 +239,7 @@ Effect = (
     Record | StartWorkers | JoinWorld | StartSpares | KillWorker | StopWorkers | PushWorld
     | PushFault | ProposeWorld | PublishWorld | Rendezvous | PollMembership | RequestRestart
     | FailJob | CloseRendezvous | MarkRoundDone | LeaveRound | EvictNodes | Register | Exit
+    | CheckPeers
 )  # fmt: skip
 
 # Writes that the job cannot do without: retried while etcd is away (until the timeout).

@@ -32,6 +32,7 @@ from elastictrain.session.protocol import MODE_INPLACE, MODE_PLAIN
 from .effects import (
     ESSENTIAL,
     Action,
+    CheckPeers,
     CloseRendezvous,
     Effect,
     EvictNodes,
@@ -60,13 +61,16 @@ from .observations import (
     CoordinationFailed,
     CoordinationSucceeded,
     JobFailed,
+    LeaseConfirmed,
     LeaseLost,
+    LeaseUnconfirmed,
     NodesJoined,
     NodesListed,
     NodesLost,
     NodesWaiting,
     Observation,
     PeerDone,
+    PeersOnEtcd,
     Registered,
     RendezvousClosed,
     RendezvousFailed,
@@ -87,10 +91,11 @@ from .plan import RoundPlan
 from .world import Member, World, initial_world, plan_next_world
 
 __all__ = [  # the observations and effects, for ``machine.X`` in executors and tests
-    "Action", "AgentMachine", "Beat", "CloseRendezvous", "CoordinationFailed",
+    "Action", "AgentMachine", "Beat", "CheckPeers", "CloseRendezvous", "CoordinationFailed",
     "CoordinationSucceeded", "Effect", "EvictNodes", "Exit", "FailJob", "FaultPlan", "JobFailed",
-    "JoinWorld", "KillWorker", "LeaseLost", "LeaveRound", "MarkRoundDone", "NodesJoined",
-    "NodesListed", "NodesLost", "NodesWaiting", "Observation", "PeerDone", "Phase",
+    "JoinWorld", "KillWorker", "LeaseConfirmed", "LeaseLost", "LeaseUnconfirmed", "LeaveRound",
+    "MarkRoundDone", "NodesJoined", "NodesListed", "NodesLost", "NodesWaiting", "Observation",
+    "PeerDone", "PeersOnEtcd", "Phase",
     "PollMembership", "ProposeWorld", "PublishWorld", "PushFault", "PushWorld", "Record",
     "Register", "Registered", "Rendezvous", "RendezvousClosed", "RendezvousFailed",
     "RequestRestart", "RestartRequested", "RoundFormed", "StartSpares", "StartWorkers",
@@ -143,6 +148,7 @@ class AgentMachine:
     membership_poll_interval: float
     coordination_timeout: float
     incarnation: str = ""  # this agent process's id, in the world members it starts
+    node_ttl: float = 5.0  # this node's lease TTL (seconds)
     hang_timeout: float = 0.0  # 0: hangs are not detected
     hot_spares: int = 0  # idle spares to keep on this node while the job runs in place
     faults: tuple[FaultPlan, ...] = ()  # planned faults not handed to a worker yet
@@ -163,6 +169,10 @@ class AgentMachine:
     done: Mapping[str, frozenset[str]] = field(default_factory=dict)  # round id -> nodes
     live_nodes: frozenset[str] = frozenset()
     lease_lost: bool = False
+    lease_unconfirmed: bool = False  # no keepalive got through for over half the TTL
+    checking_peers: bool = False  # asking the other nodes whether they reach etcd
+    riding_out: bool = False  # etcd is away for every node: going on without it
+    next_peer_check: float = 0.0
     next_membership_poll: float = 0.0
     failing_since: float | None = None  # etcd has failed since then (None: it works)
     retries: int = 0
@@ -209,11 +219,13 @@ def start(
     hot_spares: int = 0,
     faults: tuple[FaultPlan, ...] = (),
     incarnation: str = "",
+    node_ttl: float = 5.0,
 ) -> tuple[AgentMachine, list[Effect]]:
     """A new agent's machine, and its first effect: join the rendezvous."""
     machine = AgentMachine(
         node_id=node_id,
         incarnation=incarnation,
+        node_ttl=node_ttl,
         max_restarts=max_restarts,
         membership_poll_interval=membership_poll_interval,
         coordination_timeout=coordination_timeout,
@@ -253,9 +265,9 @@ def _restart_pending(m: AgentMachine) -> bool:
 
 
 def _rejoin(m: AgentMachine, reason: str, now: float, *, register: bool = False,
-            details: Mapping[str, Any] | None = None):  # fmt: skip
+            details: Mapping[str, Any] | None = None, fence: bool = False):  # fmt: skip
     m = _verdict(m, Action.REJOIN, reason, details, phase=Phase.RENDEZVOUS)
-    effects: list[Effect] = [_announce(m), StopWorkers()]
+    effects: list[Effect] = [_announce(m), StopWorkers(fence=fence)]
     if register:
         effects.append(Register())
     return m, [*effects, Rendezvous()]
@@ -693,7 +705,8 @@ def _on_tick(m: AgentMachine, obs: Tick, now: float):
     if m.phase is Phase.RUNNING and now >= m.next_membership_poll:
         m = replace(m, next_membership_poll=now + m.membership_poll_interval)
         effects.append(PollMembership())
-    return m, effects
+    m, more = _check_etcd(m, now)
+    return m, effects + more
 
 
 # -- membership --------------------------------------------------------------------------------
@@ -754,7 +767,9 @@ def _on_nodes_waiting(m: AgentMachine, obs: NodesWaiting, now: float):
 
 
 def _on_lease_lost(m: AgentMachine, obs: LeaseLost, now: float):
-    m = replace(m, lease_lost=True)
+    if m.lease_lost:  # fenced already: registering again is under way
+        return m, []
+    m = replace(m, lease_lost=True, riding_out=False)
     if m.phase.has_workers:
         return _rejoin(m, "this node's lease expired: joining again", now, register=True)
     m = _verdict(m, Action.REJOIN, "this node's lease expired: registering again")
@@ -762,7 +777,84 @@ def _on_lease_lost(m: AgentMachine, obs: LeaseLost, now: float):
 
 
 def _on_registered(m: AgentMachine, obs: Registered, now: float):
-    return replace(m, lease_lost=False), []
+    return replace(m, lease_lost=False, lease_unconfirmed=False, riding_out=False), []
+
+
+def etcd_outage_verdict(mine: float, answers: Mapping[str, float], ttl: float
+                        ) -> tuple[str, str]:  # fmt: skip
+    """What to do while no keepalive of ours gets through (pure): ``("fence", why)``,
+    ``("ride_out", why)`` or ``("wait", why)``. ``mine``: seconds since ours last got through;
+    ``answers``: the other nodes that answered, with theirs. A node refreshes at least every
+    third of the TTL while it reaches etcd, so one silent for much less than us reaches etcd
+    and we are the one cut off: others may take our ranks once our lease runs out. Silent as
+    long as us (within a third of the TTL, the slack between two refreshes), it is cut off too:
+    etcd is away for everyone, nobody can take ranks, and etcd extends every lease when it
+    comes back. The two cannot be told apart before two thirds of the TTL."""
+    reaching = sorted(n for n, silent in answers.items() if silent < mine - ttl / 3)
+    if reaching:
+        return "fence", f"{', '.join(reaching)} reach(es) etcd"
+    if not answers:
+        if mine > ttl / 2:
+            return "fence", "no other node answered"
+        return "wait", "no other node answered yet"
+    if mine > 2 * ttl / 3:
+        return "ride_out", f"{', '.join(sorted(answers))} cannot reach it either"
+    return "wait", "too early to tell an outage from a partition"
+
+
+def _on_lease_unconfirmed(m: AgentMachine, obs: LeaseUnconfirmed, now: float):
+    """etcd may be away for everyone or this node cut off from it: the other nodes tell
+    which (asked from ticks while it lasts, see :func:`_check_etcd`)."""
+    m = replace(m, lease_unconfirmed=True)
+    if not m.phase.has_workers or m.round is None or m.lease_lost:
+        return m, []
+    peers = tuple(sorted(n for n in _participants(m) if n != m.node_id))
+    if peers or m.riding_out:
+        return _check_etcd(m, now)
+    m = _verdict(m, Action.RIDE_OUT, f"no keepalive reached etcd for {obs.waited:.1f} s; "
+                 "no other node holds ranks: going on without etcd",
+                 {"waited_s": round(obs.waited, 3)}, riding_out=True)  # fmt: skip
+    return m, [_announce(m)]
+
+
+def _check_etcd(m: AgentMachine, now: float):
+    """Ask the other nodes whether they reach etcd, at most every sixth of the TTL."""
+    if (not m.lease_unconfirmed or m.lease_lost or not m.phase.has_workers or m.round is None
+            or m.checking_peers or now < m.next_peer_check):  # fmt: skip
+        return m, []
+    peers = tuple(sorted(n for n in _participants(m) if n != m.node_id))
+    if not peers:
+        return m, []
+    m = replace(m, checking_peers=True, next_peer_check=now + m.node_ttl / 6)
+    return m, [CheckPeers(peers)]
+
+
+def _on_peers_on_etcd(m: AgentMachine, obs: PeersOnEtcd, now: float):
+    m = replace(m, checking_peers=False)
+    if not (m.lease_unconfirmed and m.phase.has_workers) or m.lease_lost:
+        return m, []
+    decision, why = etcd_outage_verdict(obs.silent, obs.answers, m.node_ttl)
+    details = {"silent_s": round(obs.silent, 3), "asked": list(obs.asked),
+               "answers": {n: round(s, 3) for n, s in obs.answers.items()}}  # fmt: skip
+    if decision == "fence":
+        return _rejoin(replace(m, lease_lost=True, riding_out=False),
+                       f"this node is cut off from etcd for {obs.silent:.1f} s ({why}): "
+                       "stopping its workers before its lease runs out", now, register=True,
+                       details=details, fence=True)  # fmt: skip
+    if decision == "wait" or m.riding_out:
+        return m, []
+    m = _verdict(m, Action.RIDE_OUT, f"etcd is away for every node ({why}): going on without "
+                 "it", details, riding_out=True)  # fmt: skip
+    return m, [_announce(m)]
+
+
+def _on_lease_confirmed(m: AgentMachine, obs: LeaseConfirmed, now: float):
+    was = m.lease_unconfirmed
+    m = replace(m, lease_unconfirmed=False, riding_out=False)
+    if not was or m.lease_lost:
+        return m, []
+    m = _verdict(m, Action.ETCD_BACK, "a keepalive reached etcd again: the lease holds")
+    return m, [_announce(m)]
 
 
 # -- etcd and signals ----------------------------------------------------------------------------
@@ -802,6 +894,9 @@ _HANDLERS = {
     PeerDone: _on_peer_done,
     NodesWaiting: _on_nodes_waiting,
     LeaseLost: _on_lease_lost,
+    LeaseUnconfirmed: _on_lease_unconfirmed,
+    LeaseConfirmed: _on_lease_confirmed,
+    PeersOnEtcd: _on_peers_on_etcd,
     Registered: _on_registered,
     CoordinationFailed: _on_coordination_failed,
     CoordinationSucceeded: _on_coordination_succeeded,

@@ -9,6 +9,7 @@ late report about an earlier start is told apart, and the worker's ``slot`` on i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .effects import Effect
@@ -157,6 +158,29 @@ class LeaseLost:
 
 
 @dataclass(frozen=True)
+class LeaseUnconfirmed:
+    """No keepalive got through for ``waited`` seconds (over a quarter of the TTL): etcd is
+    away for everyone, or this node is cut off from it."""
+
+    waited: float
+
+
+@dataclass(frozen=True)
+class LeaseConfirmed:
+    """A keepalive got through again after :class:`LeaseUnconfirmed`."""
+
+
+@dataclass(frozen=True)
+class PeersOnEtcd:
+    """What the other nodes of the world said when asked, while our lease was unconfirmed:
+    ``answers``, how long etcd has been silent for each that answered; ``silent``, for us."""
+
+    asked: tuple[str, ...]
+    silent: float
+    answers: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class Registered:
     """This node registered again under a new lease."""
 
@@ -188,6 +212,7 @@ Observation = (
     RoundFormed | WorldFound | RendezvousClosed | RendezvousFailed | WorkerExited | WorkerLost
     | WorkerHeartbeat | WorkerAttached | WorkerFinishing | WorkerReport | WorldChanged
     | RestartRequested | JobFailed | NodesLost | NodesJoined | NodesListed | PeerDone
-    | NodesWaiting | LeaseLost | Registered | CoordinationFailed | CoordinationSucceeded
+    | NodesWaiting | LeaseLost | LeaseUnconfirmed | LeaseConfirmed | PeersOnEtcd | Registered
+    | CoordinationFailed | CoordinationSucceeded
     | Stopped | Tick
 )  # fmt: skip

@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from elastictrain import constants
+from elastictrain.credentials import TOKEN_HEADER, JobCredentials
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
 from elastictrain.rpc.agent_client import chunk_header, chunk_info
 from elastictrain.snapshot.memory_store import SnapshotError
-from elastictrain.snapshot.shm import shm_dir
+
+from .streams import StreamGuard
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -23,8 +26,9 @@ READ_CHUNK_BYTES = 1 << 20  # gRPC's default message limit is 4 MiB
 
 
 class AgentServicer(etrain_pb2_grpc.AgentServicer):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, streams: StreamGuard) -> None:
         self._agent = agent
+        self._streams = streams
 
     def GetStatus(self, request, context) -> etrain_pb2.AgentStatus:  # noqa: N802 - gRPC name
         view = self._agent.status()
@@ -42,6 +46,8 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             world_size=view.world_size,
             gpus=view.gpus,
             pid=view.pid,
+            disk_error=view.disk_error,
+            etcd_silent_ms=view.etcd_silent_ms,
             workers=[
                 etrain_pb2.WorkerStatus(
                     rank=w.assignment.global_rank if w.assignment is not None else -1,
@@ -72,16 +78,6 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             message=f"sent signal {sig} to rank {request.rank} (pid {killed.pid})",
         )
 
-    def BeginSnapshot(self, request, context) -> etrain_pb2.BeginSnapshotResponse:  # noqa: N802
-        record = self._call(context, self._snapshots().begin, request.rank, request.step,
-                            request.nbytes)  # fmt: skip
-        return etrain_pb2.BeginSnapshotResponse(segment=record.segment.name, shm_dir=shm_dir())
-
-    def EndSnapshot(self, request, context) -> etrain_pb2.EndSnapshotResponse:  # noqa: N802
-        committed = self._call(context, self._snapshots().end, request.rank, request.step,
-                               bytes(request.meta))  # fmt: skip
-        return etrain_pb2.EndSnapshotResponse(committed=committed)
-
     def GetSnapshotIndex(self, request, context) -> etrain_pb2.SnapshotIndex:  # noqa: N802
         store = self._snapshots().store
         committed = store.committed
@@ -111,29 +107,59 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
         if record is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"no record of rank {request.rank} step {request.step} here")  # fmt: skip
+        if request.offset < 0 or request.offset > record.nbytes:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside "
+                          f"the {record.nbytes}-byte record")  # fmt: skip
         end = (
             record.nbytes
             if request.length < 0
             else min(record.nbytes, request.offset + request.length)
         )
         view = record.segment.view(0, record.nbytes)
-        for start in range(request.offset, end, READ_CHUNK_BYTES):
-            yield etrain_pb2.DataChunk(data=bytes(view[start : min(start + READ_CHUNK_BYTES, end)]))
+        with self._streams.stream(context, "ReadSnapshot") as activity:
+            for start in range(request.offset, end, READ_CHUNK_BYTES):
+                yield etrain_pb2.DataChunk(data=bytes(view[start : min(start + READ_CHUNK_BYTES,
+                                                                        end)]))  # fmt: skip
+                activity.touch()
 
     def PutChunk(self, request_iterator, context) -> etrain_pb2.PutChunkResponse:  # noqa: N802
-        header = None
-        data = bytearray()
-        for piece in request_iterator:
-            if header is None:
-                header = piece.header
-                data = bytearray(header.chunk_bytes)
-                position = 0
-            n = len(piece.data)
-            data[position : position + n] = piece.data
-            position += n
-        if header is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty chunk stream")
-        self._call(context, self._snapshots().put_chunk, chunk_info(header), data)
+        with self._streams.stream(context, "PutChunk") as activity:
+            return self._put_chunk(request_iterator, context, activity)
+
+    def _put_chunk(self, request_iterator, context, activity) -> etrain_pb2.PutChunkResponse:
+        """Reads exactly the bytes the header declares, after checking them against the chunk
+        budget and the round; a stream that sends more, or less, is refused."""
+        snapshots = self._snapshots()
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a chunk stream starts with a header")
+        header = first.header
+        activity.touch()
+        problem = snapshots.chunk_problem(chunk_info(header))
+        if problem:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED
+                          if "not a member" in problem else grpc.StatusCode.INVALID_ARGUMENT,
+                          problem)  # fmt: skip
+        self._call(context, snapshots.chunks.reserve, header.chunk_bytes)
+        try:
+            data = bytearray(header.chunk_bytes)
+            position = 0
+            piece = first
+            while piece is not None:
+                n = len(piece.data)
+                if position + n > header.chunk_bytes:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the stream sends more "
+                                  f"than the {header.chunk_bytes} bytes its header declares")
+                data[position : position + n] = piece.data
+                position += n
+                activity.touch()
+                piece = next(request_iterator, None)
+            if position != header.chunk_bytes:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the stream ended after "
+                              f"{position} of {header.chunk_bytes} bytes")  # fmt: skip
+            self._call(context, snapshots.put_chunk, chunk_info(header), data)
+        finally:
+            snapshots.chunks.unreserve(header.chunk_bytes)
         return etrain_pb2.PutChunkResponse(ok=True)
 
     def GetChunk(self, request, context):  # noqa: N802
@@ -142,8 +168,10 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             missing = f"no chunk {request.index} of {request.owner} step {request.step}"
             context.abort(grpc.StatusCode.NOT_FOUND, missing)
         view = memoryview(found[1])
-        for start in range(0, len(view), READ_CHUNK_BYTES):
-            yield etrain_pb2.DataChunk(data=bytes(view[start : start + READ_CHUNK_BYTES]))
+        with self._streams.stream(context, "GetChunk") as activity:
+            for start in range(0, len(view), READ_CHUNK_BYTES):
+                yield etrain_pb2.DataChunk(data=bytes(view[start : start + READ_CHUNK_BYTES]))
+                activity.touch()
 
     def RecoverSnapshot(  # noqa: N802
         self, request, context
@@ -188,12 +216,56 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
 
-def start_server(agent: Agent, host: str, port: int) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="agent-rpc"))
-    etrain_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+class TokenCheck(grpc.ServerInterceptor):
+    """Every call must carry the job's token (``authorization: Bearer <token>``); the TLS
+    layer has already checked the caller's certificate against the job's CA."""
+
+    def __init__(self, credentials: JobCredentials) -> None:
+        self._credentials = credentials
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "the job's token is required")
+
+        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+        self._stream_refusal = grpc.stream_unary_rpc_method_handler(refuse)
+
+    def intercept_service(self, continuation, handler_call_details):
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_HEADER and self._credentials.token_matches(str(value)):
+                return continuation(handler_call_details)
+        logger.warning("refused %s: no valid token", handler_call_details.method)
+        if handler_call_details.method.endswith("/PutChunk"):
+            return self._stream_refusal
+        return self._refusal
+
+
+def start_server(agent: Agent, host: str, port: int,
+                 credentials: JobCredentials | None) -> tuple[grpc.Server, int]:  # fmt: skip
+    """The agent's server: mutual TLS with the job's CA and its token on every call (none
+    with ``credentials`` None: --insecure); ``RPC_THREADS`` threads, at most
+    ``RPC_MAX_CONCURRENT`` calls at once (the rest refused at once), at most
+    ``RPC_MAX_STREAMS`` of them streams (so unary calls always find a thread), none idle for
+    more than ``RPC_STREAM_IDLE_S``, messages bounded."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=constants.RPC_THREADS,
+                                   thread_name_prefix="agent-rpc"),
+        maximum_concurrent_rpcs=constants.RPC_MAX_CONCURRENT,
+        interceptors=[TokenCheck(credentials)] if credentials is not None else [],
+        options=[("grpc.max_receive_message_length", constants.RPC_MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", constants.RPC_MAX_MESSAGE_BYTES)],
+    )  # fmt: skip
+    streams = StreamGuard(constants.RPC_MAX_STREAMS, constants.RPC_STREAM_IDLE_S)
+    etrain_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent, streams), server)
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        tls = grpc.ssl_server_credentials([(credentials.key, credentials.cert)],
+                                          root_certificates=credentials.ca,
+                                          require_client_auth=True)  # fmt: skip
+        bound = server.add_secure_port(f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"could not bind the agent's gRPC server to {host}:{port}")
     server.start()
-    logger.info("agent gRPC server on %s:%d", host, bound)
+    logger.info("agent gRPC server on %s:%d (%s)", host, bound,
+                "mutual TLS and token" if credentials is not None else "INSECURE: no TLS, no token")
     return server, bound

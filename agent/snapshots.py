@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Collection
@@ -30,16 +31,23 @@ from pathlib import Path
 
 import numpy as np
 
+from elastictrain import constants
 from elastictrain.constants import snapshot_threads
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
-from elastictrain.errors import AgentUnavailableError, CoordinationUnavailableError
+from elastictrain.errors import (
+    AgentUnavailableError,
+    ConfigError,
+    CoordinationUnavailableError,
+    SnapshotFormatError,
+)
 from elastictrain.rpc.agent_client import AgentClient
 from elastictrain.snapshot.checksum import crc32c_parallel, crc32c_pieces
 from elastictrain.snapshot.disk import DiskTierWriter
 from elastictrain.snapshot.disk import Snapshot as DiskSnapshot
 from elastictrain.snapshot.disk_records import to_disk_records
 from elastictrain.snapshot.erasure import (
+    MAX_TOTAL_CHUNKS,
     ErasureCodec,
     ErasureScheme,
     allocate_chunks,
@@ -47,7 +55,13 @@ from elastictrain.snapshot.erasure import (
     chunk_size,
     decode_snapshot,
 )
-from elastictrain.snapshot.memory_store import ChunkInfo, ChunkStore, Record, SnapshotStore
+from elastictrain.snapshot.memory_store import (
+    ChunkInfo,
+    ChunkStore,
+    Record,
+    SnapshotError,
+    SnapshotStore,
+)
 from elastictrain.snapshot.payload import (
     ZEROS,
     PayloadEntry,
@@ -59,6 +73,7 @@ from elastictrain.snapshot.payload import (
     unpack_payload,
 )
 from elastictrain.snapshot.placement import Redundancy, choose_scheme, plan_placement
+from elastictrain.snapshot.record_meta import METADATA_RANK, decode_record_meta
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +125,38 @@ def committable(done_nodes: Collection[str], participants: Collection[str]) -> b
     return bool(participants) and set(participants) <= set(done_nodes)
 
 
+CHUNK_SLACK_BYTES = 1 << 16  # a chunk may exceed payload / k by its alignment
+
+
+def record_request_problem(rank: int, step: int, nbytes: int, *, worker_rank: int | None,
+                           newest: int | None, max_bytes: int) -> str:  # fmt: skip
+    """Why a local worker may not begin the record of (rank, step), or "" (pure). A worker
+    writes its own rank's record (the one holding rank 0 also DCP's metadata), a step at most
+    ``RECORD_STEP_WINDOW`` past the newest this node knows of, within the memory budget."""
+    if worker_rank is None:
+        return "the worker holds no rank now"
+    if rank != worker_rank and not (rank == METADATA_RANK and worker_rank == 0):
+        return f"rank {worker_rank} may not write the record of rank {rank}"
+    if step < 0 or nbytes < 0:
+        return f"step {step}, {nbytes} bytes"
+    if newest is not None and step > newest + constants.RECORD_STEP_WINDOW:
+        return (f"step {step} is more than {constants.RECORD_STEP_WINDOW} steps past the "
+                f"newest one here ({newest})")
+    if max_bytes and nbytes > max_bytes:
+        return f"a record of {nbytes} bytes is over the {max_bytes}-byte budget"
+    return ""
+
+
+def default_chunk_budget() -> int:
+    """Bytes of chunks an agent holds without --snapshot-memory-limit: a share of the
+    machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+    return int(total * constants.DEFAULT_CHUNK_MEMORY_FRACTION)
+
+
 @dataclass(frozen=True)
 class RoundView:
     """What the coordinator needs of the current round."""
@@ -139,7 +186,8 @@ class SnapshotCoordinator:
         self._keys = keys
         self._node_id = node_id
         self.store = store
-        self.chunks = ChunkStore(max_pending=store.max_pending)
+        self.chunks = ChunkStore(max_pending=store.max_pending,
+                                 max_bytes=store.max_bytes or default_chunk_budget())
         self._round_view = round_view
         self._scheme = scheme
         self._agent_endpoints = agent_endpoints
@@ -148,7 +196,11 @@ class SnapshotCoordinator:
         self._recover_lock = threading.Lock()
         self._truncated_epoch = 0
         self.disk_root = str(Path(disk_dir) / node_id) if disk_dir else None
-        self._disk = DiskTierWriter(self.disk_root) if self.disk_root else None
+        self.disk_error = ""  # the last disk-tier write's failure ("": none)
+        try:
+            self._disk = DiskTierWriter(self.disk_root) if self.disk_root else None
+        except OSError as exc:
+            raise ConfigError(f"--snapshot-dir: {self.disk_root}: {exc.strerror}") from exc
         self._disk_every = disk_every
         self._commits_since_disk = 0
         self.checksum_threads = checksum_threads or snapshot_threads()
@@ -170,10 +222,46 @@ class SnapshotCoordinator:
         return self.store.begin(rank, step, nbytes)
 
     def end(self, rank: int, step: int, meta: bytes) -> bool:
+        """A worker finished its record: kept once its description reads as one (versioned,
+        every field checked) of this rank and step; anything else is refused."""
+        try:
+            described = decode_record_meta(meta)
+        except SnapshotFormatError as exc:
+            raise SnapshotError(f"rank {rank} step {step}: {exc}") from exc
+        if (described.rank, described.step) != (rank, step):
+            raise SnapshotError(f"rank {rank} step {step}: the record describes rank "
+                                f"{described.rank} step {described.step}")  # fmt: skip
         self.store.end(rank, step, meta)
         self._queue.put(step)
         committed = self.store.committed
         return committed is not None and committed >= step
+
+    def newest_step(self) -> int | None:
+        """The newest step this node knows of: committed, or begun by a local worker."""
+        steps = [r.step for r in self.store.list()]
+        if self.store.committed is not None:
+            steps.append(self.store.committed)
+        return max(steps, default=None)
+
+    def record_budget(self) -> int:
+        """The largest record a worker may ask for (the memory limit, else the chunk budget)."""
+        return self.store.max_bytes or self.chunks.max_bytes
+
+    def chunk_problem(self, info: ChunkInfo) -> str:
+        """Why a peer's chunk is not taken (checked before its bytes are received), or ""."""
+        members = self._round_view().members
+        if info.owner not in members:
+            return f"node {info.owner!r} is not a member of the current world"
+        if info.k < 1 or info.m < 0 or info.k + info.m > MAX_TOTAL_CHUNKS:
+            return f"a code of k={info.k}, m={info.m} is not one this agent holds"
+        if not 0 <= info.index < info.k + info.m or len(info.checksums) != info.k + info.m:
+            return f"chunk {info.index} of a {info.k}+{info.m} code with {len(info.checksums)} " \
+                   "checksums"  # fmt: skip
+        if info.redundancy not in ("erasure", "replication") or info.step < 0:
+            return f"redundancy {info.redundancy!r} at step {info.step}"
+        if not 0 <= info.chunk_bytes <= info.payload_bytes + CHUNK_SLACK_BYTES:
+            return f"a chunk of {info.chunk_bytes} bytes for a {info.payload_bytes}-byte payload"
+        return ""
 
     def put_chunk(self, info: ChunkInfo, data: bytearray) -> None:
         self.chunks.put(info, data)
@@ -219,7 +307,18 @@ class SnapshotCoordinator:
             DiskSnapshot(step=step, job_id=self._keys.job_id, records=pieces)
         )
         future.add_done_callback(lambda _f: self.store.unpin(step))
+        future.add_done_callback(self._disk_written)
         return future
+
+    def _disk_written(self, future) -> None:
+        """A disk-tier write ended: a failure is logged and kept (status shows it, and a job
+        whose last write failed does not exit 0); a later success clears it."""
+        exc = future.exception()
+        if exc is None:
+            self.disk_error = ""
+            return
+        self.disk_error = f"{type(exc).__name__}: {exc}"
+        logger.error("writing a snapshot to the disk tier failed: %s", self.disk_error)
 
     def truncate(self, after_step: int, epoch: int) -> list[int]:
         """A world re-formed in place at ``after_step``: steps after it belong to a discarded
@@ -457,8 +556,9 @@ class SnapshotCoordinator:
                     try:
                         written = future.result(timeout=600)
                         logger.info("snapshot step %d written to %s", written.step, written.path)
-                    except Exception as exc:
-                        logger.warning("writing the final snapshot failed: %s", exc)
+                    except Exception as exc:  # kept in disk_error by _disk_written
+                        logger.error("writing the final snapshot failed: %s", exc)
+                        self.disk_error = self.disk_error or f"{type(exc).__name__}: {exc}"
             self._disk.close()
         self.store.close()
         self.chunks.clear()

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -26,19 +25,16 @@ from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, P
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from elastictrain.constants import ENV_SESSION_ADDRESS, ENV_SESSION_FD, ENV_SESSION_TOKEN
+from elastictrain.leftovers import die_with_parent
 from elastictrain.session.protocol import VERSION as PROTOCOL_VERSION
 
 from .plan import WorkerAssignment
 
 logger = logging.getLogger(__name__)
 
-# PR_SET_PDEATHSIG = 1: the kernel sends SIGKILL to this process when its parent thread exits.
-# It survives execve, so the real program inherits it. If the parent is already gone, exit.
-# Then, given a session address, connect it, say hello and hand the descriptor down.
-_SHIM = (
-    "import ctypes,os,sys\n"
-    "ctypes.CDLL(None,use_errno=True).prctl(1,9)\n"
-    "os.getppid()==int(sys.argv[1]) or os._exit(137)\n"
+# Run in the wrapper that dies with the agent (leftovers.die_with_parent): given a session
+# address, connect it, say hello and hand the descriptor down.
+_CONNECT_SESSION = (
     f"a=os.environ.pop('{ENV_SESSION_ADDRESS}','')\n"
     "if a:\n"
     " import json,socket,struct\n"
@@ -52,7 +48,6 @@ _SHIM = (
     f"  os.environ['{ENV_SESSION_FD}']=str(s.fileno())\n"
     " except OSError as e:\n"
     "  print('etrain: no session with the agent:',e,file=sys.stderr)\n"
-    "os.execvp(sys.argv[2],sys.argv[2:])\n"
 )
 
 # /proc/<pid>/stat flags: the kernel sets PF_EXITING as soon as a process starts to die.
@@ -62,9 +57,7 @@ _PF_EXITING = 0x4
 def with_parent_death_signal(command: list[str]) -> list[str]:
     """``command`` wrapped so it is killed when the calling process dies, and connects its
     session when ``$ETRAIN_SESSION_ADDRESS`` is set (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return command
-    return [sys.executable, "-c", _SHIM, str(os.getpid()), *command]
+    return die_with_parent(command, _CONNECT_SESSION)
 
 
 def is_exiting(pid: int) -> bool:
@@ -259,6 +252,14 @@ class WorkerGroup:
         with self._lock:
             return [WorkerInfo(w.slot, w.assignment, w.pid, w.state, w.exit_code)
                     for w in self._workers.values()]  # fmt: skip
+
+    def rank_of(self, slot: int) -> int | None:
+        """The global rank a running worker holds now (None: none, or not running)."""
+        with self._lock:
+            worker = self._workers.get(slot)
+        if worker is None or worker.exit_code is not None or worker.assignment is None:
+            return None
+        return worker.assignment.global_rank
 
     def pid_of(self, slot: int) -> int | None:
         with self._lock:

@@ -14,6 +14,8 @@ def add_parser(sub) -> None:
     kill.add_argument("--signal", default="SIGKILL", help="signal name or number (default SIGKILL)")
     kill.add_argument("--etcd", default=None, help="etcd address(es); default: the local job's")
     kill.add_argument("--job-id", "--rdzv-id", dest="job_id", default=None)
+    kill.add_argument("--credentials", default=None, metavar="DIR",
+                      help="the job's credentials (default: the local job's)")
     kill.set_defaults(run=run_kill)
 
 
@@ -44,6 +46,7 @@ def run_kill(args) -> int:
         raise ConfigError(f"--rank {args.rank}: must be >= 0")
     sig = parse_signal(args.signal)
     etcd, job_id = local_jobs.resolve_etcd(args.etcd, args.job_id)
+    local_jobs.use_credentials(job_id, args.credentials)
     records = running_job_nodes(etcd, job_id)
     for record in records:
         try:

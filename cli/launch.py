@@ -81,6 +81,18 @@ def add_parser(sub) -> None:
         help="erasure code of in-memory snapshots across nodes (default: chosen by node count)",
     )
     p.add_argument(
+        "--credentials",
+        default=None,
+        metavar="DIR",
+        help="the job's CA, agent certificate and token (`etrain credentials create DIR`; "
+        "default: made for the job in its private runtime directory on this machine)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve gRPC without TLS or token (anyone who reaches the port controls the job)",
+    )
+    p.add_argument(
         "--snapshot-dir",
         dest="snapshot_dir",
         default=None,
@@ -249,6 +261,44 @@ def _snapshot_scheme(text: str | None):
     return ErasureScheme(int(k), int(m))
 
 
+def _credentials(args, job_id: str) -> str | None:
+    """The job's credentials directory: --credentials, else one made for the job in its
+    runtime directory (shared by the job's agents on this machine); None with --insecure."""
+    from elastictrain.coord import local_jobs
+    from elastictrain.credentials import JobCredentials, local_job_credentials
+    from elastictrain.errors import ConfigError
+
+    if args.insecure:
+        if args.credentials:
+            raise ConfigError("--insecure and --credentials cannot be used together")
+        logger.warning("--insecure: the agents' gRPC has no TLS and no token")
+        return None
+    if args.credentials:
+        return JobCredentials.load(os.path.abspath(args.credentials)).directory
+    with local_jobs.exclusive(job_id):
+        return local_job_credentials(local_jobs.job_dir(job_id)).directory
+
+
+def _snapshot_dir(path: str | None) -> str | None:
+    """The disk tier's root, made if missing and proven writable before anything starts."""
+    import tempfile
+
+    from elastictrain.errors import ConfigError
+
+    if not path:
+        return None
+    root = os.path.abspath(path)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"--snapshot-dir {path!r} is not a directory")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--snapshot-dir {path!r} is not writable: {exc.strerror}") from exc
+    return root
+
+
 def _entrypoint(args) -> tuple[str, list[str]]:
     from elastictrain.errors import ConfigError
 
@@ -296,6 +346,7 @@ def run(args) -> int:
     rdzv = _rdzv_conf(args.rdzv_conf)
     scheme = _snapshot_scheme(args.snapshot_ec)
     faults = [parse_fault(text) for text in args.faults]
+    snapshot_dir = _snapshot_dir(args.snapshot_dir)
     _configure_logging()
 
     job_id = args.job_id or constants.DEFAULT_JOB_ID
@@ -345,7 +396,8 @@ def run(args) -> int:
             gpus=_visible_gpus(),
             rendezvous=rdzv,
             snapshot_scheme=scheme,
-            snapshot_dir=os.path.abspath(args.snapshot_dir) if args.snapshot_dir else None,
+            snapshot_dir=snapshot_dir,
+            credentials_dir=_credentials(args, job_id),
             snapshot_disk_every=args.snapshot_disk_every,
             snapshot_memory_limit=int(args.snapshot_memory_limit * 1e9),
             faults=faults,

@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
             "--etcd", default=None, help="etcd address(es); default: the local job's"
         )
         action.add_argument("--job-id", "--rdzv-id", dest="job_id", default=None)
+        action.add_argument("--credentials", default=None, metavar="DIR",
+                            help="the job's credentials (default: the local job's)")
         action.add_argument("--dir", default=None, help="the job's --snapshot-dir (disk tier)")
         action.add_argument("--json", action="store_true", help="print JSON")
         action.set_defaults(run=run)
@@ -35,6 +37,7 @@ def _indexes(args):
     if args.dir and not args.etcd and not args.job_id:
         return None, []
     etcd, job_id = local_jobs.resolve_etcd(args.etcd, args.job_id)
+    local_jobs.use_credentials(job_id, args.credentials)
     records = running_job_nodes(etcd, job_id)
     out = []
     for record in records:

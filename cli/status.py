@@ -10,6 +10,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("status", help="show a running job's nodes and workers")
     p.add_argument("--etcd", default=None, help="etcd address(es); default: the local job's")
     p.add_argument("--job-id", "--rdzv-id", dest="job_id", default=None)
+    p.add_argument("--credentials", default=None, metavar="DIR",
+                   help="the job's credentials (default: the local job's)")
     p.add_argument("--once", action="store_true", help="print one plain table and exit")
     p.add_argument("--json", action="store_true", help="print JSON and exit")
     p.set_defaults(run=run)
@@ -36,6 +38,7 @@ class NodeRow:
     group_rank: int = -1
     world_size: int = 0
     workers: list[WorkerRow] = field(default_factory=list)
+    disk_error: str = ""
 
 
 @dataclass
@@ -67,6 +70,7 @@ def collect(etcd: str, job_id: str) -> JobStatus:
         row.round = st.round
         row.group_rank = st.group_rank
         row.world_size = st.world_size
+        row.disk_error = st.disk_error
         row.workers = [
             WorkerRow(w.rank, w.local_rank, w.pid, w.state, w.exit_code if w.exited else None)
             for w in sorted(st.workers, key=lambda w: w.rank)
@@ -83,7 +87,8 @@ def render_table(status: JobStatus):
         table.add_column(column)
     for node in status.nodes:
         restarts = f"{node.restart_count}/{node.max_restarts}"
-        base = [node.node_id, node.endpoint, node.state, restarts, str(node.round)]
+        state = node.state + (f" (disk tier: {node.disk_error})" if node.disk_error else "")
+        base = [node.node_id, node.endpoint, state, restarts, str(node.round)]
         if not node.workers:
             table.add_row(*base, "-", "-", "-", "-")
         for i, w in enumerate(node.workers):
@@ -99,6 +104,7 @@ def run(args) -> int:
     from elastictrain.coord import local_jobs
 
     etcd, job_id = local_jobs.resolve_etcd(args.etcd, args.job_id)
+    local_jobs.use_credentials(job_id, args.credentials)
     status = collect(etcd, job_id)
     if args.json:
         print(json.dumps(asdict(status), indent=2))

@@ -11,7 +11,11 @@ ENV_ETCD_BIN = "ETRAIN_ETCD_BIN"
 # Where local jobs publish their embedded etcd endpoint so that a second local agent,
 # `etrain status` and `etrain chaos` find it by job id.
 ENV_RUNTIME_DIR = "ETRAIN_RUNTIME_DIR"
-DEFAULT_RUNTIME_DIR = os.path.join(tempfile.gettempdir(), "etrain")
+# Default: private to the user ($XDG_RUNTIME_DIR/etrain, else <tmp>/etrain-<uid>), mode 0700.
+DEFAULT_RUNTIME_DIR = (
+    os.path.join(os.environ["XDG_RUNTIME_DIR"], "etrain") if os.environ.get("XDG_RUNTIME_DIR")
+    else os.path.join(tempfile.gettempdir(), f"etrain-{os.getuid()}")
+)  # fmt: skip
 
 # The job id when none is given (torchrun's --rdzv-id default is "none").
 DEFAULT_JOB_ID = "default"
@@ -79,3 +83,19 @@ def snapshot_threads() -> int:
             raise ValueError(f"{ENV_SNAPSHOT_THREADS} must be an int >= 1, got {raw!r}")
         return value
     return max(1, min(MAX_DEFAULT_SNAPSHOT_THREADS, os.cpu_count() or 1))
+
+# The agent's gRPC server: threads, calls at once (more are refused), streams at once (a
+# stream holds a thread: fewer than the threads, so unary calls always find one), how long a
+# stream may move no message, and the largest message either way.
+RPC_THREADS = 64
+RPC_MAX_CONCURRENT = 56
+RPC_MAX_STREAMS = 32
+RPC_STREAM_IDLE_S = 10.0
+RPC_MAX_MESSAGE_BYTES = 8 << 20
+# Bytes of peers' chunks an agent holds and receives at once when --snapshot-memory-limit is
+# not given: this fraction of the machine's memory.
+DEFAULT_CHUNK_MEMORY_FRACTION = 0.5
+# A worker's record may be at most this many steps past the newest step its agent knows of.
+RECORD_STEP_WINDOW = 10_000
+# The job's credentials directory (CA, agent certificate and key, token), handed to workers.
+ENV_CREDENTIALS = "ETRAIN_CREDENTIALS"

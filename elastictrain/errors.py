@@ -46,5 +46,10 @@ class AgentUnavailableError(ElasticTrainError):
     """An agent's gRPC endpoint did not answer."""
 
 
+class SnapshotFormatError(ElasticTrainError, ValueError):
+    """Bytes from a worker, a peer, etcd or disk that are not a snapshot format this version
+    reads (or a state that such a format cannot hold)."""
+
+
 class WorkerFailedError(ElasticTrainError):
     """The workers failed and no restart is left."""

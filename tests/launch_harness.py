@@ -105,6 +105,26 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.1) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def torchrun_reference(workdir: Path, script: Path, steps: int, nproc: int = 4):
+    """The final parameters of ``script`` under plain torchrun (one node, ``nproc``
+    workers, ``--steps``/``--out`` arguments): the fault-free run to compare against."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), str(script), "--steps", str(steps), "--out", str(workdir / "final.pt")]
+    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=150,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return load_params(workdir / "final.pt")
+
+
+def job_credentials(job_id: str):
+    """The credentials the job's agents made on this machine (in ETRAIN_RUNTIME_DIR)."""
+    from elastictrain import constants
+    from elastictrain.credentials import JobCredentials
+
+    return JobCredentials.load(Path(constants.runtime_dir()) / job_id / "credentials")
+
+
 def load_params(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu")
 

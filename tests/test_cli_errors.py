@@ -47,10 +47,23 @@ def _assert_clean_error(done: subprocess.CompletedProcess, needle: str, code: in
             "unknown signal",
         ),
         (["bogus-command"], "invalid choice"),
+        (["launch", "--snapshot-dir", __file__, __file__], "is not a directory"),
+        (["launch", "--snapshot-dir", "/proc/etrain-snapshots", __file__], "is not writable"),
     ],
 )
 def test_bad_input_is_one_line(args, needle, runtime_dir):
     _assert_clean_error(_run(*args), needle)
+
+
+@pytest.mark.timeout(60)
+def test_a_runtime_directory_others_may_write_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("ETRAIN_RUNTIME_DIR", str(shared))
+    script = tmp_path / "train.py"
+    script.write_text("print('never runs')\n")
+    _assert_clean_error(_run("launch", "--standalone", str(script)), "writable by you only")
 
 
 @pytest.mark.timeout(60)

@@ -169,3 +169,15 @@ def test_a_world_is_joined_only_while_its_round_runs_and_never_overwritten_by_an
     a.apply(M.ProposeWorld(drop, base, frozenset({Member("b", 0, "b1")})))
     assert a.flush(10)
     assert World.decode(a.client.get(a.keys.world).value) == back
+
+
+def test_a_job_never_mixes_agents_of_different_credentials(pair):
+    from elastictrain.errors import ConfigError
+
+    (a, b), _ = pair
+    a.check_job_ca("f" * 32)
+    b.check_job_ca("f" * 32)  # the same CA: fine, any number of times
+    with pytest.raises(ConfigError, match="give it the job's --credentials"):
+        b.check_job_ca("e" * 32)
+    with pytest.raises(ConfigError, match="this agent none"):
+        b.check_job_ca("")

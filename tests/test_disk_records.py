@@ -30,7 +30,7 @@ def _replicated_record(world: int, rank: int) -> tuple[bytes, torch.Tensor]:
     for position, piece in stream_pieces(layout, tensors, start, end):
         data[position : position + piece.numel()] = piece
     data[end - start :] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    meta = RecordMeta(1, rank, world, 3, start, end, len(blob), layout.encode())
+    meta = RecordMeta(rank, world, 3, start, end, len(blob), layout.encode())
     return meta.encode(), data
 
 
@@ -43,7 +43,7 @@ def _sharded_record() -> tuple[bytes, torch.Tensor]:
     data[64 : 64 + b.numel()] = b
     data[128:] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     items = ((0, a.numel(), "float32"), (64, b.numel(), "bfloat16"))
-    return ShardedRecordMeta(2, 0, 2, 3, 128, len(blob), items).encode(), data
+    return ShardedRecordMeta(0, 2, 3, 128, len(blob), items).encode(), data
 
 
 def _round_trip(tmp_path, rank: int, meta: bytes, data: torch.Tensor):

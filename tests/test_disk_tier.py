@@ -285,6 +285,21 @@ def test_truncated_file_is_named(tmp_path):
     assert "truncated" in verify_snapshot(tmp_path).problems[0]
 
 
+def test_a_manifest_naming_files_outside_its_directory_is_refused(tmp_path):
+    step_dir = write(tmp_path, 1, mixed_records())
+    original = json.loads((step_dir / MANIFEST_NAME).read_text())
+    for name in ("../../etc/passwd", "/etc/passwd", "a/b.zst", "", ".hidden", "x" * 200):
+        manifest = json.loads(json.dumps(original))
+        old = manifest["files"][0]["name"]
+        manifest["files"][0]["name"] = name
+        for record in manifest["records"]:
+            if record["file"] == old:
+                record["file"] = name
+        (step_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+        with pytest.raises(SnapshotFormatError, match="not a plain file name"):
+            read_snapshot(tmp_path)
+
+
 def test_missing_and_unreadable_snapshots_give_one_line_errors(tmp_path):
     with pytest.raises(SnapshotNotFoundError, match="does not exist"):
         read_snapshot(tmp_path / "nope")

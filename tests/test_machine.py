@@ -206,6 +206,47 @@ def test_own_lease_lost_registers_again_and_rejoins():
     assert not d.machine.lease_lost
 
 
+def test_an_etcd_outage_is_told_from_a_partition_by_the_other_nodes():
+    verdict = M.etcd_outage_verdict
+    ttl = 3.0
+    # b refreshed 0.2 s ago while we are silent for 2.5 s: we are the one cut off
+    assert verdict(2.5, {"b": 0.2}, ttl)[0] == "fence"
+    # everyone silent about as long: etcd is away; too early before two thirds of the TTL
+    assert verdict(1.5, {"b": 1.3}, ttl)[0] == "wait"
+    assert verdict(2.1, {"b": 1.8}, ttl) == ("ride_out", "b cannot reach it either")
+    assert verdict(1.0, {}, ttl)[0] == "wait" and verdict(1.6, {}, ttl)[0] == "fence"
+
+
+def test_a_node_cut_off_from_etcd_fences_itself_and_an_outage_is_ridden_out():
+    d = _running("a", "b")
+    d.machine = replace(d.machine, node_ttl=3.0)
+    effects = d.feed(M.LeaseUnconfirmed(0.8))
+    assert effects == [M.CheckPeers(("b",))]
+    assert d.feed(M.Tick(), after=0.1) == []  # one question at a time
+    assert d.feed(M.PeersOnEtcd(("b",), 1.0, {"b": 0.9})) == []  # too early to tell
+    assert d.feed(M.Tick(), after=0.1) == []  # and not again before a sixth of the TTL
+    assert _kinds(d.feed(M.Tick(), after=0.5)) == [M.CheckPeers]
+    effects = d.feed(M.PeersOnEtcd(("b",), 2.2, {"b": 2.0}))
+    assert d.action is M.Action.RIDE_OUT and d.phase is M.Phase.RUNNING
+    assert not [e for e in effects if isinstance(e, M.StopWorkers)]
+    effects = d.feed(M.LeaseConfirmed())
+    assert d.action is M.Action.ETCD_BACK and not d.machine.riding_out
+
+    # later b reaches etcd while we do not: our workers stop at once, before our lease runs out
+    d.feed(M.LeaseUnconfirmed(0.8), after=5.0)
+    effects = d.feed(M.PeersOnEtcd(("b",), 2.1, {"b": 0.3}))
+    assert M.StopWorkers(fence=True) in effects and M.Register() in effects
+    assert d.action is M.Action.REJOIN and d.machine.lease_lost
+    assert d.feed(M.LeaseLost()) == []  # fenced already
+
+
+def test_a_single_node_rides_out_an_etcd_outage():
+    d = _running("a")
+    effects = d.feed(M.LeaseUnconfirmed(2.0))
+    assert d.action is M.Action.RIDE_OUT and not [e for e in effects
+                                                  if isinstance(e, M.StopWorkers)]
+
+
 def test_etcd_trouble_is_retried_with_backoff_then_fails_cleanly():
     d = Driver.new(timeout=10.0)
     effects = d.feed(M.RendezvousFailed("etcd unreachable", retryable=True))

@@ -304,6 +304,16 @@ class RendezvousBackendContract:
         assert len({repr(token) for _, token in wins}) == total
 
 
+class _Runs:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
 class TestEtcdV3RendezvousBackendContract(RendezvousBackendContract):
     @pytest.fixture
     def backend(self, etcd_client, job_id) -> Iterator[EtcdV3RendezvousBackend]:
@@ -337,6 +347,24 @@ class TestEtcdV3RendezvousBackendContract(RendezvousBackendContract):
         _, token, _ = _set(backend, b"v1")
         state, new_token, has_set = _set(backend, b"v2", float(token))
         assert (state, new_token, has_set) == (b"v1", token, False)
+
+    def test_the_handler_sees_only_states_the_allow_list_reads(self, backend, tmp_path):
+        import pickle
+
+        from torch.distributed.elastic.rendezvous import RendezvousStateError
+        from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _RendezvousState
+
+        from elastictrain.rendezvous.backend import CheckedBackend
+
+        checked = CheckedBackend(backend)
+        real = pickle.dumps(_RendezvousState())
+        assert checked.set_state(real)[0] == real and checked.get_state()[0] == real
+        marker = tmp_path / "ran"
+        crafted = pickle.dumps(_Runs(str(marker)))
+        _set(backend, crafted, backend.get_state()[1])  # written behind the handler's back
+        with pytest.raises(RendezvousStateError, match="posix.system"):
+            checked.get_state()
+        assert not marker.exists()
 
     def test_decimal_text_of_the_current_revision_is_that_token(self, backend):
         _, token, _ = _set(backend, b"v1")

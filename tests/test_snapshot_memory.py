@@ -14,7 +14,14 @@ import time
 import pytest
 import torch
 from elastictrain.agent.snapshots import RoundView, SnapshotCoordinator, committable
-from launch_harness import SCRIPTS, Cluster, assert_bit_identical, load_params, wait_until
+from launch_harness import (
+    SCRIPTS,
+    Cluster,
+    assert_bit_identical,
+    job_credentials,
+    load_params,
+    wait_until,
+)
 
 from elastictrain.coord.keys import JobKeys
 from elastictrain.events import read_events
@@ -31,6 +38,7 @@ from elastictrain.snapshot.memory_store import (
     plan_retention,
     segment_size_for,
 )
+from elastictrain.snapshot.record_meta import ShardedRecordMeta
 from elastictrain.snapshot.shm import ShmSegment
 
 SNAPSHOT_SCRIPT = SCRIPTS / "snapshot_train.py"
@@ -168,7 +176,11 @@ def test_interrupted_snapshot_never_commits_nor_shadows(etcd_client, job_id):
         record = coord.begin(rank, step, 16)
         record.segment.tensor()[:16] = step
         if finish:
-            coord.end(rank, step, b"m")
+            with pytest.raises(SnapshotError):  # a description that is not one is refused
+                coord.end(rank, step, b"m")
+            with pytest.raises(SnapshotError):  # so is one of another rank or step
+                coord.end(rank, step, ShardedRecordMeta(rank, 2, step + 1, 0, 16).encode())
+            coord.end(rank, step, ShardedRecordMeta(rank, 2, step, 0, 16).encode())
 
     try:
         for step in (1, 2):
@@ -299,10 +311,10 @@ def _committed_step(client, job_id: str) -> int:
     return -1 if kv is None else int(json.loads(kv.value)["step"])
 
 
-def _records(endpoint: str, step: int) -> dict[int, bytes]:
+def _records(endpoint: str, step: int, job_id: str) -> dict[int, bytes]:
     from elastictrain.rpc.agent_client import AgentClient
 
-    with AgentClient(endpoint) as agent:
+    with AgentClient(endpoint, credentials=job_credentials(job_id)) as agent:
         index = agent.snapshot_index()
         out = {}
         for info in index.records:
@@ -362,17 +374,17 @@ def test_lost_node_snapshot_is_rebuilt_from_the_other_two(cluster, etcd_endpoint
         )
     verified = subprocess.run([*cli, "verify", *where], capture_output=True, text=True, timeout=60)
     assert verified.returncode == 0 and "0 problem(s)" in verified.stdout, verified.stdout
-    original = _records(endpoints["c"], step)
+    original = _records(endpoints["c"], step, job_id)
     assert original, "node c holds no record of the committed step"
 
     os.kill(agents["c"].popen.pid, 9)
     wait_until(lambda: "c" not in {n.node_id for n in list_nodes(etcd_client, JobKeys(job_id))},
                20, "c's lease to expire")  # fmt: skip
-    with AgentClient(endpoints["a"], timeout=60) as a:
+    with AgentClient(endpoints["a"], timeout=60, credentials=job_credentials(job_id)) as a:
         reply = a.recover_snapshot(step)
     assert list(reply.recovered_owners) == ["c"]
     assert sorted(reply.ranks) == sorted(original)
-    rebuilt = _records(endpoints["a"], step)
+    rebuilt = _records(endpoints["a"], step, job_id)
     for rank, data in original.items():
         assert rebuilt[rank] == data, f"rank {rank}'s record differs after the rebuild"
     pause.unlink()

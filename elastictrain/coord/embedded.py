@@ -22,6 +22,7 @@ from pathlib import Path
 from elastictrain import constants
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.errors import CoordinationUnavailableError, EtcdNotFoundError
+from elastictrain.leftovers import die_with_parent, owned_name, sweep
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,12 @@ class EmbeddedEtcd:
         self._binary = binary or find_etcd_binary()
         self.name = name
         self._own_dir = data_dir is None
-        self.data_dir = data_dir or tempfile.mkdtemp(prefix="etrain-etcd-", dir=_memory_dir())
+        if data_dir is None:  # named for its owner: the next start sweeps it if we are killed
+            memory = _memory_dir()
+            if memory is not None:
+                sweep(memory)
+            data_dir = tempfile.mkdtemp(prefix=owned_name("etcd") + "-", dir=memory)
+        self.data_dir = data_dir
         self.startup_timeout = startup_timeout
         self.client_port = 0
         self.peer_port = 0
@@ -126,9 +132,11 @@ class EmbeddedEtcd:
         log = open(self._log_path, "ab")  # noqa: SIM115 - owned by the child for its life
         env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
         # A new session: a terminal's Ctrl-C reaches the agent, which stops etcd last.
+        # It dies with this process even when this one is SIGKILLed.
         self._proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
         log.close()
         deadline = time.monotonic() + self.startup_timeout
         client = EtcdClient([("127.0.0.1", self.client_port)], timeout=1.0)

@@ -30,6 +30,12 @@ from elastictrain.errors import ConfigError, CoordinationUnavailableError
 
 logger = logging.getLogger(__name__)
 
+# Reconnect within a fraction of a second once etcd is back: gRPC's default backoff grows to
+# seconds after an outage, long enough for a short lease to run out before its keepalive.
+_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 500)]  # fmt: skip
+
 _TRANSIENT_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -137,7 +143,8 @@ class EtcdClient:
         self._rpc_timeout = min(timeout, 5.0)
         self._client = pyetcd.MultiEndpointEtcd3Client(
             endpoints=[
-                pyetcd.Endpoint(host, port, secure=False, time_retry=1) for host, port in endpoints
+                pyetcd.Endpoint(host, port, secure=False, time_retry=1, opts=_CHANNEL_OPTIONS)
+                for host, port in endpoints
             ],
             timeout=self._rpc_timeout,
             failover=len(endpoints) > 1,
@@ -310,14 +317,19 @@ class EtcdClient:
         lease = self.call("lease grant", lambda: self._client.lease(ttl))
         return int(lease.id)
 
-    def refresh_lease(self, lease_id: int) -> int:
-        """Refresh once; returns the remaining TTL (0 or less: the lease is gone)."""
+    def refresh_lease(self, lease_id: int, timeout: float | None = None) -> int:
+        """Refresh once, giving up after ``timeout`` (default: one RPC's); returns the
+        remaining TTL (0 or less: the lease is gone)."""
+        limit = self._rpc_timeout if timeout is None else timeout
 
         def op():
-            responses = list(self._client.refresh_lease(lease_id))
+            request = iter([pyetcd.etcdrpc.LeaseKeepAliveRequest(ID=lease_id)])
+            responses = list(self._client.leasestub.LeaseKeepAlive(
+                request, limit, credentials=self._client.call_credentials,
+                metadata=self._client.metadata))  # fmt: skip
             return responses[0].TTL if responses else 0
 
-        return int(self.call("lease keepalive", op, timeout=self._rpc_timeout))
+        return int(self.call("lease keepalive", op, timeout=limit))
 
     def revoke_lease(self, lease_id: int) -> None:
         try:
@@ -341,8 +353,13 @@ class EtcdClient:
 class LeaseKeeper:
     """Keeps one etcd lease alive from a daemon thread.
 
-    ``on_lost`` is called once, from the keeper thread, if the lease expired (etcd answered
-    that it no longer exists, or no refresh got through for a whole TTL).
+    From the keeper thread: ``on_lost`` once, when etcd answers that the lease no longer
+    exists (its keys are gone: the other nodes consider this one dead). ``on_unconfirmed``,
+    with the seconds since the last refresh that got through, at every failed refresh once a
+    quarter of the TTL has passed without one (a refresh every sixth of the TTL, each given a
+    sixth): etcd may be down for everyone (it then extends every lease when it comes back) or
+    this node cut off from it (then the lease runs out after the TTL); the caller tells
+    which. ``on_confirmed`` when a refresh gets through again.
     """
 
     def __init__(
@@ -350,35 +367,62 @@ class LeaseKeeper:
         client: EtcdClient,
         ttl: int,
         on_lost: Callable[[], None] | None = None,
+        on_unconfirmed: Callable[[float], None] | None = None,
+        on_confirmed: Callable[[], None] | None = None,
     ) -> None:
         if ttl < 1:
             raise ConfigError(f"lease TTL must be >= 1 s, got {ttl}")
         self._client = client
         self.ttl = ttl
         self._on_lost = on_lost
+        self._on_unconfirmed = on_unconfirmed
+        self._on_confirmed = on_confirmed
         self._stop = threading.Event()
         self.lease_id = client.grant_lease(ttl)
         self.lost = False
+        self.last_ok = time.monotonic()  # the last refresh that got through
         self._thread = threading.Thread(
             target=self._run, name=f"etcd-lease-{self.lease_id:x}", daemon=True
         )
         self._thread.start()
 
+    @property
+    def unconfirmed_s(self) -> float:
+        """Seconds since a refresh last got through."""
+        return time.monotonic() - self.last_ok
+
+    def refresh(self) -> bool | None:
+        """One refresh now: True if it got through, False if etcd says the lease is gone,
+        None if etcd did not answer."""
+        try:
+            remaining = self._client.refresh_lease(self.lease_id, timeout=max(self.ttl / 6, 0.2))
+        except CoordinationUnavailableError:
+            return None
+        if remaining <= 0:
+            return False
+        self.last_ok = time.monotonic()
+        return True
+
     def _run(self) -> None:
-        interval = max(self.ttl / 3.0, 0.2)
-        last_ok = time.monotonic()
+        interval = max(self.ttl / 6.0, 0.2)
+        unconfirmed = False
         while not self._stop.wait(interval):
-            try:
-                remaining = self._client.refresh_lease(self.lease_id)
-            except CoordinationUnavailableError:
-                if time.monotonic() - last_ok > self.ttl:
-                    self._mark_lost("no keepalive reached etcd within the TTL")
-                    return
-                continue
-            if remaining <= 0:
+            outcome = self.refresh()
+            if outcome is False:
                 self._mark_lost("etcd reports the lease expired")
                 return
-            last_ok = time.monotonic()
+            if outcome:
+                if unconfirmed and self._on_confirmed is not None:
+                    self._on_confirmed()
+                unconfirmed = False
+                continue
+            waited = self.unconfirmed_s
+            if waited > self.ttl / 4 and self._on_unconfirmed is not None:
+                unconfirmed = True
+                self._on_unconfirmed(waited)
+            elif waited > self.ttl and self._on_unconfirmed is None:
+                self._mark_lost("no keepalive reached etcd within the TTL")
+                return
 
     def _mark_lost(self, why: str) -> None:
         self.lost = True

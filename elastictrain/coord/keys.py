@@ -78,6 +78,11 @@ class JobKeys:
         return f"{self.control_prefix}snapshot"
 
     @property
+    def job_ca(self) -> str:
+        """The fingerprint of the CA the job's agents use ("insecure": none), set by the first."""
+        return f"{self.control_prefix}ca"
+
+    @property
     def world(self) -> str:
         """The round's in-place world (who holds which rank), moved forward by CAS."""
         return f"{self.control_prefix}world"

@@ -18,6 +18,7 @@ from pathlib import Path
 from elastictrain import constants
 from elastictrain.coord.keys import validate_name
 from elastictrain.errors import ConfigError, JobNotFoundError
+from elastictrain.leftovers import pid_alive
 
 
 @dataclass(frozen=True)
@@ -27,18 +28,30 @@ class LocalJob:
     owner_pid: int
 
 
-def _job_file(job_id: str) -> Path:
-    return Path(constants.runtime_dir()) / validate_name("job id", job_id) / "etcd.json"
-
-
-def _alive(pid: int) -> bool:
+def private_runtime_dir() -> Path:
+    """The runtime directory, made mode 0700 if missing; one that another user owns or that
+    others may write is refused (its files say where a job's etcd is)."""
+    root = Path(constants.runtime_dir())
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = root.stat()
+    except OSError as exc:
+        raise ConfigError(f"runtime directory {root}: {exc.strerror}") from exc
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ConfigError(f"runtime directory {root} must be yours and writable by you only: "
+                          f"it is owned by uid {info.st_uid} with mode {info.st_mode & 0o777:o}")
+    return root
+
+
+def job_dir(job_id: str) -> Path:
+    """This machine's private directory of one job (made mode 0700)."""
+    path = private_runtime_dir() / validate_name("job id", job_id)
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _job_file(job_id: str) -> Path:
+    return private_runtime_dir() / validate_name("job id", job_id) / "etcd.json"
 
 
 @contextlib.contextmanager
@@ -46,7 +59,7 @@ def exclusive(job_id: str) -> Iterator[None]:
     """Serialises "find or start the job's embedded etcd" among local agents of one job, so two
     launches started together do not both start one."""
     path = _job_file(job_id).with_name("lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -57,7 +70,7 @@ def exclusive(job_id: str) -> Iterator[None]:
 
 def publish(job_id: str, etcd: str) -> Path:
     path = _job_file(job_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"job_id": job_id, "etcd": etcd, "owner_pid": os.getpid()}))
     tmp.replace(path)
@@ -82,7 +95,7 @@ def find(job_id: str) -> LocalJob | None:
     except (OSError, ValueError):
         return None
     job = LocalJob(job_id=data["job_id"], etcd=data["etcd"], owner_pid=int(data["owner_pid"]))
-    return job if _alive(job.owner_pid) else None
+    return job if pid_alive(job.owner_pid) else None
 
 
 def list_local() -> list[LocalJob]:
@@ -91,6 +104,25 @@ def list_local() -> list[LocalJob]:
         return []
     jobs = [find(entry.name) for entry in sorted(root.iterdir()) if entry.is_dir()]
     return [job for job in jobs if job is not None]
+
+
+def use_credentials(job_id: str, explicit: str | None) -> str | None:
+    """Point this process's agent clients at the job's credentials: ``explicit``
+    (--credentials), else those it was handed, else the local job's; None: none found (a job
+    run with --insecure)."""
+    from elastictrain.credentials import JobCredentials
+
+    if explicit:
+        directory = JobCredentials.load(os.path.abspath(explicit)).directory
+    elif os.environ.get(constants.ENV_CREDENTIALS):
+        return os.environ[constants.ENV_CREDENTIALS]
+    else:
+        local = Path(constants.runtime_dir()) / validate_name("job id", job_id) / "credentials"
+        if not local.joinpath("token").exists():
+            return None
+        directory = JobCredentials.load(local).directory
+    os.environ[constants.ENV_CREDENTIALS] = directory
+    return directory
 
 
 def resolve_etcd(etcd: str | None, job_id: str | None) -> tuple[str, str]:

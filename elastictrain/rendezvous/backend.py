@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 
-from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousStateError
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend, Token
 
+from elastictrain import safe_pickle
 from elastictrain.coord.etcd import EtcdClient
-from elastictrain.errors import CoordinationUnavailableError
+from elastictrain.errors import CoordinationUnavailableError, SnapshotFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +87,34 @@ class EtcdV3RendezvousBackend(RendezvousBackend):
         else:
             return None
         return value if value >= 0 else None
+
+
+
+class CheckedBackend(RendezvousBackend):
+    """A backend whose states reach torch's handler (which unpickles them) only once our
+    allow-list reads them as torch's rendezvous state: a crafted value in etcd is a
+    ``RendezvousStateError``, never code run. The wrapped backend stays a plain byte store."""
+
+    def __init__(self, inner: RendezvousBackend) -> None:
+        self._inner = inner
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    def get_state(self) -> tuple[bytes, Token] | None:
+        current = self._inner.get_state()
+        return None if current is None else (_checked(current[0]), current[1])
+
+    def set_state(self, state: bytes, token: Token | None = None
+                  ) -> tuple[bytes, Token, bool] | None:  # fmt: skip
+        result = self._inner.set_state(state, token)
+        return None if result is None else (_checked(result[0]), result[1], result[2])
+
+
+def _checked(state: bytes) -> bytes:
+    try:
+        safe_pickle.check(state, profile="rendezvous")
+    except SnapshotFormatError as exc:
+        raise RendezvousStateError(f"the rendezvous state in etcd is not torch's: {exc}") from exc
+    return state

@@ -18,6 +18,8 @@ from collections.abc import Collection
 
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend
 
+from elastictrain import safe_pickle
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,7 +72,7 @@ def evict_nodes(
         if current is None:
             return []
         raw, token = current
-        state = pickle.loads(raw)
+        state = safe_pickle.loads(raw, profile="rendezvous")
         removed = remove_nodes(state, node_ids, min_nodes)
         if not removed:
             return []

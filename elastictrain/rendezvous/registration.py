@@ -19,7 +19,7 @@ from torch.distributed.elastic.rendezvous.registry import handler_registry
 
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
-from elastictrain.rendezvous.backend import BACKEND_NAME, EtcdV3RendezvousBackend
+from elastictrain.rendezvous.backend import BACKEND_NAME, CheckedBackend, EtcdV3RendezvousBackend
 from elastictrain.rendezvous.store import EtcdStore
 
 
@@ -35,7 +35,7 @@ def create_handler(
             params.endpoint, timeout=params.get_as_int("etcd_timeout", 10)
         )
     keys = JobKeys(params.run_id)
-    backend = EtcdV3RendezvousBackend(client, keys.rendezvous_state)
+    backend = CheckedBackend(EtcdV3RendezvousBackend(client, keys.rendezvous_state))
     store_timeout = params.get_as_int("store_timeout", 300)
     store = EtcdStore(client, keys.store_prefix, timeout=timedelta(seconds=store_timeout))
     return dynamic_rendezvous.create_handler(store, backend, params)

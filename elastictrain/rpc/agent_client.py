@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from elastictrain.constants import RPC_MAX_MESSAGE_BYTES
+from elastictrain.credentials import SERVICE_NAME, JobCredentials
 from elastictrain.errors import AgentUnavailableError, ElasticTrainError
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
 
@@ -31,11 +33,37 @@ class SnapshotRefusedError(ElasticTrainError):
     """The agent refused a snapshot request (e.g. a step at or before the committed one)."""
 
 
+_FROM_ENV = object()
+
+
+def open_channel(endpoint: str, credentials: JobCredentials | None) -> grpc.Channel:
+    """A channel to an agent: mutual TLS with the job's certificate (checked against the
+    service name, not the host) and its token on every call; plain with no credentials."""
+    options = [("grpc.max_receive_message_length", RPC_MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", RPC_MAX_MESSAGE_BYTES)]  # fmt: skip
+    if credentials is None:
+        return grpc.insecure_channel(endpoint, options=options)
+    transport = grpc.ssl_channel_credentials(root_certificates=credentials.ca,
+                                             private_key=credentials.key,
+                                             certificate_chain=credentials.cert)  # fmt: skip
+    token = grpc.access_token_call_credentials(credentials.token)
+    return grpc.secure_channel(endpoint, grpc.composite_channel_credentials(transport, token),
+                               options=[*options,
+                                        ("grpc.ssl_target_name_override", SERVICE_NAME)])
+
+
 class AgentClient:
-    def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
+    """Calls to one agent. ``credentials``: the job's (default: those this process was
+    handed, ``ETRAIN_CREDENTIALS``; None: a plain channel, for a job run with --insecure)."""
+
+    def __init__(self, endpoint: str, timeout: float = 5.0,
+                 credentials: JobCredentials | None | object = _FROM_ENV) -> None:  # fmt: skip
         self.endpoint = endpoint
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(endpoint)
+        if credentials is _FROM_ENV:
+            credentials = JobCredentials.from_env()
+        assert credentials is None or isinstance(credentials, JobCredentials)
+        self._channel = open_channel(endpoint, credentials)
         self._stub = etrain_pb2_grpc.AgentStub(self._channel)
 
     def get_status(self) -> etrain_pb2.AgentStatus:
@@ -56,15 +84,6 @@ class AgentClient:
             raise AgentUnavailableError(
                 f"agent at {self.endpoint} did not answer: {exc.code().name}"
             ) from exc
-
-    def begin_snapshot(self, rank: int, step: int, nbytes: int) -> etrain_pb2.BeginSnapshotResponse:
-        request = etrain_pb2.BeginSnapshotRequest(rank=rank, step=step, nbytes=nbytes)
-        return self._call("BeginSnapshot", self._stub.BeginSnapshot, request)
-
-    def end_snapshot(self, rank: int, step: int, meta: bytes) -> etrain_pb2.EndSnapshotResponse:
-        """The record of (rank, step) is written; the agent checksums it."""
-        request = etrain_pb2.EndSnapshotRequest(rank=rank, step=step, meta=meta)
-        return self._call("EndSnapshot", self._stub.EndSnapshot, request)
 
     def snapshot_index(self) -> etrain_pb2.SnapshotIndex:
         return self._call("GetSnapshotIndex", self._stub.GetSnapshotIndex,

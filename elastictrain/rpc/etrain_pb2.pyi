@@ -28,7 +28,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("job_id", "node_id", "hostname", "endpoint", "state", "restart_count", "max_restarts", "round", "group_rank", "group_world_size", "world_size", "gpus", "workers", "pid")
+    __slots__ = ("job_id", "node_id", "hostname", "endpoint", "state", "restart_count", "max_restarts", "round", "group_rank", "group_world_size", "world_size", "gpus", "workers", "pid", "disk_error", "etcd_silent_ms")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class AgentStatus(_message.Message):
     GPUS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    DISK_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ETCD_SILENT_MS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     node_id: str
     hostname: str
@@ -57,7 +59,9 @@ class AgentStatus(_message.Message):
     gpus: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     pid: int
-    def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[str] = ..., restart_count: _Optional[int] = ..., max_restarts: _Optional[int] = ..., round: _Optional[int] = ..., group_rank: _Optional[int] = ..., group_world_size: _Optional[int] = ..., world_size: _Optional[int] = ..., gpus: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pid: _Optional[int] = ...) -> None: ...
+    disk_error: str
+    etcd_silent_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[str] = ..., restart_count: _Optional[int] = ..., max_restarts: _Optional[int] = ..., round: _Optional[int] = ..., group_rank: _Optional[int] = ..., group_world_size: _Optional[int] = ..., world_size: _Optional[int] = ..., gpus: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pid: _Optional[int] = ..., disk_error: _Optional[str] = ..., etcd_silent_ms: _Optional[int] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
     __slots__ = ("rank", "kind", "signal")
@@ -84,40 +88,6 @@ class InjectFaultResponse(_message.Message):
     pid: int
     node_id: str
     def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., pid: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
-
-class BeginSnapshotRequest(_message.Message):
-    __slots__ = ("rank", "step", "nbytes")
-    RANK_FIELD_NUMBER: _ClassVar[int]
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    NBYTES_FIELD_NUMBER: _ClassVar[int]
-    rank: int
-    step: int
-    nbytes: int
-    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
-
-class BeginSnapshotResponse(_message.Message):
-    __slots__ = ("segment", "shm_dir")
-    SEGMENT_FIELD_NUMBER: _ClassVar[int]
-    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
-    segment: str
-    shm_dir: str
-    def __init__(self, segment: _Optional[str] = ..., shm_dir: _Optional[str] = ...) -> None: ...
-
-class EndSnapshotRequest(_message.Message):
-    __slots__ = ("rank", "step", "meta")
-    RANK_FIELD_NUMBER: _ClassVar[int]
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    META_FIELD_NUMBER: _ClassVar[int]
-    rank: int
-    step: int
-    meta: bytes
-    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., meta: _Optional[bytes] = ...) -> None: ...
-
-class EndSnapshotResponse(_message.Message):
-    __slots__ = ("committed",)
-    COMMITTED_FIELD_NUMBER: _ClassVar[int]
-    committed: bool
-    def __init__(self, committed: _Optional[bool] = ...) -> None: ...
 
 class GetSnapshotIndexRequest(_message.Message):
     __slots__ = ()

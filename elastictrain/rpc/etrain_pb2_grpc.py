@@ -44,16 +44,6 @@ class AgentStub:
                 request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.InjectFaultRequest.SerializeToString,
                 response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.InjectFaultResponse.FromString,
                 _registered_method=True)
-        self.BeginSnapshot = channel.unary_unary(
-                '/elastictrain.v1.Agent/BeginSnapshot',
-                request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.BeginSnapshotRequest.SerializeToString,
-                response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.BeginSnapshotResponse.FromString,
-                _registered_method=True)
-        self.EndSnapshot = channel.unary_unary(
-                '/elastictrain.v1.Agent/EndSnapshot',
-                request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.EndSnapshotRequest.SerializeToString,
-                response_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.EndSnapshotResponse.FromString,
-                _registered_method=True)
         self.GetSnapshotIndex = channel.unary_unary(
                 '/elastictrain.v1.Agent/GetSnapshotIndex',
                 request_serializer=elastictrain_dot_rpc_dot_etrain__pb2.GetSnapshotIndexRequest.SerializeToString,
@@ -103,22 +93,9 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def BeginSnapshot(self, request, context):
-        """Snapshots. A local worker asks for a shared-memory segment for (rank, step), writes its
-        bytes into it, then ends the snapshot; the agent keeps the segment after the worker dies.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def EndSnapshot(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def GetSnapshotIndex(self, request, context):
-        """What this agent holds, the job's committed step, and the other agents to ask.
+        """Snapshots. Local workers begin and end their records over their worker session (a Unix
+        socket), never here. What this agent holds, the job's committed step, and the other agents to ask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,16 +148,6 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.InjectFault,
                     request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.InjectFaultRequest.FromString,
                     response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.InjectFaultResponse.SerializeToString,
-            ),
-            'BeginSnapshot': grpc.unary_unary_rpc_method_handler(
-                    servicer.BeginSnapshot,
-                    request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.BeginSnapshotRequest.FromString,
-                    response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.BeginSnapshotResponse.SerializeToString,
-            ),
-            'EndSnapshot': grpc.unary_unary_rpc_method_handler(
-                    servicer.EndSnapshot,
-                    request_deserializer=elastictrain_dot_rpc_dot_etrain__pb2.EndSnapshotRequest.FromString,
-                    response_serializer=elastictrain_dot_rpc_dot_etrain__pb2.EndSnapshotResponse.SerializeToString,
             ),
             'GetSnapshotIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSnapshotIndex,
@@ -267,60 +234,6 @@ class Agent:
             '/elastictrain.v1.Agent/InjectFault',
             elastictrain_dot_rpc_dot_etrain__pb2.InjectFaultRequest.SerializeToString,
             elastictrain_dot_rpc_dot_etrain__pb2.InjectFaultResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def BeginSnapshot(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/elastictrain.v1.Agent/BeginSnapshot',
-            elastictrain_dot_rpc_dot_etrain__pb2.BeginSnapshotRequest.SerializeToString,
-            elastictrain_dot_rpc_dot_etrain__pb2.BeginSnapshotResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def EndSnapshot(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/elastictrain.v1.Agent/EndSnapshot',
-            elastictrain_dot_rpc_dot_etrain__pb2.EndSnapshotRequest.SerializeToString,
-            elastictrain_dot_rpc_dot_etrain__pb2.EndSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,14 +30,17 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from elastictrain import safe_pickle
+from elastictrain.errors import SnapshotFormatError
+from elastictrain.snapshot.record_meta import METADATA_RANK as METADATA_RANK  # re-exported
+from elastictrain.snapshot.record_meta import ShardedRecordMeta as ShardedRecordMeta  # re-exported
+
 if TYPE_CHECKING:
     from elastictrain.snapshot.worker import Snapshotter
 
 logger = logging.getLogger(__name__)
 
-METADATA_RANK = 1 << 30  # the record that holds DCP's Metadata
 _ALIGN = 64
-_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -49,23 +52,6 @@ class ItemLocation:
     nbytes: int
     dtype: str | None = None  # None: a BytesIO item
     shape: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class ShardedRecordMeta:
-    """The agent-side description of a sharded rank record (vs. RecordMeta's replicated one)."""
-
-    format: int
-    rank: int
-    world: int
-    step: int
-    blob_offset: int
-    blob_bytes: int
-    # (offset, nbytes, dtype) of each tensor item: the disk tier shuffles their bytes by dtype
-    items: tuple[tuple[int, int, str], ...] = ()
-
-    def encode(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _align(value: int) -> int:
@@ -140,7 +126,7 @@ class AgentStorageWriter(StorageWriter):
                 torch.frombuffer(bytearray(self._blob), dtype=torch.uint8)
             )
         typed = tuple((w.offset, w.nbytes, w.dtype) for _, _, w in placed if w.dtype is not None)
-        meta = ShardedRecordMeta(_FORMAT, rank, self._snap.world, self._step, blob_offset,
+        meta = ShardedRecordMeta(rank, self._snap.world, self._step, blob_offset,
                                  len(self._blob), typed).encode()  # fmt: skip
         if self._coordinator:
             self._deferred = meta  # ended after the metadata, in finish()
@@ -156,12 +142,13 @@ class AgentStorageWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.storage_data = {r.index: r.storage_data for rs in results for r in rs}
         raw = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+        safe_pickle.check(raw, profile="dcp")  # read back only through the allow-list
         segment = self._snap._begin_record(METADATA_RANK, self._step, len(raw))
         if segment is None:
             raise RuntimeError(f"the agent refused the metadata of step {self._step}")
         if raw:
             segment.tensor()[: len(raw)].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-        meta = ShardedRecordMeta(_FORMAT, METADATA_RANK, self._snap.world, self._step, 0, 0)
+        meta = ShardedRecordMeta(METADATA_RANK, self._snap.world, self._step, 0, 0)
         self._snap._end_record(METADATA_RANK, self._step, meta.encode())
         if self._deferred is not None:
             self._snap._end_record(self._snap.rank, self._step, self._deferred)
@@ -191,7 +178,11 @@ class AgentStorageReader(StorageReader):
         raw = self._records.get(METADATA_RANK)
         if raw is None:
             raise RuntimeError(f"step {self._step} has no DCP metadata record")
-        return pickle.loads(bytes(raw))
+        metadata = safe_pickle.loads(bytes(raw), profile="dcp")
+        if not isinstance(metadata, Metadata):
+            raise SnapshotFormatError(f"step {self._step}'s DCP metadata record holds a "
+                                      f"{type(metadata).__name__}")  # fmt: skip
+        return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs):
         self._storage = metadata.storage_data

@@ -10,26 +10,22 @@ exactly, so the rebuilt bytes (and their CRC) are the original ones.
 from __future__ import annotations
 
 import base64
-import pickle
 from collections.abc import Iterable
 
 import torch
 
-from elastictrain.snapshot.dcp_storage import ShardedRecordMeta
+from elastictrain.errors import SnapshotFormatError
 from elastictrain.snapshot.disk import OPAQUE_DTYPE, SnapshotRecord, dtype_element_size
-from elastictrain.snapshot.layout import StateLayout
-from elastictrain.snapshot.record_meta import RecordMeta
+from elastictrain.snapshot.record_meta import ShardedRecordMeta, decode_record_meta
 
 
 def _typed_ranges(meta_raw: bytes) -> list[tuple[int, int, str]]:
     """(start, end, dtype) of the tensor bytes of a record, from its description."""
-    meta = pickle.loads(meta_raw)
+    meta = decode_record_meta(meta_raw)
     if isinstance(meta, ShardedRecordMeta):
         return [(offset, offset + nbytes, dtype) for offset, nbytes, dtype in meta.items]
-    if not isinstance(meta, RecordMeta):
-        return []
     ranges = []
-    for entry in StateLayout.decode(meta.layout).entries:
+    for entry in meta.state_layout.entries:
         lo = max(entry.offset, meta.start) - meta.start
         hi = min(entry.offset + entry.nbytes, meta.end) - meta.start
         if lo < hi:
@@ -62,7 +58,7 @@ def to_disk_records(
     nbytes = data.numel()
     try:
         cuts = _cuts(meta_raw, nbytes)
-    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError):
+    except SnapshotFormatError:
         cuts = [(0, nbytes, OPAQUE_DTYPE)] if nbytes else []  # an unknown description
     pieces = [
         SnapshotRecord(

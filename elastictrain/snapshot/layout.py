@@ -2,11 +2,13 @@
 
 A state is a nested structure (dicts, lists, tuples, scalars, tensors). :func:`flatten_state`
 lays its tensors end to end in one *stream* (each at a 64-byte aligned offset) and keeps the
-rest as a small pickled *skeleton* in which each tensor is a numbered persistent reference.
-Tensor data are never pickled: they are copied as raw bytes through ``uint8`` views. The
-skeleton is written by the C pickler (a call per tensor, not a Python walk over the whole
-state: about 0.5 ms for a 1B-parameter GPT with AdamW), and a state whose tensors have the
-same dtypes, shapes and devices as last time reuses the last layout's entries. Tensor *paths*
+rest as a small pickled *skeleton* in which each tensor is a numbered persistent reference,
+read back only through :mod:`elastictrain.snapshot.safe_pickle`'s allow-list. A layout crosses
+processes as versioned JSON (:meth:`StateLayout.encode`). Tensor data are never pickled: they
+are copied as raw bytes through ``uint8`` views. The skeleton is written by the C pickler (a
+call per tensor, not a Python walk over the whole state: about 0.5 ms for a 1B-parameter GPT
+with AdamW), and a state whose tensors have the same dtypes, shapes and devices as last time
+reuses the last layout's entries. Tensor *paths*
 (``/model/0.weight``) are only worked out on restore, where they match saved tensors to live
 ones.
 
@@ -18,7 +20,9 @@ are one full copy, which any world size can reassemble.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +30,11 @@ from typing import Any
 
 import torch
 
+from elastictrain import safe_pickle
+from elastictrain.errors import SnapshotFormatError
+
 ALIGN = 64
-_FORMAT = 2
+LAYOUT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -46,24 +53,71 @@ class StateLayout:
     skeleton: bytes  # the state pickled with tensor i as persistent id i
     # (dtype, shape, device) of each tensor it was made from: a cheap test of reuse
     signature: tuple = field(default=(), compare=False, repr=False)
-    # the entries pickled, shared by the layouts of later steps that reuse them
-    entries_blob: list[bytes] = field(default_factory=list, compare=False, repr=False)
+    # the entries as JSON text, shared by the layouts of later steps that reuse them
+    entries_blob: list[str] = field(default_factory=list, compare=False, repr=False)
+
+    def to_record(self) -> str:
+        """The layout as a JSON object's text: ``{"version", "total_bytes", "skeleton" (base64),
+        "entries": [[dtype, shape, offset, nbytes, device], ...]}``."""
+        if not self.entries_blob:
+            self.entries_blob.append(json.dumps(
+                [[e.dtype, list(e.shape), e.offset, e.nbytes, e.device] for e in self.entries],
+                separators=(",", ":")))  # fmt: skip
+        skeleton = base64.b64encode(self.skeleton).decode()
+        return (f'{{"version":{LAYOUT_VERSION},"total_bytes":{int(self.total_bytes)},'
+                f'"skeleton":"{skeleton}","entries":{self.entries_blob[0]}}}')  # fmt: skip
 
     def encode(self) -> bytes:
-        if not self.entries_blob:
-            self.entries_blob.append(pickle.dumps(self.entries, pickle.HIGHEST_PROTOCOL))
-        return pickle.dumps(
-            (_FORMAT, self.entries_blob[0], self.total_bytes, self.skeleton),
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
+        return self.to_record().encode()
 
     @staticmethod
-    def decode(raw: bytes) -> StateLayout:
-        decoded = pickle.loads(raw)
-        if not (isinstance(decoded, tuple) and len(decoded) == 4 and decoded[0] == _FORMAT):
-            raise TypeError("not a state layout of this version")
-        _, entries, total, skeleton = decoded
-        return StateLayout(pickle.loads(entries), total, skeleton)
+    def decode(raw: bytes | bytearray | memoryview) -> StateLayout:
+        try:
+            record = json.loads(bytes(raw))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise SnapshotFormatError(f"a state layout is not JSON: {exc}") from exc
+        return StateLayout.from_record(record)
+
+    @staticmethod
+    def from_record(record: Any) -> StateLayout:
+        """A layout from its JSON object, every field checked (:class:`SnapshotFormatError`)."""
+        if not isinstance(record, dict) or record.get("version") != LAYOUT_VERSION:
+            version = record.get("version") if isinstance(record, dict) else None
+            raise SnapshotFormatError(f"state layout version {version!r} is not "
+                                      f"{LAYOUT_VERSION}")  # fmt: skip
+        total = record.get("total_bytes")
+        entries_raw = record.get("entries")
+        skeleton_raw = record.get("skeleton")
+        if not (_count(total) and isinstance(entries_raw, list) and isinstance(skeleton_raw, str)):
+            raise SnapshotFormatError("a state layout needs total_bytes, entries and skeleton")
+        try:
+            skeleton = base64.b64decode(skeleton_raw, validate=True)
+        except ValueError as exc:
+            raise SnapshotFormatError(f"a state layout's skeleton is not base64: {exc}") from exc
+        entries = tuple(_entry(raw, total) for raw in entries_raw)
+        return StateLayout(entries, total, skeleton)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _entry(raw: Any, total: int) -> TensorEntry:
+    if not (isinstance(raw, list) and len(raw) == 5 and isinstance(raw[0], str)
+            and isinstance(raw[1], list) and all(_count(n) for n in raw[1])
+            and _count(raw[2]) and _count(raw[3]) and raw[4] in ("cpu", "cuda")):  # fmt: skip
+        raise SnapshotFormatError(f"not a tensor entry: {str(raw)[:80]}")
+    dtype_name, shape, offset, nbytes, device = raw
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SnapshotFormatError(f"unknown tensor dtype {dtype_name!r}")
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel * torch.empty((), dtype=dtype).element_size() != nbytes or offset + nbytes > total:
+        raise SnapshotFormatError(f"a {dtype_name} entry of shape {shape} at {offset} is not "
+                                  f"{nbytes} bytes inside a {total}-byte stream")  # fmt: skip
+    return TensorEntry(dtype_name, tuple(shape), offset, nbytes, device)
 
 
 def _align(value: int) -> int:
@@ -90,15 +144,6 @@ class _SkeletonPickler(pickle.Pickler):
         return len(self.tensors) - 1
 
 
-class _SkeletonUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, tensors: Sequence[Any]) -> None:
-        super().__init__(file)
-        self._tensors = tensors
-
-    def persistent_load(self, pid: Any) -> Any:
-        return self._tensors[pid]
-
-
 def flatten_state(
     state: Mapping[str, Any], previous: StateLayout | None = None
 ) -> tuple[StateLayout, list[torch.Tensor]]:
@@ -111,10 +156,12 @@ def flatten_state(
     pickler = _SkeletonPickler(buffer)
     pickler.dump(dict(state))
     tensors = pickler.tensors
+    skeleton = buffer.getvalue()
+    safe_pickle.check(skeleton, tensors=len(tensors))  # refused now if it could not be read
     signature = tuple((t.dtype, t.shape, t.device.type) for t in tensors)
     if previous is not None and previous.signature == signature:
-        layout = StateLayout(previous.entries, previous.total_bytes, buffer.getvalue(),
-                             signature, previous.entries_blob)  # fmt: skip
+        layout = StateLayout(previous.entries, previous.total_bytes, skeleton, signature,
+                             previous.entries_blob)  # fmt: skip
         return layout, tensors
     entries: list[TensorEntry] = []
     offset = 0
@@ -123,7 +170,7 @@ def flatten_state(
         entries.append(TensorEntry(_dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes,
                                    tensor.device.type))  # fmt: skip
         offset = _align(offset + nbytes)
-    return StateLayout(tuple(entries), offset, buffer.getvalue(), signature), tensors
+    return StateLayout(tuple(entries), offset, skeleton, signature), tensors
 
 
 def _paths(obj: Any, path: str, out: dict[str, Any], is_leaf) -> None:
@@ -152,9 +199,12 @@ class _Slot(int):
 def entry_paths(layout: StateLayout) -> list[str]:
     """The path of each entry of a layout, in stream order."""
     slots = [_Slot(i) for i in range(len(layout.entries))]
-    skeleton = _SkeletonUnpickler(io.BytesIO(layout.skeleton), slots).load()
+    skeleton = safe_pickle.loads(layout.skeleton, tensors=slots)
     found: dict[str, Any] = {}
-    _paths(skeleton, "", found, lambda o: isinstance(o, _Slot))
+    try:
+        _paths(skeleton, "", found, lambda o: isinstance(o, _Slot))
+    except RecursionError as exc:
+        raise SnapshotFormatError("a state skeleton nested too deeply") from exc
     paths = [""] * len(slots)
     for path, slot in found.items():
         paths[int(slot)] = path
@@ -214,7 +264,7 @@ def unflatten_state(
                 covered += hi - lo
         if covered != e.nbytes:
             raise ValueError(f"{path or e.offset}: the pieces cover {covered} of {e.nbytes} bytes")
-    return _SkeletonUnpickler(io.BytesIO(layout.skeleton), rebuilt).load()
+    return safe_pickle.loads(layout.skeleton, tensors=rebuilt)
 
 
 def slice_range(total: int, world: int, rank: int) -> tuple[int, int]:

@@ -277,9 +277,26 @@ class ChunkStore:
     """Chunks this agent holds for owner nodes (itself included), keyed (owner, step, index)."""
 
     max_pending: int = MAX_PENDING_SNAPSHOTS
+    max_bytes: int = 0  # bytes of chunks held and being received at once (0: unbounded)
     chunks: dict[tuple[str, int, int], tuple[ChunkInfo, bytearray]] = field(default_factory=dict)
     committed: int | None = None
+    _reserved: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reserve(self, nbytes: int) -> None:
+        """Room for a chunk of ``nbytes`` about to be received (before it is allocated);
+        :class:`SnapshotError` when held and reserved chunks would pass ``max_bytes``.
+        Pair with :meth:`unreserve`."""
+        with self._lock:
+            held = sum(len(data) for _, data in self.chunks.values())
+            if self.max_bytes and held + self._reserved + nbytes > self.max_bytes:
+                raise SnapshotError(f"a chunk of {nbytes} bytes would pass the {self.max_bytes}"
+                                    f"-byte budget ({held} held, {self._reserved} arriving)")
+            self._reserved += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - nbytes)
 
     def put(self, info: ChunkInfo, data: bytearray) -> None:
         if len(data) != info.chunk_bytes:

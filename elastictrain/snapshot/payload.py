@@ -1,8 +1,9 @@
 """A node's snapshot of one step as one byte string: what gets erasure-coded across nodes.
 
-Layout: an 8-byte little-endian header length, the pickled header (one entry per local rank:
-rank, length, the worker's record description, its CRC32), then the records, each at an
-offset aligned to 64 bytes. Pure: no I/O.
+Layout: an 8-byte little-endian header length, the header (versioned JSON: one entry per local
+rank: rank, length, the worker's record description in base64, its CRC32), then the records,
+each at an offset aligned to 64 bytes. Pure: no I/O. A payload comes back from peers' chunks,
+so :func:`unpack_payload` checks everything it reads (:class:`SnapshotFormatError`).
 
 The payload need not be assembled: :func:`chunk_pieces` says where each byte of each of the k
 data chunks comes from (the small header prefix, a record, or zeros), so the records are coded
@@ -12,13 +13,19 @@ copy is wanted.
 
 from __future__ import annotations
 
-import pickle
+import base64
+import binascii
+import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from elastictrain.errors import SnapshotFormatError
+
+PAYLOAD_VERSION = 2
 _ALIGN = 64
 _HEADER_LEN = struct.Struct("<Q")
+MAX_HEADER_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,9 @@ def _align(value: int) -> int:
 def payload_layout(entries: Sequence[PayloadEntry]) -> tuple[bytes, list[PayloadEntry], int]:
     """(header bytes, entries with offsets, total payload length)."""
     placed: list[PayloadEntry] = []
-    header = pickle.dumps([(e.rank, e.nbytes, e.meta, e.checksum) for e in entries], 5)
+    header = json.dumps({"version": PAYLOAD_VERSION, "records": [
+        [e.rank, e.nbytes, base64.b64encode(e.meta).decode(), e.checksum] for e in entries
+    ]}, separators=(",", ":")).encode()  # fmt: skip
     offset = _align(_HEADER_LEN.size + len(header))
     for e in entries:
         placed.append(PayloadEntry(e.rank, e.nbytes, e.meta, e.checksum, offset))
@@ -75,14 +84,41 @@ def unpack_payload(
     payload: bytes | bytearray | memoryview,
 ) -> list[tuple[PayloadEntry, memoryview]]:
     """Every record of a payload, as (entry, a view of its bytes)."""
-    view = memoryview(payload)
+    view = memoryview(payload).cast("B")
+    if len(view) < _HEADER_LEN.size:
+        raise SnapshotFormatError(f"a payload of {len(view)} bytes has no header")
     (header_len,) = _HEADER_LEN.unpack_from(view, 0)
-    raw = pickle.loads(view[_HEADER_LEN.size : _HEADER_LEN.size + header_len])
-    entries = [PayloadEntry(rank, nbytes, meta, checksum) for rank, nbytes, meta, checksum in raw]
+    if header_len > min(MAX_HEADER_BYTES, len(view) - _HEADER_LEN.size):
+        raise SnapshotFormatError(f"a payload header of {header_len} bytes does not fit")
+    entries = _header_entries(view[_HEADER_LEN.size : _HEADER_LEN.size + header_len])
     _, placed, total = payload_layout(entries)
     if total > len(view):
-        raise ValueError(f"payload is {len(view)} bytes, its header describes {total}")
+        raise SnapshotFormatError(f"payload is {len(view)} bytes, its header describes {total}")
     return [(e, view[e.offset : e.offset + e.nbytes]) for e in placed]
+
+
+def _header_entries(raw: memoryview) -> list[PayloadEntry]:
+    try:
+        header = json.loads(bytes(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SnapshotFormatError(f"a payload header is not JSON: {exc}") from exc
+    if not isinstance(header, dict) or header.get("version") != PAYLOAD_VERSION:
+        raise SnapshotFormatError(f"a payload header is not version {PAYLOAD_VERSION}")
+    records = header.get("records")
+    if not isinstance(records, list):
+        raise SnapshotFormatError("a payload header has no record list")
+    entries = []
+    for record in records:
+        if not (isinstance(record, list) and len(record) == 4
+                and all(type(v) is int and v >= 0 for v in (record[0], record[1], record[3]))
+                and isinstance(record[2], str)):  # fmt: skip
+            raise SnapshotFormatError(f"not a payload record: {str(record)[:80]}")
+        try:
+            meta = base64.b64decode(record[2], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise SnapshotFormatError(f"a payload record's description: {exc}") from exc
+        entries.append(PayloadEntry(record[0], record[1], meta, record[3]))
+    return entries
 
 
 PREFIX = 0  # source index of the header prefix in :func:`payload_sources`

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,11 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from elastictrain import safe_pickle
 from elastictrain.constants import snapshot_threads
+from elastictrain.errors import SnapshotFormatError
 from elastictrain.rpc.agent_client import AgentClient
 from elastictrain.snapshot.checksum import crc32c_parallel
 from elastictrain.snapshot.layout import StateLayout, tensors_by_path, unflatten_state
-from elastictrain.snapshot.record_meta import RecordMeta, restore_rng
+from elastictrain.snapshot.record_meta import (
+    RecordMeta,
+    ShardedRecordMeta,
+    decode_record_meta,
+    restore_rng,
+)
 from elastictrain.snapshot.shm import ShmSegment
 
 if TYPE_CHECKING:
@@ -86,7 +92,9 @@ def load_replicated(snap: Snapshotter, layout: StateLayout,
 
 def apply_rank_state(restored: Restored, blob: bytes) -> None:
     """A rank's blob (RNG states, data position, extras) put back and noted in ``restored``."""
-    rank_state = pickle.loads(blob)
+    rank_state = safe_pickle.loads(blob)
+    if not (isinstance(rank_state, dict) and {"rng", "data", "extras"} <= rank_state.keys()):
+        raise SnapshotFormatError("a rank's blob is not {rng, data, extras}")
     restore_rng(rank_state["rng"])
     restored.data_position = rank_state["data"]
     restored.extras = rank_state["extras"]
@@ -182,13 +190,16 @@ class SnapshotReader:
         copied once, straight into the model's tensors or new ones on their devices."""
         snap = self._snap
         any_meta = RecordMeta.decode(next(iter(records.values()))[1])
-        layout = StateLayout.decode(any_meta.layout)
+        layout = any_meta.state_layout
         pieces: list[tuple[int, torch.Tensor]] = []
         covered = 0
         for _rank, (_endpoint, meta_raw, data) in sorted(records.items()):
             meta = RecordMeta.decode(meta_raw)
             if not snap.replicated and meta.rank != snap.rank:
                 continue
+            if meta.end - meta.start + meta.rank_bytes > len(data):
+                raise SnapshotCorruptError(f"step {step}: rank {meta.rank}'s record is "
+                                           f"{len(data)} bytes, shorter than its description")
             if meta.end > meta.start:
                 count = meta.end - meta.start
                 pieces.append((meta.start, torch.frombuffer(data, dtype=torch.uint8, count=count)))
@@ -275,15 +286,12 @@ class SnapshotReader:
             snap.scheduler.load_state_dict(state["scheduler"])
         restored = Restored(step=step, source=source, sources=sources)
         if own_meta is not None:
-            meta = pickle.loads(own_meta)
+            meta = decode_record_meta(own_meta)
             restored.world = meta.world
             data = records.get(snap.rank)
-            blob = bytes(data[meta.blob_offset : meta.blob_offset + meta.blob_bytes])
-            if blob:
-                rank_state = pickle.loads(blob)
-                restore_rng(rank_state["rng"])
-                restored.data_position = rank_state["data"]
-                restored.extras = rank_state["extras"]
+            if isinstance(meta, ShardedRecordMeta) and data is not None and meta.blob_bytes:
+                apply_rank_state(restored, bytes(
+                    data[meta.blob_offset : meta.blob_offset + meta.blob_bytes]))  # fmt: skip
         return restored
 
     def _covers(self, metas: dict[int, bytes]) -> bool:
@@ -296,12 +304,12 @@ class SnapshotReader:
 
             if METADATA_RANK not in metas:
                 return False
-            world = pickle.loads(metas[METADATA_RANK]).world
+            world = decode_record_meta(metas[METADATA_RANK]).world
             return all(rank in metas for rank in range(world))
         if not self._snap.replicated:
             return self._snap.rank in metas
         decoded = [RecordMeta.decode(raw) for raw in metas.values()]
-        total = StateLayout.decode(decoded[0].layout).total_bytes
+        total = decoded[0].state_layout.total_bytes
         return sum(m.end - m.start for m in decoded) >= total and len(metas) >= decoded[0].world
 
     def _index_of(self, endpoint: str):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from elastictrain import safe_pickle
 from elastictrain.constants import ENV_DEVICE_MIRROR, MAX_PENDING_SNAPSHOTS, MIRROR_POLL_S
 from elastictrain.rpc.agent_client import AgentClient, SnapshotRefusedError
 from elastictrain.session import protocol as session_protocol
@@ -55,7 +55,7 @@ from elastictrain.snapshot.device_mirror import (
     slot_step,
 )
 from elastictrain.snapshot.layout import StateLayout, flatten_state, slice_range, stream_pieces
-from elastictrain.snapshot.record_meta import _FORMAT, RecordMeta, capture_rng
+from elastictrain.snapshot.record_meta import RecordMeta, capture_rng
 from elastictrain.snapshot.record_meta import restore_rng as restore_rng  # re-exported
 from elastictrain.snapshot.restore import ENV_SNAPSHOT_DIR as ENV_SNAPSHOT_DIR  # re-exported
 from elastictrain.snapshot.restore import (
@@ -175,7 +175,7 @@ class Snapshotter:
     def _rank_state(self, step: int, data_position: Any) -> bytes:
         extras = self.extras() if callable(self.extras) else self.extras
         state = {"step": step, "data": data_position, "rng": capture_rng(), "extras": extras}
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return safe_pickle.dumps_inline(state)
 
     def snapshot(self, step: int, data_position: Any = None) -> bool:
         """Snapshot the state after ``step`` (call after ``optimizer.step()``).
@@ -184,12 +184,13 @@ class Snapshotter:
         state are copied lazily, during the next forward and backward, and the next
         ``optimizer.step()`` waits for that copy on the device; anything else that changes
         them in between must call :meth:`fence` first. Returns False when skipped (not a
-        multiple of ``every``, no agent, or the agent refused it).
+        multiple of ``every``, no agent, or the agent refused it). Records are taken only by a
+        worker with a session with its own agent (one ``etrain launch`` started); with an
+        explicit ``agent`` endpoint a snapshotter only restores.
         """
-        if self._client is None:
+        if self._session is None:
             return False
-        if self._session is not None:
-            self._session.progress(step)
+        self._session.progress(step)
         mirrored = self._mirror_feed is not None and not self.sharded
         if step % self.every and not mirrored:
             return False
@@ -215,7 +216,7 @@ class Snapshotter:
         if rank_blob:
             blob = torch.frombuffer(bytearray(rank_blob), dtype=torch.uint8)
             buffer[end - start : nbytes].copy_(blob)
-        meta = RecordMeta(_FORMAT, self.rank, self.world, step, start, end, len(rank_blob),
+        meta = RecordMeta(self.rank, self.world, step, start, end, len(rank_blob),
                           layout.encode()).encode()  # fmt: skip
         targets = self._targets.get(segment.name)
         if targets is None:
@@ -306,7 +307,7 @@ class Snapshotter:
     def _begin(self, rank: int, step: int, nbytes: int) -> str:
         """The agent's segment for (rank, step); SnapshotRefusedError if it refuses."""
         if self._session is None:
-            return self._client.begin_snapshot(rank, step, nbytes).segment
+            raise SnapshotRefusedError("no worker session: records begin only over it")
         try:
             reply = self._session.call("begin_snapshot", rank=rank, step=step, nbytes=nbytes)
         except SessionRequestError as exc:
@@ -317,10 +318,15 @@ class Snapshotter:
 
     def _end(self, rank: int, step: int, meta: bytes) -> None:
         if self._session is None:
-            self._client.end_snapshot(rank, step, meta)
-        else:
+            raise SnapshotRefusedError("no worker session: records end only over it")
+        try:
             self._session.call("end_snapshot", rank=rank, step=step,
                                meta=session_protocol.b64(meta))  # fmt: skip
+        except SessionRequestError as exc:
+            if exc.kind != "SnapshotError":
+                raise
+            # refused (a world change moved this rank meanwhile, say): that step is not kept
+            logger.warning("rank %d: snapshot of step %d not kept: %s", self.rank, step, exc)
 
     def _end_record(self, rank: int, step: int, meta: bytes) -> None:
         """Hand the record over beside training (the agent checksums it); in step order."""

@@ -158,6 +158,9 @@ class SnapshotManifest:
         """Records tile their files exactly: the file checksum then covers what was read."""
         if len({entry.name for entry in self.records}) != len(self.records):
             raise ValueError("record names repeat")
+        for entry in self.files:  # joined to the step's directory: plain names only
+            if not _DATA_FILE.match(entry.name):
+                raise ValueError(f"data file name {entry.name[:80]!r} is not a plain file name")
         ends = {entry.name: 0 for entry in self.files}
         for entry in sorted(self.records, key=lambda r: (r.file, r.offset)):
             if entry.file not in ends or entry.offset != ends[entry.file]:
@@ -174,6 +177,9 @@ class SnapshotManifest:
 
 # --------------------------------------------------------------------------------------------
 # Directory layout
+
+
+_DATA_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def step_dir_name(step: int) -> str:
