@@ -388,6 +388,11 @@ class Agent:
             thread.start()
         for thread in askers:
             thread.join(ttl / 6 + 0.5)
+        fresher = any(s < silent - ttl / 3 for s in list(answers.values()))
+        # another node reaches etcd: so may we, now that it is back (a refresh of ours can lag
+        # one of theirs by a retry); only if this one fails too are we cut off
+        if fresher and lease is not None and lease.refresh():
+            silent = lease.unconfirmed_s
         self.post(M.PeersOnEtcd(nodes, silent, dict(answers)))
 
     def _refresh_endpoints(self, world: World) -> None:

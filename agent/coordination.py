@@ -26,6 +26,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -57,6 +58,8 @@ from .world import World, WorldFormatError, joinable, plan_next_world
 logger = logging.getLogger(__name__)
 
 _ROUND_DATA_TIMEOUT = timedelta(seconds=60)
+EVENT_BACKLOG = 10_000  # events kept while etcd is away
+_EVENT_PUT_TIMEOUT_S = 2.0
 
 
 def _rendezvous_closed(state_kv) -> bool:
@@ -127,6 +130,7 @@ class JobCoordinator:
         self._write_failed = False
         self._event_writer = uuid.uuid4().hex[:8]
         self._event_seq = itertools.count()
+        self._event_backlog: deque[tuple[str, bytes]] = deque()  # unstored events, in order
         self.on_snapshot_committed: Callable[[bytes], None] | None = None
         self.endpoint = ""
         self.hostname = ""
@@ -271,14 +275,24 @@ class JobCoordinator:
             raise TypeError(f"not a coordination effect: {effect!r}")
 
     def write_event(self, event: Event) -> None:
-        """Store an event (best effort: a lost event never holds the job up)."""
+        """Store an event. While etcd is away events wait, in order, and are stored with the
+        next one that gets through (at most ``EVENT_BACKLOG``; a lost event never holds the
+        job up)."""
         key = self.keys.event(self.config.node_id, self._event_writer, next(self._event_seq))
+        value = event.encode()
 
         def put() -> None:
+            self._event_backlog.append((key, value))
             try:
-                self.client.put(key, event.encode())
+                while self._event_backlog:
+                    waiting_key, waiting = self._event_backlog[0]
+                    self.client.put(waiting_key, waiting, timeout=_EVENT_PUT_TIMEOUT_S)
+                    self._event_backlog.popleft()
             except CoordinationUnavailableError as exc:
-                logger.warning("event %s not stored: %s", event.kind, exc)
+                logger.warning("%d event(s) not stored yet (%s): %s", len(self._event_backlog),
+                               event.kind, exc)  # fmt: skip
+                while len(self._event_backlog) > EVENT_BACKLOG:
+                    self._event_backlog.popleft()
 
         self._writes.submit(put)
 

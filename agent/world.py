@@ -87,7 +87,7 @@ class World:
             return cls(str(record["round_id"]), int(record["epoch"]), members,
                        int(record.get("restart_revision", 0)))  # fmt: skip
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
-                AttributeError) as exc:  # fmt: skip
+                AttributeError, OverflowError, RecursionError) as exc:  # fmt: skip
             raise WorldFormatError(f"malformed world record: {exc}") from exc
 
 

@@ -87,6 +87,12 @@ def add_parser(sub) -> None:
         help="the job's CA, agent certificate and token (`etrain credentials create DIR`; "
         "default: made for the job in its private runtime directory on this machine)",
     )
+    for flag, what in (("--etcd-cacert", "CA certificate of a TLS etcd"),
+                       ("--etcd-cert", "client certificate for etcd (with --etcd-key)"),
+                       ("--etcd-key", "client key for etcd"),
+                       ("--etcd-user", "etcd user (with --etcd-password-file)"),
+                       ("--etcd-password-file", "file holding the etcd user's password")):
+        p.add_argument(flag, default=None, help=what + " (passed to every process of the job)")
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -261,6 +267,31 @@ def _snapshot_scheme(text: str | None):
     return ErasureScheme(int(k), int(m))
 
 
+def _etcd_security(args, embedded: bool) -> None:
+    """TLS and login for the job's etcd, put in this process's environment so the agent and
+    every worker use them; a private etcd (no --etcd) has neither."""
+    from elastictrain import constants
+    from elastictrain.coord.etcd import EtcdSecurity
+    from elastictrain.errors import ConfigError
+
+    given = {"cacert": args.etcd_cacert, "cert": args.etcd_cert, "key": args.etcd_key,
+             "user": args.etcd_user, "password_file": args.etcd_password_file}  # fmt: skip
+    if embedded:
+        if any(given.values()):
+            raise ConfigError("--etcd-cacert/--etcd-cert/--etcd-key/--etcd-user are for --etcd")
+        for name in (constants.ENV_ETCD_CACERT, constants.ENV_ETCD_CERT, constants.ENV_ETCD_KEY,
+                     constants.ENV_ETCD_USER, constants.ENV_ETCD_PASSWORD_FILE):  # fmt: skip
+            os.environ.pop(name, None)
+        return
+    if not any(given.values()):
+        return  # what the environment says, if anything
+    paths = {k: os.path.abspath(v) if v and k != "user" else v for k, v in given.items()}
+    security = EtcdSecurity(**{k: v or ("" if k != "user" else None) for k, v in paths.items()})
+    security.channel_credentials()  # the files are read now: a bad path is one line, here
+    security.password()
+    os.environ.update(security.to_env())
+
+
 def _credentials(args, job_id: str) -> str | None:
     """The job's credentials directory: --credentials, else one made for the job in its
     runtime directory (shared by the job's agents on this machine); None with --insecure."""
@@ -354,6 +385,7 @@ def run(args) -> int:
     etcd = args.etcd
     from elastictrain.coord import local_jobs
 
+    _etcd_security(args, embedded=etcd is None)
     if etcd is None:
         with local_jobs.exclusive(job_id):
             existing = local_jobs.find(job_id)

@@ -99,3 +99,10 @@ DEFAULT_CHUNK_MEMORY_FRACTION = 0.5
 RECORD_STEP_WINDOW = 10_000
 # The job's credentials directory (CA, agent certificate and key, token), handed to workers.
 ENV_CREDENTIALS = "ETRAIN_CREDENTIALS"
+# A secured etcd: its CA, a client certificate and key, a user and a file with the password
+# (set by `etrain launch --etcd-*`, inherited by every process of the job).
+ENV_ETCD_CACERT = "ETRAIN_ETCD_CACERT"
+ENV_ETCD_CERT = "ETRAIN_ETCD_CERT"
+ENV_ETCD_KEY = "ETRAIN_ETCD_KEY"
+ENV_ETCD_USER = "ETRAIN_ETCD_USER"
+ENV_ETCD_PASSWORD_FILE = "ETRAIN_ETCD_PASSWORD_FILE"

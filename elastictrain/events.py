@@ -50,7 +50,7 @@ class Event:
     def decode(cls, raw: bytes) -> Event:
         try:
             record = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise EventFormatError(f"an event is not JSON: {exc}") from exc
         if not isinstance(record, dict) or record.get("version") != EVENT_VERSION:
             version = record.get("version") if isinstance(record, dict) else None
@@ -60,7 +60,7 @@ class Event:
                 str(record["kind"]), str(record["node"]), float(record["time"]),
                 str(record.get("reason", "")), dict(record.get("details") or {}),
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise EventFormatError(f"malformed event: {exc}") from exc
 
 

@@ -19,6 +19,7 @@ import pickle
 import pickletools
 import struct
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,8 +92,7 @@ def loads(raw: bytes | bytearray | memoryview, *, profile: str = "state",
     persistent = _inline_loader if tensors is None else _indexer(tensors)
     try:
         if not _own:
-            for _op in pickletools.genops(raw):  # reads lengths against the input, allocates none
-                pass
+            _scan(raw)
         return _Unpickler(raw, allowed, persistent).load()
     except SnapshotFormatError:
         raise
@@ -101,6 +101,20 @@ def loads(raw: bytes | bytearray | memoryview, *, profile: str = "state",
             UnicodeDecodeError, struct.error) as exc:  # fmt: skip
         raise SnapshotFormatError(f"malformed snapshot structure: {type(exc).__name__}: "
                                   f"{exc}") from exc  # fmt: skip
+
+
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _scan(raw: bytes | bytearray | memoryview) -> None:
+    """What the C unpickler would allocate up front, checked first: every declared length
+    against the bytes that follow (``genops`` reads them, allocating none), and every memo
+    index against the opcodes so far (the unpickler grows its memo to the largest index)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pickletools warns on odd escapes in text opcodes
+        for count, (opcode, arg, _position) in enumerate(pickletools.genops(raw)):
+            if opcode.name in _MEMO_PUTS and int(arg) > count:
+                raise SnapshotFormatError(f"memo index {arg} after {count} opcodes")
 
 
 def _indexer(tensors: Sequence[Any]) -> Callable[[Any], Any]:

@@ -105,6 +105,15 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.1) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def process_alive(pid: int) -> bool:
+    """The process runs (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def torchrun_reference(workdir: Path, script: Path, steps: int, nproc: int = 4):
     """The final parameters of ``script`` under plain torchrun (one node, ``nproc``
     workers, ``--steps``/``--out`` arguments): the fault-free run to compare against."""

@@ -48,6 +48,10 @@ def _assert_clean_error(done: subprocess.CompletedProcess, needle: str, code: in
         ),
         (["bogus-command"], "invalid choice"),
         (["launch", "--snapshot-dir", __file__, __file__], "is not a directory"),
+        (["launch", "--etcd", "127.0.0.1:1", "--etcd-cert", "c.pem", __file__], "go together"),
+        (["launch", "--etcd-cacert", "ca.pem", __file__], "are for --etcd"),
+        (["launch", "--etcd", "127.0.0.1:1", "--etcd-cacert", "/nonexistent", __file__],
+         "--etcd-cacert /nonexistent"),
         (["launch", "--snapshot-dir", "/proc/etrain-snapshots", __file__], "is not writable"),
     ],
 )

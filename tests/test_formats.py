@@ -8,10 +8,12 @@ or allocate past what the bytes hold.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import random
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from elastictrain import safe_pickle
+from elastictrain.coord.nodes import NodeRecord, NodeRecordFormatError
 from elastictrain.errors import SnapshotFormatError
+from elastictrain.events import Event, EventFormatError
+from elastictrain.snapshot.device_mirror import MirrorError, MirrorOffer
 from elastictrain.snapshot.layout import StateLayout, flatten_state, unflatten_state
 from elastictrain.snapshot.payload import PayloadEntry, pack_payload_into, unpack_payload
 from elastictrain.snapshot.record_meta import (
@@ -145,8 +150,10 @@ def test_a_declared_length_allocates_nothing_past_the_input():
     import struct
     import tracemalloc
 
-    for opcode in (b"\x8e", b"\x96", b"\x8d"):  # BINBYTES8, BYTEARRAY8, BINUNICODE8
-        raw = b"\x80\x05" + opcode + struct.pack("<Q", 1 << 34) + b"abc."
+    claims = [b"\x80\x05" + opcode + struct.pack("<Q", 1 << 34) + b"abc."
+              for opcode in (b"\x8e", b"\x96", b"\x8d")]  # BINBYTES8, BYTEARRAY8, BINUNICODE8
+    claims.append(b"\x80\x05N" + b"r" + struct.pack("<I", 1 << 31) + b".")  # LONG_BINPUT
+    for raw in claims:
         tracemalloc.start()
         with pytest.raises(SnapshotFormatError):
             safe_pickle.loads(raw)
@@ -261,3 +268,134 @@ _WORLD = World("r1", 3, ()).encode()
 def test_fuzz_world_records(raw):
     with contextlib.suppress(WorldFormatError):
         World.decode(raw)
+
+
+# -- the other parsers of bytes from workers, etcd and disk -------------------------------------
+
+
+def _json_or_none(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _session_frames() -> bytes:
+    from elastictrain.session import protocol as P
+
+    return P.encode({"type": "heartbeat", "step": 3, "active": True}) + P.encode(
+        {"type": "request", "id": 1, "method": "end_snapshot", "rank": 0, "step": 3,
+         "meta": P.b64(b"x" * 40)})  # fmt: skip
+
+
+@FUZZ
+@given(_mutations(_session_frames()))
+def test_fuzz_session_frames(raw):
+    from elastictrain.session import protocol as P
+
+    reader = P.FrameReader()
+    with contextlib.suppress(P.SessionError):
+        for message in reader.feed(raw):
+            assert isinstance(message, dict) and isinstance(message["type"], str)
+
+
+_EVENT = Event("ride_out", "a", 1.5, "etcd away", {"answers": {"b": 2.0}}).encode()
+_NODE = NodeRecord("a", "127.0.0.1:1", "h", 0, 2, 7).encode()
+
+
+@FUZZ
+@given(_mutations(_EVENT) | _mutations(_NODE))
+def test_fuzz_events_and_node_records(raw):
+    with contextlib.suppress(EventFormatError):
+        Event.decode(raw)
+    with contextlib.suppress(NodeRecordFormatError):
+        NodeRecord.decode(raw)
+
+
+_OFFER = json.dumps(MirrorOffer("GPU-1", 1 << 30, (b"\x01" * 64, b"\x02" * 64)).to_json())
+
+
+@FUZZ
+@given(_mutations(_OFFER.encode()))
+def test_fuzz_mirror_offers(raw):
+    with contextlib.suppress(MirrorError):
+        MirrorOffer.from_json(_json_or_none(raw))
+
+
+def _manifest() -> bytes:
+    import tempfile
+
+    from elastictrain.snapshot.disk import DiskTierWriter, SnapshotRecord
+    from elastictrain.snapshot.disk import Snapshot as DiskSnapshot
+    from elastictrain.snapshot.disk.manifest import MANIFEST_NAME, step_dir_name
+
+    with tempfile.TemporaryDirectory() as root:
+        writer = DiskTierWriter(root)
+        records = [SnapshotRecord("rank0/w", "float32", (4,), b"\0" * 16),
+                   SnapshotRecord("rank0/blob", "bytes", (), b"abc")]  # fmt: skip
+        writer.submit(DiskSnapshot(step=1, job_id="j", records=records)).result(30)
+        writer.close()
+        return (Path(root) / step_dir_name(1) / MANIFEST_NAME).read_bytes()
+
+
+_MANIFEST = _manifest()
+
+
+@FUZZ
+@given(_mutations(_MANIFEST))
+def test_fuzz_disk_manifests(raw):
+    from elastictrain.snapshot.disk.manifest import SnapshotManifest
+
+    with contextlib.suppress(SnapshotFormatError):  # the disk tier's is one too
+        SnapshotManifest.from_json(_json_or_none(raw), "fuzzed")
+
+
+def _mirror_slot() -> torch.Tensor:
+    from elastictrain.snapshot.device_copy import optimizer_storages
+    from elastictrain.snapshot.device_mirror import SlotWriter, slot_bytes_for
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    slots = [torch.zeros(slot_bytes_for(1 << 12), dtype=torch.uint8) for _ in range(2)]
+    layout, tensors = flatten_state({"model": model.state_dict(),
+                                     "optimizer": optimizer.state_dict()})  # fmt: skip
+    SlotWriter(slots).write(1, layout, tensors, b"blob", lambda: optimizer_storages(optimizer))
+    return next(s for s in slots if s[:8].any())
+
+
+_SLOT = _mirror_slot()
+_SLOT_HEAD = bytes(_SLOT[:2048].numpy())
+_SLOT_ORIGINAL = _SLOT[:2048].clone()
+
+
+@FUZZ
+@given(_mutations(_SLOT_HEAD))
+def test_fuzz_device_mirror_slots(raw):
+    from elastictrain.snapshot.device_mirror import read_newest
+
+    head = torch.frombuffer(bytearray(raw[:2048].ljust(2048, b"\0")), dtype=torch.uint8)
+    _SLOT[:2048] = head  # in place (a copy of the whole slot per case is most of the time)
+    try:
+        with contextlib.suppress(MirrorError):
+            state = read_newest([_SLOT])
+            if state is not None:
+                assert state.layout.total_bytes <= _SLOT.numel()
+    finally:
+        _SLOT[:2048] = _SLOT_ORIGINAL
+
+
+def test_deep_or_huge_json_is_a_typed_error():
+    from elastictrain.agent.world import World, WorldFormatError
+
+    from elastictrain.session import protocol as P
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    cases = [(P.decode, P.SessionError), (Event.decode, EventFormatError),
+             (World.decode, WorldFormatError), (NodeRecord.decode, NodeRecordFormatError),
+             (decode_record_meta, SnapshotFormatError), (StateLayout.decode, SnapshotFormatError)]
+    for parse, error in cases:
+        for raw in (deep, b'{"version": 2, "round_id": "r", "epoch": 1e999, "members": []}'):
+            with pytest.raises(error):
+                parse(raw)

@@ -8,7 +8,7 @@ import signal
 import sys
 
 import pytest
-from launch_harness import SCRIPTS, Cluster, wait_until
+from launch_harness import SCRIPTS, Cluster, process_alive, wait_until
 
 from elastictrain import leftovers
 
@@ -23,14 +23,6 @@ def test_only_names_of_dead_owners_are_stale():
     assert leftovers.stale(names, alive=lambda pid: pid == 11) == [
         "etrain-job-a-p10-1f2e", "etrain-x-p12-y-p13-z"]
     assert leftovers.owned_name("job-a", pid=7) == "etrain-job-a-p7"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.e2e
@@ -56,7 +48,7 @@ def test_after_kill_9_the_next_job_starts_clean(tmp_path, runtime_dir, monkeypat
         children = [int(p) for p in os.popen(f"pgrep -P {owner}").read().split()]
         os.kill(owner, signal.SIGKILL)
         old.popen.wait(10)
-        wait_until(lambda: not any(_alive(pid) for pid in children), 20,
+        wait_until(lambda: not any(process_alive(pid) for pid in children), 20,
                    "the old job's workers and etcd to die with it")  # fmt: skip
         assert any(n.startswith("etrain-old-") for n in os.listdir(shm))  # left behind
 

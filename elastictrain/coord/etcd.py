@@ -17,6 +17,7 @@ Thread-safety: an :class:`EtcdClient` may be shared by threads; gRPC channels ar
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,13 @@ import grpc
 import pyetcd
 from pyetcd import exceptions as etcd_exceptions
 
+from elastictrain.constants import (
+    ENV_ETCD_CACERT,
+    ENV_ETCD_CERT,
+    ENV_ETCD_KEY,
+    ENV_ETCD_PASSWORD_FILE,
+    ENV_ETCD_USER,
+)
 from elastictrain.errors import ConfigError, CoordinationUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -123,6 +131,60 @@ def _kv_from_proto(kv) -> KeyValue:
     )
 
 
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """How to reach a secured etcd: TLS (its CA, and a client certificate when etcd asks for
+    one) and a login (user, and a file holding the password). Given to ``etrain launch`` as
+    flags, it travels in the environment to every process of the job (``ETRAIN_ETCD_*``)."""
+
+    cacert: str = ""
+    cert: str = ""
+    key: str = ""
+    user: str | None = None
+    password_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("--etcd-cert and --etcd-key go together")
+        if (self.cert or self.key) and not self.cacert:
+            raise ConfigError("a client certificate for etcd needs --etcd-cacert")
+        if bool(self.user) != bool(self.password_file):
+            raise ConfigError("--etcd-user and --etcd-password-file go together")
+
+    @classmethod
+    def from_env(cls) -> EtcdSecurity:
+        env = os.environ
+        return cls(env.get(ENV_ETCD_CACERT, ""), env.get(ENV_ETCD_CERT, ""),
+                   env.get(ENV_ETCD_KEY, ""), env.get(ENV_ETCD_USER) or None,
+                   env.get(ENV_ETCD_PASSWORD_FILE, ""))  # fmt: skip
+
+    def to_env(self) -> dict[str, str]:
+        pairs = {ENV_ETCD_CACERT: self.cacert, ENV_ETCD_CERT: self.cert, ENV_ETCD_KEY: self.key,
+                 ENV_ETCD_USER: self.user or "", ENV_ETCD_PASSWORD_FILE: self.password_file}
+        return {name: value for name, value in pairs.items() if value}
+
+    def _read(self, path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise ConfigError(f"{what} {path}: {exc.strerror}") from exc
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.cacert:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read(self.cacert, "--etcd-cacert"),
+            private_key=self._read(self.key, "--etcd-key") if self.key else None,
+            certificate_chain=self._read(self.cert, "--etcd-cert") if self.cert else None,
+        )
+
+    def password(self) -> str | None:
+        if not self.password_file:
+            return None
+        return self._read(self.password_file, "--etcd-password-file").decode().strip()
+
+
 class EtcdClient:
     """A thread-safe etcd v3 client with retries until a per-call deadline.
 
@@ -132,7 +194,8 @@ class EtcdClient:
             :class:`CoordinationUnavailableError` is raised.
     """
 
-    def __init__(self, endpoints: Sequence[tuple[str, int]], timeout: float = 10.0) -> None:
+    def __init__(self, endpoints: Sequence[tuple[str, int]], timeout: float = 10.0,
+                 security: EtcdSecurity | None = None) -> None:  # fmt: skip
         if not endpoints:
             raise ConfigError("EtcdClient needs at least one endpoint")
         if timeout <= 0:
@@ -141,19 +204,30 @@ class EtcdClient:
         self.timeout = timeout
         # Each RPC gets at most this long; the retry loop spans ``timeout``.
         self._rpc_timeout = min(timeout, 5.0)
-        self._client = pyetcd.MultiEndpointEtcd3Client(
-            endpoints=[
-                pyetcd.Endpoint(host, port, secure=False, time_retry=1, opts=_CHANNEL_OPTIONS)
-                for host, port in endpoints
-            ],
-            timeout=self._rpc_timeout,
-            failover=len(endpoints) > 1,
-        )
+        security = security or EtcdSecurity()
+        transport = security.channel_credentials()
+        try:
+            self._client = pyetcd.MultiEndpointEtcd3Client(
+                endpoints=[
+                    pyetcd.Endpoint(host, port, secure=transport is not None, creds=transport,
+                                    time_retry=1, opts=_CHANNEL_OPTIONS)
+                    for host, port in endpoints
+                ],
+                timeout=self._rpc_timeout,
+                failover=len(endpoints) > 1,
+                user=security.user, password=security.password(),
+            )  # fmt: skip
+        except grpc.RpcError as exc:  # authentication happens at construction
+            raise CoordinationUnavailableError(
+                f"etcd at {format_endpoints(self.endpoints)} refused the login of "
+                f"{security.user!r}: {exc.code().name}") from exc  # fmt: skip
         self._lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, spec: str, timeout: float = 10.0) -> EtcdClient:
-        return cls(parse_endpoints(spec), timeout=timeout)
+        """A client of ``host:port[,host:port]``, with the TLS and login this process was
+        given (:meth:`EtcdSecurity.from_env`)."""
+        return cls(parse_endpoints(spec), timeout=timeout, security=EtcdSecurity.from_env())
 
     @property
     def endpoint_spec(self) -> str:
@@ -223,9 +297,11 @@ class EtcdClient:
 
         return self.call(f"get prefix {prefix}", op)
 
-    def put(self, key: str, value: str | bytes, lease: int | None = None) -> int:
+    def put(self, key: str, value: str | bytes, lease: int | None = None,
+            timeout: float | None = None) -> int:  # fmt: skip
         """Write unconditionally; returns the new revision."""
-        resp = self.call(f"put {key}", lambda: self._client.put(key, value, lease=lease))
+        resp = self.call(f"put {key}", lambda: self._client.put(key, value, lease=lease),
+                         timeout=timeout)  # fmt: skip
         return resp.header.revision
 
     def create(self, key: str, value: str | bytes, lease: int | None = None) -> bool:

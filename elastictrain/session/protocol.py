@@ -72,7 +72,7 @@ def send(sock: socket.socket, message: dict[str, Any]) -> None:
 def decode(body: bytes) -> dict[str, Any]:
     try:
         message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SessionError(f"malformed session frame: {exc}") from exc
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise SessionError("a session frame must be a JSON object with a 'type'")

@@ -92,7 +92,7 @@ class MirrorOffer:
                                   f"{OFFER_VERSION}")  # fmt: skip
             return cls(str(data["device"]), int(data["slot_bytes"]),
                        tuple(bytes.fromhex(str(h)) for h in data["handles"]))  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise MirrorError(f"malformed mirror offer: {exc}") from exc
 
 
@@ -390,7 +390,8 @@ def read_newest(slots: Sequence[torch.Tensor]) -> MirrorState | None:
     slot = slots[index]
     _, _, _, layout_bytes, blob_bytes, host_bytes, stream_bytes, _ = _read_header(slot)
     area_end = HEADER_BYTES + layout_bytes + blob_bytes + host_bytes
-    if area_end > DATA_OFFSET or DATA_OFFSET + stream_bytes > slot.numel():
+    if (min(layout_bytes, blob_bytes, host_bytes, stream_bytes) < 0 or area_end > DATA_OFFSET
+            or DATA_OFFSET + stream_bytes > slot.numel()):  # fmt: skip
         raise MirrorError(f"mirror slot {index} of step {step} has a malformed header")
     area = _bytes(slot[HEADER_BYTES:area_end])
     try:

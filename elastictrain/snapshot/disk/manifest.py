@@ -150,7 +150,7 @@ class SnapshotManifest:
                 ),
             )
             manifest._check_layout()
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise SnapshotFormatError(f"{where} is malformed: {type(exc).__name__}: {exc}") from exc
         return manifest
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from elastictrain import errors
 from elastictrain.errors import ElasticTrainError
 from elastictrain.snapshot.disk.codec import OPAQUE_DTYPE, _byte_view, dtype_element_size
 
@@ -30,8 +31,9 @@ class SnapshotNotFoundError(SnapshotError):
     hint = "check the snapshot directory; `list_snapshots(dir)` shows the complete ones"
 
 
-class SnapshotFormatError(SnapshotError):
-    """The manifest is unreadable, malformed or of a format version this code does not read."""
+class SnapshotFormatError(SnapshotError, errors.SnapshotFormatError):
+    """The manifest is unreadable, malformed or of a format version this code does not read
+    (a disk-tier error and a format error both)."""
 
 
 class SnapshotCorruptError(SnapshotError):
