@@ -102,19 +102,31 @@ def _count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
+_ELEMENT_SIZES: dict[str, int] = {}
+
+
+def _element_size(dtype_name: str) -> int:
+    """Bytes per element of a torch dtype by name (:class:`SnapshotFormatError` if none)."""
+    size = _ELEMENT_SIZES.get(dtype_name)
+    if size is None:
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise SnapshotFormatError(f"unknown tensor dtype {dtype_name!r}")
+        size = _ELEMENT_SIZES[dtype_name] = torch.empty((), dtype=dtype).element_size()
+    return size
+
+
 def _entry(raw: Any, total: int) -> TensorEntry:
     if not (isinstance(raw, list) and len(raw) == 5 and isinstance(raw[0], str)
             and isinstance(raw[1], list) and all(_count(n) for n in raw[1])
             and _count(raw[2]) and _count(raw[3]) and raw[4] in ("cpu", "cuda")):  # fmt: skip
         raise SnapshotFormatError(f"not a tensor entry: {str(raw)[:80]}")
     dtype_name, shape, offset, nbytes, device = raw
-    dtype = getattr(torch, dtype_name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise SnapshotFormatError(f"unknown tensor dtype {dtype_name!r}")
+    size = _element_size(dtype_name)
     numel = 1
     for n in shape:
         numel *= n
-    if numel * torch.empty((), dtype=dtype).element_size() != nbytes or offset + nbytes > total:
+    if numel * size != nbytes or offset + nbytes > total:
         raise SnapshotFormatError(f"a {dtype_name} entry of shape {shape} at {offset} is not "
                                   f"{nbytes} bytes inside a {total}-byte stream")  # fmt: skip
     return TensorEntry(dtype_name, tuple(shape), offset, nbytes, device)
