@@ -73,6 +73,7 @@ class StatusView:
     workers: list[WorkerInfo] = field(default_factory=list)
     disk_error: str = ""
     etcd_silent_ms: int = 0
+    beats: dict[int, M.Beat] = field(default_factory=dict)  # slot -> its last heartbeat
 
 
 class Agent:
@@ -138,6 +139,7 @@ class Agent:
             workers=self._workers.snapshot(),
             disk_error=self.snapshots.disk_error if self.snapshots is not None else "",
             etcd_silent_ms=self._etcd_silent_ms(),
+            beats=dict(self._machine.beats) if self._machine is not None else {},
         )
 
     def _etcd_silent_ms(self) -> int:
@@ -147,6 +149,24 @@ class Agent:
 
     def kill_worker(self, rank: int, sig: int) -> WorkerInfo | None:
         return self._workers.kill(rank, sig)
+
+    def slow_worker(self, rank: int, factor: float, seconds: float) -> int | None:
+        """Slow the compute of the local in-place worker that holds ``rank`` in the current
+        world by ``factor`` for ``seconds`` (0: until ended; factor 1 ends it). Its pid, or
+        None when no such worker is here. The worker reports the slowdown as a fault event
+        at its next step."""
+        machine = self._machine
+        if machine is None or self._sessions is None:
+            return None
+        slot = next((s for s, r in machine.members_here().items() if r == rank
+                     and machine.modes.get(s) == P.MODE_INPLACE), None)  # fmt: skip
+        if slot is None:
+            return None
+        key = WorkerKey(self._generation, slot)
+        message = {"type": P.SLOW, "factor": factor, "seconds": seconds}
+        if not self._sessions.push(key, message):
+            return None
+        return self._sessions.pid_of(key)
 
     def agent_endpoints(self) -> list[str]:
         assert self._coordinator is not None
@@ -315,7 +335,8 @@ class Agent:
             elif isinstance(effect, M.PushFault):
                 fault = effect.fault
                 message = {"type": P.FAULT, "kind": fault.kind, "step": fault.step,
-                           "at": fault.at}  # fmt: skip
+                           "at": fault.at, "factor": fault.factor,
+                           "until": fault.until}  # fmt: skip
                 assert self._sessions is not None
                 self._sessions.push(WorkerKey(self._generation, effect.slot), message)
             elif isinstance(effect, M.Exit):

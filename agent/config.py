@@ -14,22 +14,37 @@ from .effects import FaultPlan
 
 
 def parse_fault(text: str) -> FaultPlan:
-    """``KIND:rank=R:step=S[:at=reform]`` (``--fault``): KIND is kill, stop or kill-agent."""
-    usage = f"--fault {text!r}: expected KIND:rank=R:step=S[:at=reform]"
+    """``KIND:rank=R:step=S[:at=reform]`` (``--fault``): KIND is kill, stop or kill-agent;
+    ``slow:rank=R:step=S:factor=F[:until=E]`` slows rank R's compute F times from step S to
+    step E (exclusive; default: to the end)."""
+    usage = (f"--fault {text!r}: expected KIND:rank=R:step=S[:at=reform] or "
+             "slow:rank=R:step=S:factor=F[:until=E]")  # fmt: skip
     kind, *fields = text.split(":")
     values: dict[str, int] = {}
-    at = "step"
+    at, factor = "step", 0.0
     for item in fields:
         key, sep, raw = item.partition("=")
         if key == "at" and sep and raw in FaultPlan.MOMENTS:
             at = raw
             continue
-        if not sep or key not in ("rank", "step") or not raw.isdigit():
+        if key == "factor" and sep and kind == "slow":
+            try:
+                factor = float(raw)
+            except ValueError:
+                raise ConfigError(f"{usage}: factor {raw!r} is not a number") from None
+            if not 1 < factor <= 1000:
+                raise ConfigError(f"{usage}: factor must be > 1 and <= 1000")
+            continue
+        allowed = ("rank", "step", "until") if kind == "slow" else ("rank", "step")
+        if not sep or key not in allowed or not raw.isdigit():
             raise ConfigError(usage)
         values[key] = int(raw)
-    if kind not in FaultPlan.KINDS or set(values) != {"rank", "step"}:
+    if kind not in FaultPlan.KINDS or not {"rank", "step"} <= set(values):
         raise ConfigError(f"{usage} with KIND one of {', '.join(FaultPlan.KINDS)}")
-    return FaultPlan(kind, values["rank"], values["step"], at)
+    until = values.get("until", -1)
+    if kind == "slow" and (not factor or at != "step" or 0 <= until <= values["step"]):
+        raise ConfigError(f"{usage}: a slowdown needs a factor, and until after step")
+    return FaultPlan(kind, values["rank"], values["step"], at, factor, until)
 
 
 def parse_nnodes(text: str) -> tuple[int, int]:

@@ -36,7 +36,9 @@ class Action(enum.Enum):
     WORKER_HUNG = "worker_hung"  # a reporting worker made no progress for the hang timeout
     RECONFIGURE = "reconfigure"  # in place: propose the next world without the lost ranks
     WORLD_CHANGED = "world_changed"  # in place: a new world; the survivors keep running
-    FAULT = "fault"  # a planned fault fires (``--fault``)
+    FAULT = "fault"  # a planned fault fires (``--fault``), or a chaos slowdown begins
+    REPLAN = "replan"  # stragglers: the work re-split in proportion to the ranks' speeds
+    STRAGGLER_FAILED = "straggler_failed"  # a rank far too slow for too long: lost in place
     RECOVERED = "recovered"  # a worker re-formed in place (with its durations)
     STOP = "stop"  # a signal asked the agent to stop
     CHECK_PEERS = "check_peers"  # our lease is unconfirmed: do the other nodes reach etcd?
@@ -121,14 +123,17 @@ class FaultPlan:
     """A fault to inject when rank ``rank`` reaches step ``step`` (``kill``: the worker
     SIGKILLs itself; ``stop``: SIGSTOPs itself; ``kill-agent``: SIGKILLs its agent). ``at``
     ``"reform"``: not at the step's start but when it next re-forms after it (a second fault
-    in the middle of a recovery)."""
+    in the middle of a recovery). ``slow``: its compute becomes ``factor`` times slower from
+    ``step`` until step ``until`` (-1: to the end)."""
 
     kind: str
     rank: int
     step: int
     at: str = "step"
+    factor: float = 0.0
+    until: int = -1
 
-    KINDS = ("kill", "stop", "kill-agent")
+    KINDS = ("kill", "stop", "kill-agent", "slow")
     MOMENTS = ("step", "reform")
 
 

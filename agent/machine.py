@@ -135,6 +135,8 @@ class Beat:
     step: int  # the last step the worker finished
     since: float  # when that step was first reported
     active: bool  # inside the training loop: a step that never ends is a hang
+    speed: float = 0.0  # samples per compute-second (0: not known)
+    share: float = -1.0  # of the global batch (-1: not known)
 
 
 @dataclass(frozen=True)
@@ -579,7 +581,7 @@ def _on_worker_heartbeat(m: AgentMachine, obs: WorkerHeartbeat, now: float):
         return m, []
     last = m.beats.get(obs.slot)
     since = last.since if last is not None and last.step == obs.step else now
-    beat = Beat(now, obs.step, since, obs.active)
+    beat = Beat(now, obs.step, since, obs.active, obs.speed, obs.share)
     return replace(m, beats={**m.beats, obs.slot: beat}), []
 
 
@@ -661,9 +663,27 @@ def _on_worker_report(m: AgentMachine, obs: WorkerReport, now: float):
         m = _verdict(m, Action.RECOVERED, f"{where} re-formed in place at epoch "
                      f"{obs.data.get('epoch')}, resuming after {obs.data.get('resume_step')} "
                      "steps", details)  # fmt: skip
+    elif obs.kind == "straggler" and obs.data.get("action") == "replan":
+        m = _verdict(m, Action.REPLAN, f"after step {obs.data.get('step')}: "
+                     f"{obs.data.get('reason')}", details)  # fmt: skip
+    elif obs.kind == "straggler" and obs.data.get("action") == "fail":
+        return _straggler_failed(m, obs.slot, where, details, now)
     else:
         return m, []
     return m, [_announce(m)]
+
+
+def _straggler_failed(m: AgentMachine, slot: int, where: str, details: Mapping[str, Any],
+                      now: float):  # fmt: skip
+    """A rank found far too slow for too long said so itself: it is failed (killed, and its
+    rank recovered in place like a crash: a hot spare takes it or the world shrinks)."""
+    if slot in m.lost or slot not in m.members_here():
+        return m, []
+    reason = f"{where}: {details.get('reason')}"
+    m = _verdict(m, Action.STRAGGLER_FAILED, reason, details)
+    effects: list[Effect] = [_announce(m), KillWorker(slot, reason)]
+    m, more = _lose_in_place(m, [slot], "failed as a straggler", now)
+    return m, effects + more
 
 
 def _on_worker_finishing(m: AgentMachine, obs: WorkerFinishing, now: float):

@@ -74,6 +74,8 @@ class WorkerHeartbeat:
     slot: int
     step: int
     active: bool = False
+    speed: float = 0.0  # samples per compute-second, as last measured (0: not known)
+    share: float = -1.0  # its share of the global batch (-1: not known)
 
 
 @dataclass(frozen=True)

@@ -56,12 +56,17 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
                     state=w.state,
                     exited=w.exit_code is not None,
                     exit_code=w.exit_code or 0,
+                    step=view.beats[w.slot].step if w.slot in view.beats else -1,
+                    speed=view.beats[w.slot].speed if w.slot in view.beats else 0.0,
+                    share=view.beats[w.slot].share if w.slot in view.beats else -1.0,
                 )
                 for w in view.workers
             ],
         )
 
     def InjectFault(self, request, context) -> etrain_pb2.InjectFaultResponse:  # noqa: N802
+        if request.kind == etrain_pb2.InjectFaultRequest.SLOW:
+            return self._slow(request)
         sig = request.signal or int(signal.SIGKILL)
         if sig not in {int(s) for s in signal.valid_signals()}:
             return etrain_pb2.InjectFaultResponse(ok=False, message=f"invalid signal {sig}")
@@ -77,6 +82,24 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
             node_id=node_id,
             message=f"sent signal {sig} to rank {request.rank} (pid {killed.pid})",
         )
+
+    def _slow(self, request) -> etrain_pb2.InjectFaultResponse:
+        node_id = self._agent.config.node_id
+        factor, seconds = request.factor, request.seconds
+        if not (1 <= factor <= 1000) or not (0 <= seconds <= 7 * 86400):
+            return etrain_pb2.InjectFaultResponse(
+                ok=False, node_id=node_id, message=f"factor {factor:g} must be in [1, 1000] "
+                f"and seconds {seconds:g} in [0, 604800]")  # fmt: skip
+        pid = self._agent.slow_worker(request.rank, factor, seconds)
+        if pid is None:
+            return etrain_pb2.InjectFaultResponse(
+                ok=False, node_id=node_id,
+                message=f"no Job API worker holds rank {request.rank} here")  # fmt: skip
+        what = (f"ended the slowdown of rank {request.rank}" if factor == 1 else
+                f"slowed rank {request.rank} x{factor:g}" +
+                (f" for {seconds:g} s" if seconds else ""))  # fmt: skip
+        return etrain_pb2.InjectFaultResponse(ok=True, pid=pid, node_id=node_id,
+                                              message=f"{what} (pid {pid})")  # fmt: skip
 
     def GetSnapshotIndex(self, request, context) -> etrain_pb2.SnapshotIndex:  # noqa: N802
         store = self._snapshots().store

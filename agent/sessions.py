@@ -186,13 +186,15 @@ class SessionServer:
         key = session.key
         if kind == P.HEARTBEAT:
             self._post(M.WorkerHeartbeat(key.generation, key.slot, int(message["step"]),
-                                         bool(message.get("active"))))  # fmt: skip
+                                         bool(message.get("active")),
+                                         float(message.get("speed") or 0.0),
+                                         float(message.get("share", -1.0))))  # fmt: skip
         elif kind == P.REQUEST:
             self._pool.submit(self._answer, session, message)
         elif kind == P.ATTACH:
             session.mode = str(message["mode"])
             self._post(M.WorkerAttached(key.generation, key.slot, session.mode))
-        elif kind in (P.FAULT, P.RECOVERED):
+        elif kind in (P.FAULT, P.RECOVERED, P.STRAGGLER):
             data = {k: v for k, v in message.items() if k != "type"}
             self._post(M.WorkerReport(key.generation, key.slot, kind, data))
         elif kind == P.FINISHED:

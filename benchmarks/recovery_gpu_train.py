@@ -84,7 +84,7 @@ def run_job(args, times: Times, device: torch.device) -> None:
     job = Job(model, opt, Tokens(args.samples, args.seq, args.vocab), loss_fn,
               global_batch=args.batch, micro_batch=args.batch, steps=args.steps,
               reduction=args.reduction, snapshot_every=args.snapshot_every,
-              device=device)  # fmt: skip
+              device=device, **({"stragglers": None} if args.no_stragglers else {}))  # fmt: skip
     for step in job:
         times.mark("step", step)
     if job.recoveries:
@@ -142,6 +142,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--samples", type=int, default=4096)
     p.add_argument("--reduction", default="deterministic")
+    p.add_argument("--no-stragglers", action="store_true", help="Job: nothing timed")
     p.add_argument("--snapshot-every", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=10)
     p.add_argument("--kill-rank", type=int, default=0)

@@ -24,6 +24,9 @@ class WorkerRow:
     pid: int
     state: str
     exit_code: int | None
+    step: int = -1  # steps done, as its last heartbeat said (-1: not known)
+    speed: float = 0.0  # samples per second of its own compute (0: not known)
+    share: float = -1.0  # its share of the global batch (-1: not known)
 
 
 @dataclass
@@ -72,7 +75,8 @@ def collect(etcd: str, job_id: str) -> JobStatus:
         row.world_size = st.world_size
         row.disk_error = st.disk_error
         row.workers = [
-            WorkerRow(w.rank, w.local_rank, w.pid, w.state, w.exit_code if w.exited else None)
+            WorkerRow(w.rank, w.local_rank, w.pid, w.state, w.exit_code if w.exited else None,
+                      w.step, round(w.speed, 3), round(w.share, 5))  # fmt: skip
             for w in sorted(st.workers, key=lambda w: w.rank)
         ]
         rows.append(row)
@@ -83,18 +87,22 @@ def render_table(status: JobStatus):
     from rich.table import Table
 
     table = Table(title=f"job {status.job_id}  (etcd {status.etcd})", title_justify="left")
-    for column in ("node", "agent", "state", "restarts", "round", "rank", "local", "pid", "worker"):
+    for column in ("node", "agent", "state", "restarts", "round", "rank", "local", "pid", "worker",
+                   "step", "speed", "share"):  # fmt: skip
         table.add_column(column)
     for node in status.nodes:
         restarts = f"{node.restart_count}/{node.max_restarts}"
         state = node.state + (f" (disk tier: {node.disk_error})" if node.disk_error else "")
         base = [node.node_id, node.endpoint, state, restarts, str(node.round)]
         if not node.workers:
-            table.add_row(*base, "-", "-", "-", "-")
+            table.add_row(*base, "-", "-", "-", "-", "-", "-", "-")
         for i, w in enumerate(node.workers):
             lead = base if i == 0 else [""] * len(base)
             state = w.state if w.exit_code is None else f"{w.state} ({w.exit_code})"
-            table.add_row(*lead, str(w.rank), str(w.local_rank), str(w.pid), state)
+            pace = [str(w.step) if w.step >= 0 else "-",
+                    f"{w.speed:.3g}/s" if w.speed > 0 else "-",
+                    f"{w.share:.1%}" if w.share >= 0 else "-"]  # fmt: skip
+            table.add_row(*lead, str(w.rank), str(w.local_rank), str(w.pid), state, *pace)
     return table
 
 

@@ -8,7 +8,12 @@ import pytest
 
 from elastictrain.errors import ConfigError
 from elastictrain.train.data_plan import plan_hosting
-from elastictrain.train.stragglers import StragglerPolicy, StragglerState, straggler_verdict
+from elastictrain.train.stragglers import (
+    StragglerPolicy,
+    StragglerState,
+    hosting_capacities,
+    straggler_verdict,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -61,3 +66,47 @@ def test_unmeasured_steps_and_bad_policies():
     for bad in ({"window": 0}, {"threshold": 1.5}, {"fail_below": -1}):
         with pytest.raises(ConfigError):
             StragglerPolicy(**bad)
+
+
+def test_every_rank_keeps_at_least_one_logical_worker():
+    raised = hosting_capacities((1.0, 1.0, 1.0, 0.001), 64)
+    assert all(end > start for start, end in plan_hosting(64, raised))
+    assert hosting_capacities((1.0, 0.5), 64) == (1.0, 0.5)
+    assert hosting_capacities((1.0, 0.0), 64) == (1.0, 0.0)  # no capacity: no work
+
+
+def test_a_plan_near_the_even_split_is_the_even_split():
+    def speeds(step):
+        return [10.0, 10.0, 10.0, 5.0 if step < 30 else 9.0]
+
+    _, verdicts = _run(speeds, 60)
+    replans = [v for v in verdicts if v.action == "replan"]
+    assert replans[-1].capacities == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_the_compute_clock_times_only_what_it_brackets():
+    import torch
+
+    from elastictrain.train.timing import ComputeClock, Slowdown, cpu_clock, slowed
+
+    now = [0.0]
+    clock = ComputeClock(torch.device("cpu"), clock=lambda: now[0])
+    assert clock.speed() == 0.0
+    clock.start()
+    now[0] += 0.5
+    clock.stop(samples=10)
+    now[0] += 3.0  # waiting in the reduction: not counted
+    assert clock.speed() == 20.0
+    clock.forget()
+    assert clock.speed() == 0.0
+    # a slowdown does its work again on the same clock
+    ticks = iter(range(100))
+    fake = lambda: float(next(ticks))  # noqa: E731
+    assert slowed(lambda: "done", 3.0, torch.device("cpu"), fake) == "done"
+    assert next(ticks) > 4  # 1 tick of work, then at least 2 more
+    assert Slowdown(2.0, until_step=60).active(59, 0.0)
+    assert not Slowdown(2.0, until_step=60).active(60, 0.0)
+    assert not Slowdown(2.0, until_time=5.0).active(1, 6.0)
+    assert not Slowdown(1.0).active(1, 0.0)
+    with pytest.raises(ConfigError):
+        cpu_clock("sundial")

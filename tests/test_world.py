@@ -223,11 +223,37 @@ def test_planned_faults_parse_with_their_moment():
 
     assert parse_fault("kill:rank=3:step=7") == M.FaultPlan("kill", 3, 7, "step")
     assert parse_fault("stop:step=2:rank=0:at=reform") == M.FaultPlan("stop", 0, 2, "reform")
+    assert parse_fault("slow:rank=3:step=10:factor=2:until=60") == M.FaultPlan(
+        "slow", 3, 10, "step", 2.0, 60)
+    assert parse_fault("slow:rank=1:step=4:factor=10").until == -1
     bad_faults = ("kill:rank=3", "kill:rank=x:step=1", "nuke:rank=1:step=1",
-                  "kill:rank=1:step=1:at=x")  # fmt: skip
+                  "kill:rank=1:step=1:at=x", "slow:rank=1:step=1", "slow:rank=1:step=1:factor=1",
+                  "slow:rank=1:step=5:factor=2:until=5", "kill:rank=1:step=1:factor=2",
+                  "slow:rank=1:step=1:factor=x", "kill:rank=1:step=1:until=3")  # fmt: skip
     for bad in bad_faults:
         with pytest.raises(ConfigError):
             parse_fault(bad)
+
+
+def test_a_straggler_report_is_an_event_and_a_failed_straggler_is_recovered_in_place():
+    m = _inplace()
+    replan = {"action": "replan", "reason": "rank 3 slow", "step": 14, "speeds": [4.0, 4, 4, 2],
+              "capacities": [1.0, 1, 1, 0.5], "workers": [18, 18, 18, 10]}  # fmt: skip
+    m, effects = M.step(m, M.WorkerReport(m.generation, 0, "straggler", replan), 1.0)
+    assert m.verdict.action is M.Action.REPLAN and m.verdict.details["workers"][3] == 10
+    assert [type(e) for e in effects] == [M.Record]
+    failed = replan | {"action": "fail", "reason": "rank 1 far too slow", "failed": [1]}
+    m, effects = M.step(m, M.WorkerReport(m.generation, 1, "straggler", failed), 2.0)
+    assert _effects(effects, M.KillWorker)[0].slot == 1
+    (propose,) = _effects(effects, M.ProposeWorld)
+    assert propose.lost == {Member("a", 1)} and propose.world.size == 3
+    stored = [e.verdict.action for e in _effects(effects, M.Record)]
+    assert stored == [M.Action.STRAGGLER_FAILED, M.Action.RECONFIGURE]
+    # said twice (or its session closing next): nothing more
+    _, effects = M.step(m, M.WorkerReport(m.generation, 1, "straggler", failed), 2.1)
+    assert effects == []
+    _, effects = M.step(m, M.WorkerLost(m.generation, 1, "session closed"), 2.2)
+    assert not _effects(effects, M.ProposeWorld)
 
 
 def test_a_world_that_names_a_spare_which_died_meanwhile_is_planned_again():

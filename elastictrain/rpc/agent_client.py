@@ -85,6 +85,14 @@ class AgentClient:
                 f"agent at {self.endpoint} did not answer: {exc.code().name}"
             ) from exc
 
+    def slow(self, rank: int, factor: float, seconds: float = 0.0
+             ) -> etrain_pb2.InjectFaultResponse:  # fmt: skip
+        """Slow rank ``rank``'s compute ``factor`` times (1: end it) for ``seconds`` (0: until
+        ended)."""
+        request = etrain_pb2.InjectFaultRequest(rank=rank, kind=etrain_pb2.InjectFaultRequest.SLOW,
+                                                factor=factor, seconds=seconds)  # fmt: skip
+        return self._call("InjectFault", self._stub.InjectFault, request)
+
     def snapshot_index(self) -> etrain_pb2.SnapshotIndex:
         return self._call("GetSnapshotIndex", self._stub.GetSnapshotIndex,
                           etrain_pb2.GetSnapshotIndexRequest())  # fmt: skip

@@ -12,20 +12,26 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("rank", "local_rank", "pid", "state", "exited", "exit_code")
+    __slots__ = ("rank", "local_rank", "pid", "state", "exited", "exit_code", "step", "speed", "share")
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EXITED_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     local_rank: int
     pid: int
     state: str
     exited: bool
     exit_code: int
-    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
+    step: int
+    speed: float
+    share: float
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ..., step: _Optional[int] = ..., speed: _Optional[float] = ..., share: _Optional[float] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("job_id", "node_id", "hostname", "endpoint", "state", "restart_count", "max_restarts", "round", "group_rank", "group_world_size", "world_size", "gpus", "workers", "pid", "disk_error", "etcd_silent_ms")
@@ -64,18 +70,24 @@ class AgentStatus(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[str] = ..., restart_count: _Optional[int] = ..., max_restarts: _Optional[int] = ..., round: _Optional[int] = ..., group_rank: _Optional[int] = ..., group_world_size: _Optional[int] = ..., world_size: _Optional[int] = ..., gpus: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pid: _Optional[int] = ..., disk_error: _Optional[str] = ..., etcd_silent_ms: _Optional[int] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
-    __slots__ = ("rank", "kind", "signal")
+    __slots__ = ("rank", "kind", "signal", "factor", "seconds")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KILL: _ClassVar[InjectFaultRequest.Kind]
+        SLOW: _ClassVar[InjectFaultRequest.Kind]
     KILL: InjectFaultRequest.Kind
+    SLOW: InjectFaultRequest.Kind
     RANK_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     kind: InjectFaultRequest.Kind
     signal: int
-    def __init__(self, rank: _Optional[int] = ..., kind: _Optional[_Union[InjectFaultRequest.Kind, str]] = ..., signal: _Optional[int] = ...) -> None: ...
+    factor: float
+    seconds: float
+    def __init__(self, rank: _Optional[int] = ..., kind: _Optional[_Union[InjectFaultRequest.Kind, str]] = ..., signal: _Optional[int] = ..., factor: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class InjectFaultResponse(_message.Message):
     __slots__ = ("ok", "message", "pid", "node_id")

@@ -51,6 +51,8 @@ class WorkerSession:
         self.mode = P.MODE_PLAIN
         self._step = -1
         self._active = False
+        self._speed: float | None = None
+        self._share: float | None = None
         self._beating: threading.Thread | None = None
         self._thread = threading.Thread(target=self._read, name="etrain-session", daemon=True)
         self._thread.start()
@@ -67,16 +69,29 @@ class WorkerSession:
                                              daemon=True)  # fmt: skip
             self._beating.start()
 
-    def progress(self, step: int, active: bool | None = None) -> None:
+    def progress(self, step: int, active: bool | None = None, speed: float | None = None,
+                 share: float | None = None) -> None:  # fmt: skip
         """Step ``step`` is done (the next heartbeat says so; nothing is sent now).
-        ``active``: the training loop is inside its steps, so no progress for long is a hang."""
+        ``active``: the training loop is inside its steps, so no progress for long is a hang.
+        ``speed`` (samples per compute-second) and ``share`` (of the global batch): as last
+        measured and planned."""
         self._step = int(step)
         if active is not None:
             self._active = active
+        if speed is not None:
+            self._speed = float(speed)
+        if share is not None:
+            self._share = float(share)
 
     def _beat(self) -> None:
         while not self.closed.wait(P.HEARTBEAT_INTERVAL_S):
-            self._notify({"type": P.HEARTBEAT, "step": self._step, "active": self._active})
+            beat: dict[str, Any] = {"type": P.HEARTBEAT, "step": self._step,
+                                    "active": self._active}  # fmt: skip
+            if self._speed is not None:
+                beat["speed"] = round(self._speed, 3)
+            if self._share is not None:
+                beat["share"] = round(self._share, 5)
+            self._notify(beat)
 
     def finished(self) -> None:
         """This worker is about to exit on purpose: its session closing is not a crash."""
@@ -90,9 +105,14 @@ class WorkerSession:
         except AgentUnavailableError as exc:
             logger.debug("session notification %s not sent: %s", message["type"], exc)
 
-    def notify_fault(self, kind: str, step: int) -> None:
-        """A planned fault fires now (the agent records when)."""
-        self._notify({"type": P.FAULT, "kind": kind, "step": step})
+    def notify_fault(self, kind: str, step: int, **details: Any) -> None:
+        """A planned fault fires now (the agent records when); ``details``: JSON values."""
+        self._notify({**details, "type": P.FAULT, "kind": kind, "step": step})
+
+    def straggler(self, report: dict[str, Any]) -> None:
+        """A straggler verdict that changed something (JSON values: the action, the reason,
+        the step, the speeds and the plan)."""
+        self._notify({**report, "type": P.STRAGGLER})
 
     def recovered(self, report: dict[str, Any]) -> None:
         """This worker re-formed in place; ``report`` holds the epoch, steps and durations."""

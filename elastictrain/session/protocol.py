@@ -15,7 +15,11 @@ own: the last step finished, and whether the training loop is inside a step), ``
 Agent → worker: ``reply``, and the pushes ``world`` (the worker's rank in the round's
 current world) and ``fault`` (a fault planned for a step). Worker → agent also: ``fault`` (a
 planned fault fires now) and ``recovered`` (the worker re-formed in place, with the times it
-took).
+took). Worker → agent also: ``straggler`` (a straggler verdict that changed something: a
+re-plan, said by rank 0, or its own failure, said by the failed rank, with the speeds used).
+Agent → worker also: ``slow`` (a chaos slowdown of its compute: a factor, for some seconds;
+factor 1 ends it). Heartbeats also carry the rank's speed (samples per compute-second) and its
+share of the global batch.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ REPLY = "reply"
 WORLD = "world"
 FAULT = "fault"  # agent → worker: a fault planned for a step; worker → agent: it fires now
 RECOVERED = "recovered"  # worker → agent: it re-formed in place (with the durations)
+STRAGGLER = "straggler"  # worker → agent: a re-plan or a straggler's failure (with speeds)
+SLOW = "slow"  # agent → worker: slow its compute by a factor (chaos)
 
 # what a worker's library does with its session (``attach``)
 MODE_PLAIN = "plain"  # an unmodified script: the shim's hello only

@@ -31,6 +31,7 @@ from elastictrain.errors import ElasticTrainError
 from elastictrain.session import protocol as P
 from elastictrain.session.client import WorkerSession, worker_session
 from elastictrain.train.collectives import Collectives
+from elastictrain.train.timing import Slowdown
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class InPlaceWorld:
         self._lock = threading.Condition()
         self._latest: WorldView | None = None
         self._faults: list[dict[str, Any]] = []
+        self._slowdown: Slowdown | None = None  # chaos: this rank's compute slowed
+        self._slow_said: dict[str, Any] | None = None  # a pushed slowdown to report at a step
         self._group: dist.ProcessGroup | None = None
         self._store: dist.Store | None = None  # the current group's
         self._abandoned: list[tuple[dist.ProcessGroup, dist.Store | None]] = []
@@ -121,6 +124,12 @@ class InPlaceWorld:
         elif kind == P.FAULT:
             with self._lock:
                 self._faults.append(message)
+        elif kind == P.SLOW:
+            factor, seconds = float(message["factor"]), float(message.get("seconds") or 0)
+            until = time.monotonic() + seconds if seconds > 0 else float("inf")
+            with self._lock:
+                self._slowdown = Slowdown(factor, until_time=until) if factor > 1 else None
+                self._slow_said = {"factor": factor, "seconds": seconds}
         elif kind == "closed":
             with self._lock:
                 self._lock.notify_all()
@@ -177,9 +186,20 @@ class InPlaceWorld:
             due = [f for f in self._faults
                    if int(f["step"]) <= step and f.get("at", "step") == at]  # fmt: skip
             self._faults = [f for f in self._faults if f not in due]
+        with self._lock:
+            said, self._slow_said = self._slow_said, None
+        if said is not None:  # a chaos command's slowdown: in force from this step
+            logger.warning("injected slowdown x%g at step %d", said["factor"], step)
+            self.session.notify_fault("slow", step, **said)
         for fault in due:
             kind = str(fault["kind"])
             logger.warning("injected fault %s at step %d", kind, step)
+            if kind == "slow":
+                factor, until = float(fault["factor"]), int(fault["until"])
+                self.session.notify_fault(kind, step, factor=factor, until=until)
+                with self._lock:
+                    self._slowdown = Slowdown(factor, until_step=until)
+                continue
             self.session.notify_fault(kind, step)
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -188,6 +208,12 @@ class InPlaceWorld:
             elif kind == "kill-agent":
                 os.kill(os.getppid(), signal.SIGKILL)
                 time.sleep(30)  # the parent-death signal follows
+
+    def slowdown(self, step: int) -> float:
+        """The factor this rank's compute is slowed by at ``step`` (1.0: not slowed)."""
+        with self._lock:
+            slow = self._slowdown
+        return slow.factor if slow is not None and slow.active(step, time.monotonic()) else 1.0
 
     # -- process groups ---------------------------------------------------------------------
 

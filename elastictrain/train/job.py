@@ -13,6 +13,12 @@ micro-batch's share of the global batch), or ``(loss_sum, count)`` (the sum is d
 global count, e.g. of tokens, after the reduction). ``dataset`` is map-style (``len`` and
 ``[i]``); ``collate_fn`` builds a micro-batch from its samples (default: torch's).
 
+A slow rank is given less work (``stragglers``, :mod:`elastictrain.train.stragglers`): every
+rank times its own compute and carries its speed in the step's reduction, every rank makes
+the same verdict from the same speeds, and a re-plan moves logical workers between ranks at
+the next step. The results do not change (with the deterministic reduction, not a bit).
+Re-plans need enough logical workers to be fine-grained: at least 16 per rank is a good rule.
+
 The step count, the learning-rate schedule and the global batch never depend on the world:
 step ``s`` always uses the same samples, split over the same logical workers
 (:mod:`elastictrain.train.data_plan`), and the gradient is summed over them in one fixed order
@@ -39,8 +45,15 @@ from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
 from elastictrain.train.data_plan import DataPlan, plan_hosting
 from elastictrain.train.inplace import CollectiveFailed, InPlaceWorld, WorldChanged, WorldView
-from elastictrain.train.reduction import DeterministicReducer, FastReducer
+from elastictrain.train.reduction import EXTRAS, DeterministicReducer, FastReducer
 from elastictrain.train.resume import ResumePlan, plan_resume
+from elastictrain.train.stragglers import (
+    StragglerPolicy,
+    StragglerState,
+    hosting_capacities,
+    straggler_verdict,
+)
+from elastictrain.train.timing import ComputeClock, slowed
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +109,7 @@ class Job:
         device: torch.device | str | None = None,
         snapshot_every: int = 1,
         capacities: Sequence[float] | None = None,
+        stragglers: StragglerPolicy | None = StragglerPolicy(),  # noqa: B008 (frozen)
     ) -> None:
         if reduction not in REDUCTIONS:
             raise ConfigError(f"reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
@@ -130,6 +144,13 @@ class Job:
         self._fast = FastReducer(params, self.device) if reduction == "fast" else None
         self._permutation: tuple[int, torch.Tensor] | None = None
         self._initial_capacities = list(capacities) if capacities is not None else None
+        self._policy = stragglers
+        self._straggling = StragglerState.even(1)
+        self._clock = ComputeClock(self.device)
+        self._failed_said = False  # this rank reported itself failed (a far too slow rank)
+        self.replans: list[dict[str, Any]] = []  # straggler re-plans of this process
+        self.speed = 0.0  # this rank's last measured samples per compute-second
+        self.speeds: list[float] = []  # every rank's, as the last step's reduction carried them
         self.loss: float | None = None
         self.step = 0  # optimizer steps done
         self.recoveries: list[dict[str, Any]] = []  # in-place recoveries of this process
@@ -166,10 +187,14 @@ class Job:
         dist.init_process_group(backend)
 
     def _set_world(self, rank: int, size: int) -> None:
-        if size != self.world or not self._capacities:
-            initial = self._initial_capacities
-            self._capacities = (list(initial) if initial is not None and len(initial) == size
-                                else [1.0] * size)  # fmt: skip
+        """A new world: the work is split as at the start again (its ranks are measured
+        afresh)."""
+        initial = self._initial_capacities
+        self._capacities = (list(initial) if initial is not None and len(initial) == size
+                            else [1.0] * size)  # fmt: skip
+        self._straggling = StragglerState(tuple(self._capacities), slow_for=(0,) * size)
+        self._clock.forget()
+        self._failed_said = False
         self.rank, self.world = rank, size
         self._snapshots.rank, self._snapshots.world = rank, size
 
@@ -234,7 +259,11 @@ class Job:
     def _progress(self, steps_done: int, active: bool) -> None:
         session = self._snapshots.session
         if session is not None:
-            session.progress(steps_done, active=active)
+            share = None
+            if self._capacities and 0 <= self.rank < len(self._capacities):
+                start, end = self.hosting()[self.rank]
+                share = (end - start) / self.plan.logical_workers
+            session.progress(steps_done, active=active, speed=self.speed or None, share=share)
 
     # -- in place -------------------------------------------------------------------------------
 
@@ -426,11 +455,21 @@ class Job:
         # Alone in the world, the accumulated .grad is the sum already when it holds one
         # logical worker (or any number, on the fast path): no copy, no collective.
         direct = coll.size == 1 and (fast is not None or end - start == 1)
+        # after the loss and the count: every rank's speed in the step before, each in its
+        # own slot (the others add zeros, so the sum is exact and the same on every rank)
+        timed = self._policy is not None
+        width = EXTRAS + coll.size if timed else EXTRAS
         if fast is None and not direct:
-            self._deterministic.begin(start, end)
-        hosted = torch.zeros(2, dtype=torch.float64, device=self.device)
+            self._deterministic.begin(start, end, width)
+        hosted = torch.zeros(width, dtype=torch.float64, device=self.device)
+        self.speed = self._clock.speed() if timed else 0.0
+        factor = self._inplace.slowdown(step) if self._inplace is not None else 1.0
+        if timed:
+            self._clock.start()
         for logical in range(start, end):
-            extras = torch.zeros(2, dtype=torch.float64, device=self.device)
+            extras = torch.zeros(width, dtype=torch.float64, device=self.device)
+            if logical == start and timed:
+                extras[EXTRAS + coll.rank] = self.speed
             if fast is None:
                 for p in self._params:
                     p.grad = None
@@ -438,11 +477,17 @@ class Job:
                 last = logical == end - 1 and micro == self.plan.micro_batches - 1
                 if fast is not None and not direct and last:
                     fast.arm(coll)
-                sum_mode = self._micro_batch(step, logical, micro, extras)
+                if factor > 1:
+                    sum_mode = slowed(lambda: self._micro_batch(step, logical, micro, extras),  # noqa: B023
+                                      factor, self.device, self._clock.clock)  # fmt: skip
+                else:
+                    sum_mode = self._micro_batch(step, logical, micro, extras)
             if fast is None and not direct:
                 self._deterministic.leaf_done(extras)
             else:
                 hosted += extras
+        if timed:
+            self._clock.stop((end - start) * self.plan.per_worker)
         if direct:
             for p in self._params:  # as the reductions do: an unused parameter's sum is 0
                 if p.requires_grad and p.grad is None:
@@ -452,7 +497,8 @@ class Job:
             total = self._deterministic.reduce(blocks, coll)
         else:
             total = fast.reduce(hosted, coll)
-        loss, count = total.tolist()
+        loss, count, *speeds = total.tolist()
+        self.speeds = speeds
         if self._inplace is not None and self._inplace.changed_since(self._view):
             # NCCL: an abort can make a pending reduction return early; never apply it
             raise WorldChanged(f"world epoch {self._view.epoch} superseded during step {step}")
@@ -465,7 +511,37 @@ class Job:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._judge(step, speeds)
         return loss
+
+    def _judge(self, step: int, speeds: list[float]) -> None:
+        """The straggler verdict on the speeds that came with step ``step``'s reduction (the
+        same on every rank): a re-plan takes effect at the next step."""
+        if self._policy is None or len(speeds) < 2:
+            return
+        self._straggling, verdict = straggler_verdict(self._straggling, speeds, self._policy)
+        if verdict.action == "keep":
+            return
+        session = self._snapshots.session
+        report = {"action": verdict.action, "reason": verdict.reason, "step": step,
+                  "speeds": [round(s, 3) for s in verdict.speeds],
+                  "capacities": list(verdict.capacities)}  # fmt: skip
+        if verdict.action == "replan":
+            self._capacities = list(hosting_capacities(verdict.capacities,
+                                                       self.plan.logical_workers))  # fmt: skip
+            blocks = self.hosting()
+            report["workers"] = [end - start for start, end in blocks]
+            self.replans.append(report)
+            logger.info("rank %d: re-planned after step %d: %s", self.rank, step, verdict.reason)
+            if self.rank == 0 and session is not None:
+                session.straggler(report)
+        elif self.rank in verdict.failed and not self._failed_said:
+            # this rank is the one far too slow: its agent takes it out of the world
+            self._failed_said = True
+            logger.warning("rank %d: declared failed after step %d: %s", self.rank, step,
+                           verdict.reason)  # fmt: skip
+            if session is not None:
+                session.straggler(report | {"failed": list(verdict.failed)})
 
     def _micro_batch(self, step: int, logical: int, micro: int, extras: torch.Tensor) -> bool:
         """Forward and backward of one micro-batch; adds its loss share and its count to

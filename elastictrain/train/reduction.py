@@ -5,11 +5,12 @@ micro-batch's share of the global batch (or the global count divides the sum aft
 the gradient's scale is that of the global batch at any world size.
 
 - :class:`DeterministicReducer`: the fixed tree of :mod:`elastictrain.train.tree`. Each rank
-  flattens every hosted logical worker's gradient (and two float64 extras: the loss and the
-  sample or token count) and sums them into its block's cover; one ``all_to_all_single``
-  sends shard ``j`` of every partial to rank ``j``; rank ``j`` merges its shard in tree
-  order; one ``all_gather_into_tensor`` returns the whole reduced gradient. The bytes on the
-  wire are those of a ring all-reduce; the result is bit-identical at any world size.
+  flattens every hosted logical worker's gradient (and its float64 extras: the loss, the
+  sample or token count, and any per-rank values the step carries) and sums them into its
+  block's cover; one ``all_to_all_single`` sends shard ``j`` of every partial to rank ``j``;
+  rank ``j`` merges its shard in tree order; one ``all_gather_into_tensor`` returns the whole
+  reduced gradient. The bytes on the wire are those of a ring all-reduce; the result is
+  bit-identical at any world size.
 - :class:`FastReducer`: the hosted logical workers accumulate straight into ``.grad``; during
   the step's last backward, buckets of gradients are all-reduced as soon as they are ready
   (post-accumulate hooks, as DDP does), overlapped with the rest of the backward.
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from elastictrain.train.collectives import Collectives
 from elastictrain.train.tree import BlockSum, Node, cover, merge
 
-EXTRAS = 2  # the loss and the count, float64
+EXTRAS = 2  # the loss and the count, float64 (a step may carry more values after them)
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,17 @@ class DeterministicReducer:
         self.leaves = logical_workers
         self.device = device
         self._block: BlockSum | None = None
+        self._extras = EXTRAS
 
-    def begin(self, start: int, end: int) -> None:
-        """This rank hosts logical workers ``[start, end)`` this step."""
+    def begin(self, start: int, end: int, extras: int = EXTRAS) -> None:
+        """This rank hosts logical workers ``[start, end)`` this step; each pushes ``extras``
+        float64 values (the same number on every rank)."""
         self._block = BlockSum(start, end, self.leaves, _add_all)
+        self._extras = extras
 
     def leaf_done(self, extras: torch.Tensor) -> None:
         """The next hosted logical worker's gradient is in ``.grad``; ``extras`` is its float64
-        ``(loss, count)``. The gradients are taken: zero them before the next one."""
+        ``(loss, count, ...)``. The gradients are taken: zero them before the next one."""
         assert self._block is not None
         flats = [_flatten(g, self.device) for g in self.groups]
         self._block.push([*flats, extras.to(self.device, torch.float64)])
@@ -110,7 +114,7 @@ class DeterministicReducer:
         assert [n for n, _ in mine] == covers[rank]
         extras_out = None
         for index, kind in enumerate([*self.groups, None]):
-            numel = kind.numel if kind is not None else EXTRAS
+            numel = kind.numel if kind is not None else self._extras
             dtype = kind.dtype if kind is not None else torch.float64
             reduced = self._reduce_one([v[index] for _, v in mine], covers, world, numel, dtype,
                                        coll)  # fmt: skip

@@ -5,8 +5,10 @@ with the step's reduction), so the plan changes everywhere at once. A rank's spe
 per second of its own compute (time waiting in collectives left out), smoothed as the median of
 the last ``window`` steps; a re-plan needs a share to be off by more than ``threshold`` for
 ``patience`` steps in a row (in either direction: the plan moves back the same way once the
-rank recovers), so single noisy steps never move it. A rank slower than ``fail_below`` of the
-median rank for ``fail_after`` steps is declared failed: the in-place path recovers it.
+rank recovers), so single noisy steps never move it. A wanted plan within the threshold of
+the even split is the even split (so a recovered rank gets exactly its share back). A rank
+slower than ``fail_below`` of the median rank for ``fail_after`` steps is declared failed: the
+in-place path recovers it.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def straggler_verdict(
         verdict = StragglerVerdict("fail", reason, state.capacities, smoothed, failed)
         return StragglerState(state.capacities, recent, 0, slow_for), verdict
     wanted = tuple(round(s / fastest, 3) for s in smoothed)
+    even = 1.0 / ranks
+    if all(abs(share - even) / even <= policy.threshold for share in _shares(wanted)):
+        wanted = (1.0,) * ranks
     errors = [abs(w - c) / c for w, c in zip(_shares(wanted), _shares(state.capacities),
                                              strict=True)]  # fmt: skip
     worst = max(range(ranks), key=lambda r: errors[r])
@@ -104,3 +109,20 @@ def straggler_verdict(
               f"proportion to speeds {', '.join(f'{s:.3g}' for s in smoothed)}")  # fmt: skip
     verdict = StragglerVerdict("replan", reason, wanted, smoothed)
     return StragglerState(wanted, recent, 0, slow_for), verdict
+
+
+def hosting_capacities(capacities: Sequence[float], logical_workers: int) -> tuple[float, ...]:
+    """``capacities`` raised where needed so that every rank with a capacity hosts at least one
+    logical worker (a rank with no work would never be measured again, so never get work
+    back)."""
+    if logical_workers < len(capacities):
+        return tuple(capacities)
+    raised = [float(c) for c in capacities]
+    for _ in range(len(raised)):
+        floor = sum(raised) / logical_workers
+        low = [r for r, c in enumerate(raised) if 0 < c < floor]
+        if not low:
+            break
+        for r in low:
+            raised[r] = floor
+    return tuple(raised)

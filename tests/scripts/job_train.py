@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from elastictrain.train import Job
+from elastictrain.train.stragglers import StragglerPolicy
 
 
 class Samples:
@@ -33,9 +34,9 @@ class Samples:
         return self.x[i], self.y[i]
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, hidden: int = 32):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 4))
+    model = nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Dropout(0.2), nn.Linear(hidden, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     return model, opt, sched
@@ -52,11 +53,14 @@ def sum_loss(model, batch):
 
 
 def train(args) -> Job:
-    model, opt, sched = build()
+    model, opt, sched = build(hidden=args.hidden)
+    policy = (None if args.fail_after < 0 else
+              StragglerPolicy(threshold=args.threshold, fail_after=args.fail_after))  # fmt: skip
     job = Job(
-        model, opt, Samples(), sum_loss if args.loss == "sum" else mean_loss,
+        model, opt, Samples(args.samples), sum_loss if args.loss == "sum" else mean_loss,
         global_batch=args.global_batch, micro_batch=args.micro_batch, steps=args.steps,
         scheduler=sched, logical_workers=args.logical_workers, reduction=args.reduction,
+        stragglers=policy,
     )  # fmt: skip
     losses: dict[int, float] = {}  # by step: a step redone after a recovery counts once
     print(f"pid {os.getpid()} starts as rank {job.rank}", flush=True)  # -1: a hot spare
@@ -93,6 +97,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--logical-workers", type=int, default=4)
+    p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--fail-after", type=int, default=50,
+                   help="steps a far too slow rank may last (-1: no straggler re-plans)")
+    p.add_argument("--threshold", type=float, default=0.2, help="share error that re-plans")
     p.add_argument("--reduction", default="deterministic")
     p.add_argument("--loss", default="mean")
     p.add_argument("--out", default=None)
