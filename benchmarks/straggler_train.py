@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-
 from recovery_train import Samples  # this directory: the recovery benchmarks' data
 
 from elastictrain.train import Job
