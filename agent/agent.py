@@ -29,6 +29,7 @@ from elastictrain.credentials import JobCredentials
 from elastictrain.errors import AgentUnavailableError, CoordinationUnavailableError
 from elastictrain.events import Event
 from elastictrain.leftovers import owned_name, sweep
+from elastictrain.node_status import NodeStatus, SnapshotStatus
 from elastictrain.rpc.agent_client import AgentClient
 from elastictrain.session import protocol as P
 from elastictrain.snapshot.memory_store import SnapshotError, SnapshotStore
@@ -42,6 +43,7 @@ from .plan import RoundPlan, WorkerAssignment, assign_worker_ranks, worker_env
 from .server import start_server
 from .sessions import SessionServer, WorkerKey
 from .snapshots import RoundView, SnapshotCoordinator, record_request_problem
+from .status_record import StatusPublisher, build_node_status
 from .workers import WorkerGroup, WorkerInfo
 from .world import World
 
@@ -82,6 +84,8 @@ class Agent:
         self.hostname = socket.gethostname()
         self.endpoint = ""
         self.incarnation = uuid.uuid4().hex[:12]  # this agent process, in the worlds it joins
+        self.started = time.time()
+        self._status_out: StatusPublisher | None = None
         self._client: EtcdClient | None = None
         self._coordinator: JobCoordinator | None = None
         self._server = None
@@ -246,6 +250,8 @@ class Agent:
         )
         self._coordinator.on_snapshot_committed = self.snapshots.on_committed
         self._coordinator.register(self.endpoint, self.hostname)
+        self._status_out = StatusPublisher(self._coordinator.put_status,
+                                           constants.STATUS_INTERVAL_S)  # fmt: skip
         self._coordinator.start()
         logger.info(
             "agent %s of job %s registered (gRPC %s, etcd %s)",
@@ -273,7 +279,21 @@ class Agent:
             observation = self._next_observation()
             self._machine, effects = M.step(self._machine, observation, time.monotonic())
             self._apply(effects)
+            if self._status_out is not None:
+                self._status_out.offer(self._node_status, time.monotonic())
         return self._exit_code
+
+    def _node_status(self) -> NodeStatus:
+        held = self.snapshots
+        snapshot = SnapshotStatus() if held is None else SnapshotStatus(
+            memory_bytes=held.memory_bytes(),
+            records=sum(1 for r in held.store.list() if r.complete),
+            chunks=len(held.chunks.list()),
+            committed_step=-1 if held.store.committed is None else held.store.committed,
+            disk_error=held.disk_error,
+        )  # fmt: skip
+        return build_node_status(self.status(), self._machine, snapshot, self.started,
+                                 time.time())  # fmt: skip
 
     def _next_observation(self) -> M.Observation:
         """The next queued observation; every monitor interval, the workers' state and a tick."""

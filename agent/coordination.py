@@ -296,6 +296,22 @@ class JobCoordinator:
 
         self._writes.submit(put)
 
+    def put_status(self, value: bytes) -> None:
+        """Store this node's status record under its lease (best effort: the next record
+        replaces a lost one)."""
+        key = self.keys.node_status(self.config.node_id)
+
+        def put() -> None:
+            lease = self._lease
+            if lease is None:
+                return
+            try:
+                self.client.put(key, value, lease.lease_id, timeout=_EVENT_PUT_TIMEOUT_S)
+            except CoordinationUnavailableError as exc:
+                logger.debug("status record not stored: %s", exc)
+
+        self._writes.submit(put, flushable=False)
+
     def flush(self, timeout: float) -> bool:
         """Wait for the queued writes (not a rendezvous in progress)."""
         deadline = time.monotonic() + timeout

@@ -137,6 +137,7 @@ class Beat:
     active: bool  # inside the training loop: a step that never ends is a hang
     speed: float = 0.0  # samples per compute-second (0: not known)
     share: float = -1.0  # of the global batch (-1: not known)
+    step_s: float = -1.0  # seconds per step between its last two reported steps (-1: not known)
 
 
 @dataclass(frozen=True)
@@ -581,7 +582,10 @@ def _on_worker_heartbeat(m: AgentMachine, obs: WorkerHeartbeat, now: float):
         return m, []
     last = m.beats.get(obs.slot)
     since = last.since if last is not None and last.step == obs.step else now
-    beat = Beat(now, obs.step, since, obs.active, obs.speed, obs.share)
+    step_s = last.step_s if last is not None else -1.0
+    if last is not None and 0 <= last.step < obs.step:
+        step_s = round((now - last.since) / (obs.step - last.step), 6)
+    beat = Beat(now, obs.step, since, obs.active, obs.speed, obs.share, step_s)
     return replace(m, beats={**m.beats, obs.slot: beat}), []
 
 

@@ -4,16 +4,18 @@ side in one run; a noisy healthy rank; and what the timing costs on a GPU.
     python benchmarks/straggler_bench.py --rows cpu,noise,verdict   # any machine
     python benchmarks/straggler_bench.py --rows gpu                 # one GPU
 
-- ``cpu``: 2 agents x 2 workers on gloo (real etcd), the MLP of ``straggler_train.py`` with 64
-  logical workers; rank 3 slowed ``F`` times (``--fault slow:...``) from step ``--slow-from``
-  to ``--slow-until``, for each factor, once with straggler re-plans and once with the static
-  split (``stragglers=None``). Throughput while slow is measured from ``--settle`` steps after
-  the slowdown starts to its end; healthy throughput over the steps before it. The ideal is
-  the healthy throughput times the ranks' summed relative speeds (``(3 + 1/F') / 4``, with
-  ``F'`` the slowdown the ranks measured). Detection: steps from the slowdown's start to the
-  plan that gives rank 3 less work; back: steps from its end to the even split.
-- ``noise``: the same job for ``--noise-steps`` steps, rank 3's compute varying by +-20 % from
-  step to step around the others' (``--noise``): re-plans counted.
+- ``cpu``: ``--nnodes`` agents x ``--nproc`` workers on gloo (real etcd; default 2 x 2), the
+  MLP of ``straggler_train.py`` with 64 logical workers; the last rank slowed ``F`` times
+  (``--fault slow:...``) from step ``--slow-from`` to ``--slow-until``, for each factor, once
+  with straggler re-plans and once with the static split (``StragglerPolicy(replan=False)``:
+  measured, never moved), beside a fault-free reference run. Throughput is measured from
+  ``--settle`` steps after the slowdown starts to its end, in every run over the same steps.
+  The ideal is the reference's throughput times the ranks' summed measured speeds while slow
+  over their sum in the reference (the sum of the speeds is what the ranks could do
+  together). Detection: steps from the slowdown's start to the plan that gives the slow rank
+  less work; back: steps from its end to the even split.
+- ``noise``: the same job for ``--noise-steps`` steps, the last rank's compute varying by
+  +-20 % from step to step around the others' (``--noise``): re-plans counted.
 - ``verdict``: the pure verdict's own cost per step for worlds of 4 to 1024 ranks.
 - ``gpu``: the ~1B GPT of ``recovery_gpu_train.py`` on one GPU, the ``Job`` with its timing
   (CUDA events read a step late) against ``stragglers=None`` (nothing timed), alternating runs;
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,13 +48,15 @@ GPU_TRAIN = HERE / "recovery_gpu_train.py"
 ETRAIN = [sys.executable, "-m", "elastictrain.cli.main", "launch"]
 
 
-def _launch(etcd: str, out: Path, fault: str | None, steps: int, *extra: str) -> list[dict]:
-    """One 2 x 2 job; rank 0's step lines."""
+def _launch(args, etcd: str, out: Path, fault: str | None, steps: int,
+            *extra: str) -> list[dict]:  # fmt: skip
+    """One job; rank 0's step lines."""
     job = f"straggle-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = []
-    for node in "ab":
-        cmd = [*ETRAIN, "--nnodes", "2", "--nproc-per-node", "2", "--etcd", etcd,
+    for node in "abcdefgh"[: args.nnodes]:
+        cmd = [*ETRAIN, "--nnodes", str(args.nnodes), "--nproc-per-node", str(args.nproc),
+               "--etcd", etcd,
                "--job-id", job, "--node-id", node, "--max-restarts", "0",
                *(["--fault", fault] if fault else []), str(TRAIN), "--out", str(out),
                "--steps", str(steps), *extra]  # fmt: skip
@@ -61,7 +66,7 @@ def _launch(etcd: str, out: Path, fault: str | None, steps: int, *extra: str) ->
         code = proc.wait(timeout=900)
         log.close()
         if code != 0:
-            tail = (out / f"log-{'ab'[procs.index((proc, log))]}.txt").read_text()[-4000:]
+            tail = (out / f"log-{'abcdefgh'[procs.index((proc, log))]}.txt").read_text()[-4000:]
             raise RuntimeError(f"a launch exited {code}; its log ends:\n{tail}")
     return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 
@@ -72,37 +77,58 @@ def _throughput(lines: list[dict], first: int, last: int, batch: int) -> float:
     return batch * (last - first) / (at[last] - at[first])
 
 
+def _speeds(lines: list[dict], first: int, last: int) -> list[float]:
+    """Each rank's median speed over steps ``(first, last]`` (as the reductions carried)."""
+    rows = [line["speeds"] for line in lines if first < line["step"] <= last and line["speeds"]]
+    return [statistics.median(row[r] for row in rows) for r in range(len(rows[0]))]
+
+
+def _keep(args, out: Path, name: str) -> None:
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "steps.jsonl", Path(args.keep) / f"{name}.jsonl")
+
+
 def _cpu_rows(args, etcd: str, root: Path) -> list[str]:
+    """Each factor's row: throughput while slow against the ideal, re-plan and static side
+    by side. The ideal is the fault-free run's throughput over the same steps, times the
+    ranks' summed speeds while slow over their sum in the fault-free run."""
     rows = []
-    batch = 256
+    last = args.nnodes * args.nproc - 1
+    first, end = args.slow_from + args.settle, args.slow_until - 1
+    out = root / "cpu-reference"
+    out.mkdir()
+    reference = _launch(args, etcd, out, None, args.steps, *args.shape)
+    _keep(args, out, "reference")
+    ref_rate, ref_speeds = _throughput(reference, first, end, args.batch), _speeds(
+        reference, first, end)
+    print(f"# reference: {ref_rate:.0f}/s, speeds {ref_speeds}", file=sys.stderr)
     for factor in [float(f) for f in args.factors.split(",")]:
-        fault = f"slow:rank=3:step={args.slow_from}:factor={factor:g}:until={args.slow_until}"
+        fault = (f"slow:rank={last}:step={args.slow_from}:factor={factor:g}:"
+                 f"until={args.slow_until}")  # fmt: skip
         result = {}
         for mode in ("re-plan", "static"):
             out = root / f"cpu-{factor:g}-{mode}"
             out.mkdir()
-            lines = _launch(etcd, out, fault, args.steps,
+            lines = _launch(args, etcd, out, fault, args.steps, *args.shape,
                             *(["--static"] if mode == "static" else []))  # fmt: skip
-            healthy = _throughput(lines, 3, args.slow_from - 1, batch)
-            slow = _throughput(lines, args.slow_from + args.settle, args.slow_until - 1, batch)
-            result[mode] = (healthy, slow, lines)
-            print(f"# x{factor:g} {mode}: healthy {healthy:.0f}/s, slow {slow:.0f}/s",
+            _keep(args, out, f"x{factor:g}-{mode}")
+            rate, speeds = _throughput(lines, first, end, args.batch), _speeds(lines, first, end)
+            ideal = ref_rate * sum(speeds) / sum(ref_speeds)
+            result[mode] = (rate, ideal, speeds, lines)
+            print(f"# x{factor:g} {mode}: {rate:.0f}/s, ideal {ideal:.0f}/s, speeds {speeds}",
                   file=sys.stderr)  # fmt: skip
-        healthy, slow, lines = result["re-plan"]
-        s_healthy, s_slow, _ = result["static"]
-        measured = [line["speeds"] for line in lines
-                    if args.slow_from + 2 <= line["step"] < args.slow_until and line["speeds"]]
-        ratio = statistics.median(s[3] / statistics.median(s[:3]) for s in measured)
-        ideal = healthy * (3 + ratio) / 4
-        s_ideal = s_healthy * (3 + ratio) / 4
+        rate, ideal, speeds, lines = result["re-plan"]
+        s_rate, s_ideal, _, _ = result["static"]
+        measured = statistics.median(speeds[:last]) / speeds[last]
         even = lines[0]["workers"]
-        detect = next((ln["step"] - args.slow_from for ln in lines
-                       if ln["step"] >= args.slow_from and ln["workers"][3] < even[3]), None)
+        detect = next((ln["step"] - args.slow_from for ln in lines if ln["step"] >=
+                       args.slow_from and ln["workers"][last] < even[last]), None)  # fmt: skip
         back = next((ln["step"] - args.slow_until for ln in lines
                      if ln["step"] >= args.slow_until and ln["workers"] == even), None)
-        workers = lines[args.slow_until - 2]["workers"]
-        rows.append(f"| {factor:g}x | {1 / ratio:.2f}x | {slow / ideal:.1%} | "
-                    f"{s_slow / s_ideal:.1%} | {(slow / s_slow):.2f}x | {detect} | {back} | "
+        workers = lines[end]["workers"]
+        rows.append(f"| {factor:g}x | {measured:.2f}x | {rate / ideal:.1%} | "
+                    f"{s_rate / s_ideal:.1%} | {rate / s_rate:.2f}x | {detect} | {back} | "
                     f"{workers} |")  # fmt: skip
     return rows
 
@@ -110,11 +136,14 @@ def _cpu_rows(args, etcd: str, root: Path) -> list[str]:
 def _noise_row(args, etcd: str, root: Path) -> str:
     out = root / "noise"
     out.mkdir()
-    lines = _launch(etcd, out, None, args.noise_steps, "--noise", str(args.noise))
+    last = args.nnodes * args.nproc - 1
+    lines = _launch(args, etcd, out, None, args.noise_steps, *args.shape, "--noise",
+                    str(args.noise), "--noise-rank", str(last))  # fmt: skip
+    _keep(args, out, "noise")
     plans = [tuple(line["workers"]) for line in lines]
     changes = sum(1 for a, b in zip(plans, plans[1:], strict=False) if a != b)
-    return (f"| rank 3 noisy +-{args.noise:.0%} per step | {args.noise_steps} steps | "
-            f"{changes} re-plans |")  # fmt: skip
+    return (f"| rank {last} noisy +-{args.noise:.0%} per step | {args.noise_steps} | "
+            f"{changes} |")  # fmt: skip
 
 
 def _verdict_rows() -> list[str]:
@@ -156,15 +185,24 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="cpu,noise,verdict")
     p.add_argument("--factors", default="1.5,2,4")
+    p.add_argument("--nnodes", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=75)
     p.add_argument("--slow-from", type=int, default=10)
     p.add_argument("--slow-until", type=int, default=60)
     p.add_argument("--settle", type=int, default=10)
     p.add_argument("--noise", type=float, default=0.2)
     p.add_argument("--noise-steps", type=int, default=200)
-    p.add_argument("--gpu-steps", type=int, default=40)
-    p.add_argument("--gpu-repeats", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--gpu-steps", type=int, default=50)
+    p.add_argument("--gpu-repeats", type=int, default=3)
+    p.add_argument("--keep", default=None, metavar="DIR", help="keep each run's step lines here")
     args = p.parse_args()
+    args.batch = args.global_batch
+    args.shape = ["--global-batch", str(args.global_batch), "--micro-batch",
+                  str(args.micro_batch), "--dim", str(args.dim)]
     rows = set(args.rows.split(","))
     root = Path(tempfile.mkdtemp(prefix="etrain-straggler-bench-"))
     clock = os.environ.get("ETRAIN_COMPUTE_CLOCK", "wall")
@@ -175,8 +213,9 @@ def main() -> int:
         with EmbeddedEtcd(name="straggler-bench") as etcd:
             if "cpu" in rows:
                 table = _cpu_rows(args, etcd.endpoint, root)
-                print(f"\n2 agents x 2 workers on gloo ({os.cpu_count()} CPUs, compute clock "
-                      f"{clock}), 64 logical workers, rank 3 slowed from step "
+                print(f"\n{args.nnodes} agents x {args.nproc} workers on gloo "
+                      f"({os.cpu_count()} CPUs, compute clock {clock}), 64 logical workers, "
+                      f"rank {args.nnodes * args.nproc - 1} slowed from step "
                       f"{args.slow_from} to {args.slow_until}; throughput from step "
                       f"{args.slow_from + args.settle}\n")  # fmt: skip
                 print("| slowdown | as measured | re-plan: of ideal | static: of ideal | "

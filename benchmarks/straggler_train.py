@@ -33,12 +33,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=75)
-    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--global-batch", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--logical-workers", type=int, default=64)
-    p.add_argument("--static", action="store_true", help="no straggler re-plans")
+    p.add_argument("--static", action="store_true",
+                   help="measure speeds but never re-plan (the static split)")
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--noise-rank", type=int, default=3)
     args = p.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
     job = Job(model, opt, Samples(args.global_batch * 4, args.dim), loss_fn,
               global_batch=args.global_batch, micro_batch=args.micro_batch, steps=args.steps,
               logical_workers=args.logical_workers,
-              stragglers=None if args.static else StragglerPolicy())  # fmt: skip
+              stragglers=StragglerPolicy(replan=not args.static))  # fmt: skip
     draws = random.Random(1000 + job.rank)
     spread = args.noise * (1 + EXTRA) / EXTRA  # the extra's spread that gives +-noise in all
 

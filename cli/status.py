@@ -1,9 +1,15 @@
-"""``etrain status``: the job's nodes and workers, from etcd and each node's agent."""
+"""``etrain status``: a running job's nodes and workers, from the status records in etcd.
+
+Every agent publishes its node's record (:mod:`elastictrain.node_status`); this command reads
+them once through :func:`~elastictrain.cli.job_state.read_job_state` and prints a table
+(``--once``) or the versioned JSON of :meth:`JobState.to_json` (``--json``).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import sys
+import time
 
 
 def add_parser(sub) -> None:
@@ -17,92 +23,67 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-@dataclass
-class WorkerRow:
-    rank: int
-    local_rank: int
-    pid: int
-    state: str
-    exit_code: int | None
-    step: int = -1  # steps done, as its last heartbeat said (-1: not known)
-    speed: float = 0.0  # samples per second of its own compute (0: not known)
-    share: float = -1.0  # its share of the global batch (-1: not known)
+def collect(etcd: str, job_id: str):
+    """The job's state read once; :class:`JobNotFoundError` when nothing of it is running."""
+    from elastictrain.cli.job_state import read_job_state
+
+    from elastictrain.coord.etcd import EtcdClient
+    from elastictrain.coord.keys import JobKeys
+    from elastictrain.errors import JobNotFoundError
+
+    JobKeys(job_id)  # a malformed id is one line before any connection
+    client = EtcdClient.from_spec(etcd, timeout=5.0)
+    try:
+        state = read_job_state(client, job_id, etcd)
+    finally:
+        client.close()
+    if not state.running:
+        raise JobNotFoundError(f"no agent of job {job_id!r} is registered in etcd at {etcd}")
+    return state
 
 
-@dataclass
-class NodeRow:
-    node_id: str
-    endpoint: str
-    hostname: str
-    state: str
-    restart_count: int = 0
-    max_restarts: int = 0
-    round: int = 0
-    group_rank: int = -1
-    world_size: int = 0
-    workers: list[WorkerRow] = field(default_factory=list)
-    disk_error: str = ""
+def _age(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else f"{seconds / 60:.0f}m"
 
 
-@dataclass
-class JobStatus:
-    job_id: str
-    etcd: str
-    nodes: list[NodeRow]
-
-
-def collect(etcd: str, job_id: str) -> JobStatus:
-    """Read the job's registered nodes from etcd, then ask each agent for its status."""
-    from elastictrain.coord.nodes import running_job_nodes
-    from elastictrain.errors import AgentUnavailableError
-    from elastictrain.rpc.agent_client import AgentClient
-
-    records = running_job_nodes(etcd, job_id)
-    rows: list[NodeRow] = []
-    for record in records:
-        row = NodeRow(record.node_id, record.endpoint, record.hostname, "UNREACHABLE")
-        try:
-            with AgentClient(record.endpoint, timeout=3.0) as agent:
-                st = agent.get_status()
-        except AgentUnavailableError:
-            rows.append(row)
-            continue
-        row.state = st.state
-        row.restart_count = st.restart_count
-        row.max_restarts = st.max_restarts
-        row.round = st.round
-        row.group_rank = st.group_rank
-        row.world_size = st.world_size
-        row.disk_error = st.disk_error
-        row.workers = [
-            WorkerRow(w.rank, w.local_rank, w.pid, w.state, w.exit_code if w.exited else None,
-                      w.step, round(w.speed, 3), round(w.share, 5))  # fmt: skip
-            for w in sorted(st.workers, key=lambda w: w.rank)
-        ]
-        rows.append(row)
-    return JobStatus(job_id=job_id, etcd=etcd, nodes=rows)
-
-
-def render_table(status: JobStatus):
+def render_table(state, now: float | None = None):
     from rich.table import Table
 
-    table = Table(title=f"job {status.job_id}  (etcd {status.etcd})", title_justify="left")
-    for column in ("node", "agent", "state", "restarts", "round", "rank", "local", "pid", "worker",
-                   "step", "speed", "share"):  # fmt: skip
+    now = time.time() if now is None else now
+    world = state.world
+    title = f"job {state.job_id}  (etcd {state.etcd})"
+    if world is not None:
+        title += f"  world {world.size} ranks, epoch {world.epoch}"
+    if state.committed_step >= 0:
+        title += f"  snapshot step {state.committed_step}"
+    table = Table(title=title, title_justify="left")
+    for column in ("node", "state", "restarts", "round", "rank", "pid", "worker", "step",
+                   "s/step", "speed", "share", "memory"):  # fmt: skip
         table.add_column(column)
-    for node in status.nodes:
+    for node_id in sorted(set(state.nodes) | set(state.registered)):
+        node = state.nodes.get(node_id)
+        if node is None:
+            table.add_row(node_id, "STARTING", *["-"] * 10)
+            continue
         restarts = f"{node.restart_count}/{node.max_restarts}"
-        state = node.state + (f" (disk tier: {node.disk_error})" if node.disk_error else "")
-        base = [node.node_id, node.endpoint, state, restarts, str(node.round)]
+        shown = node.state + (f" (disk tier: {node.snapshot.disk_error})"
+                              if node.snapshot.disk_error else "")  # fmt: skip
+        if now - node.updated > 10:
+            shown += f" (as of {_age(now - node.updated)} ago)"
+        memory = f"{node.snapshot.memory_bytes / 2**30:.2f} GiB"
+        base = [node_id, shown, restarts, str(node.round)]
         if not node.workers:
-            table.add_row(*base, "-", "-", "-", "-", "-", "-", "-")
+            table.add_row(*base, "-", "-", "-", "-", "-", "-", "-", memory)
         for i, w in enumerate(node.workers):
             lead = base if i == 0 else [""] * len(base)
-            state = w.state if w.exit_code is None else f"{w.state} ({w.exit_code})"
-            pace = [str(w.step) if w.step >= 0 else "-",
-                    f"{w.speed:.3g}/s" if w.speed > 0 else "-",
-                    f"{w.share:.1%}" if w.share >= 0 else "-"]  # fmt: skip
-            table.add_row(*lead, str(w.rank), str(w.local_rank), str(w.pid), state, *pace)
+            rank = "spare" if w.spare else str(w.rank) if w.rank >= 0 else "-"
+            worker = w.state if w.exit_code is None else f"{w.state} ({w.exit_code})"
+            table.add_row(*lead, rank, str(w.pid), worker,
+                          str(w.step) if w.step >= 0 else "-",
+                          f"{w.step_s:.3f}" if w.step_s >= 0 else "-",
+                          f"{w.speed:.3g}/s" if w.speed > 0 else "-",
+                          f"{w.share:.1%}" if w.share >= 0 else "-",
+                          memory if i == 0 else "")  # fmt: skip
     return table
 
 
@@ -113,10 +94,12 @@ def run(args) -> int:
 
     etcd, job_id = local_jobs.resolve_etcd(args.etcd, args.job_id)
     local_jobs.use_credentials(job_id, args.credentials)
-    status = collect(etcd, job_id)
+    state = collect(etcd, job_id)
     if args.json:
-        print(json.dumps(asdict(status), indent=2))
+        print(json.dumps(state.to_json(), indent=2))
         return 0
     # The live view comes later; --once (and the default for now) prints one table.
-    Console(color_system=None, width=120, soft_wrap=True).print(render_table(status))
+    console = Console(color_system=None if not sys.stdout.isatty() else "auto", width=140,
+                      soft_wrap=True)  # fmt: skip
+    console.print(render_table(state))
     return 0

@@ -107,6 +107,9 @@ ENV_ETCD_KEY = "ETRAIN_ETCD_KEY"
 ENV_ETCD_USER = "ETRAIN_ETCD_USER"
 ENV_ETCD_PASSWORD_FILE = "ETRAIN_ETCD_PASSWORD_FILE"
 
+# A node's status record in etcd is written at most this often (and only when it changed)
+STATUS_INTERVAL_S = 0.5
+
 # Stragglers: how a CPU rank times its compute. "wall" (perf_counter: a rank that shares its
 # cores is seen as slow) or "thread" (the training thread's CPU time: only more work per
 # sample or a slower clock is seen; for hosts that run more ranks than they have cores)

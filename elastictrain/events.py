@@ -17,6 +17,7 @@ from typing import Any
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
 from elastictrain.errors import ElasticTrainError
+from elastictrain.json_records import open_record
 
 EVENT_VERSION = 1
 
@@ -48,13 +49,7 @@ class Event:
 
     @classmethod
     def decode(cls, raw: bytes) -> Event:
-        try:
-            record = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise EventFormatError(f"an event is not JSON: {exc}") from exc
-        if not isinstance(record, dict) or record.get("version") != EVENT_VERSION:
-            version = record.get("version") if isinstance(record, dict) else None
-            raise EventFormatError(f"event version {version!r} is not {EVENT_VERSION}")
+        record = open_record(raw, EVENT_VERSION, "an event", EventFormatError)
         try:
             return cls(
                 str(record["kind"]), str(record["node"]), float(record["time"]),

@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from elastictrain import safe_pickle
 from elastictrain.coord.nodes import NodeRecord, NodeRecordFormatError
 from elastictrain.errors import SnapshotFormatError
 from elastictrain.events import Event, EventFormatError
+from elastictrain.node_status import NodeStatus, NodeStatusFormatError, SnapshotStatus, WorkerStatus
 from elastictrain.snapshot.device_mirror import MirrorError, MirrorOffer
 from elastictrain.snapshot.layout import StateLayout, flatten_state, unflatten_state
 from elastictrain.snapshot.payload import PayloadEntry, pack_payload_into, unpack_payload
@@ -301,15 +303,35 @@ def test_fuzz_session_frames(raw):
 
 _EVENT = Event("ride_out", "a", 1.5, "etcd away", {"answers": {"b": 2.0}}).encode()
 _NODE = NodeRecord("a", "127.0.0.1:1", "h", 0, 2, 7).encode()
+_STATUS = NodeStatus("a", "h", "127.0.0.1:1", 7, "RUNNING", world_size=4, workers=(
+    WorkerStatus(0, 2, 9, "RUNNING", step=3, step_s=0.1, speed=5.5, share=0.25),
+    WorkerStatus(2, -1, 10, "FAILED", exit_code=-9, spare=True)),
+    snapshot=SnapshotStatus(memory_bytes=1 << 20, records=2)).encode()  # fmt: skip
 
 
 @FUZZ
-@given(_mutations(_EVENT) | _mutations(_NODE))
-def test_fuzz_events_and_node_records(raw):
+@given(_mutations(_EVENT) | _mutations(_NODE) | _mutations(_STATUS))
+def test_fuzz_events_node_records_and_node_status(raw):
     with contextlib.suppress(EventFormatError):
         Event.decode(raw)
     with contextlib.suppress(NodeRecordFormatError):
         NodeRecord.decode(raw)
+    with contextlib.suppress(NodeStatusFormatError):
+        status = NodeStatus.decode(raw)
+        assert NodeStatus.decode(status.encode()) == status
+
+
+def test_node_status_records_round_trip_and_are_checked():
+    status = NodeStatus.decode(_STATUS)
+    assert status.workers[1].exit_code == -9 and status.snapshot.records == 2
+    assert status.same_as(replace(status, updated=99.0))
+    assert not status.same_as(replace(status, state="FAILED"))
+    for old, new in ((b'"pid":7', b'"pid":"7"'), (b'"spare":true', b'"spare":1'),
+                     (b'"step_s":0.1', b'"step_s":1e999'), (b'"version":1', b'"version":2'),
+                     (b'"records":2', b'"records":2,"extra":1')):  # fmt: skip
+        assert old in _STATUS
+        with pytest.raises(NodeStatusFormatError):
+            NodeStatus.decode(_STATUS.replace(old, new, 1))
 
 
 _OFFER = json.dumps(MirrorOffer("GPU-1", 1 << 30, (b"\x01" * 64, b"\x02" * 64)).to_json())

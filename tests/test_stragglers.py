@@ -110,3 +110,11 @@ def test_the_compute_clock_times_only_what_it_brackets():
     assert not Slowdown(1.0).active(1, 0.0)
     with pytest.raises(ConfigError):
         cpu_clock("sundial")
+
+
+def test_a_measuring_policy_never_moves_work():
+    def speeds(step):
+        return [10.0, 10.0, 10.0, 5.0]
+
+    _, verdicts = _run(speeds, 30, StragglerPolicy(replan=False))
+    assert {v.action for v in verdicts} == {"keep"} and verdicts[-1].speeds[3] == 5.0

@@ -10,7 +10,9 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from launch_harness import SCRIPTS, Cluster
@@ -19,6 +21,7 @@ from elastictrain.constants import ENV_COMPUTE_CLOCK
 from elastictrain.events import read_events
 
 JOB_SCRIPT = SCRIPTS / "job_train.py"
+SCHEMA = json.loads((Path(__file__).parents[1] / "docs" / "status.schema.json").read_text())
 # 64 logical workers of 4 samples: one of 4 ranks at half speed can get 96 % of the ideal
 SHAPE = ["--global-batch", "256", "--micro-batch", "4", "--logical-workers", "64",
          "--samples", "512", "--hidden", "512"]  # fmt: skip
@@ -66,7 +69,9 @@ def _workers(etcd: str, job_id: str) -> dict[int, dict]:
     done = _etrain("status", "--json", "--etcd", etcd, "--job-id", job_id)
     if done.returncode != 0:
         return {}
-    nodes = json.loads(done.stdout)["nodes"]
+    state = json.loads(done.stdout)
+    jsonschema.validate(state, SCHEMA)
+    nodes = state["nodes"]
     return {w["rank"]: w for n in nodes for w in n["workers"] if w["state"] == "RUNNING"}
 
 
@@ -88,7 +93,9 @@ def _same(final: dict, reference: dict, reduction: str) -> None:
             assert error < 1e-5, f"{key}: relative error {error}"
 
 
-@pytest.mark.parametrize("reduction", ["deterministic", "fast"])
+# With the fast reduction the re-plan is the same; its results stay within rounding of any
+# hosting (tests/test_job.py), so one reduction is run here.
+@pytest.mark.parametrize("reduction", ["deterministic"])
 def test_a_slow_rank_gets_less_work_and_gets_it_back(cluster, etcd_endpoint, etcd_client,
                                                      job_id, tmp_path, reduction):  # fmt: skip
     steps = 75
@@ -136,7 +143,7 @@ def test_a_rank_far_too_slow_for_too_long_is_failed_and_recovered_in_place(
 
 def test_chaos_slow_through_the_cli_is_seen_in_status_and_ended_with_off(
         cluster, etcd_endpoint, etcd_client, job_id, tmp_path):  # fmt: skip
-    steps, target = 150, ["--etcd", etcd_endpoint, "--job-id", job_id]
+    steps, target = 100, ["--etcd", etcd_endpoint, "--job-id", job_id]
     procs = _launch(cluster, etcd_endpoint, job_id, steps, None, "--step-sleep", "0.05")
     _wait_for(lambda: _workers(etcd_endpoint, job_id).get(1, {}).get("step", -1) >= 5, procs,
               "step 5")  # fmt: skip

@@ -96,6 +96,14 @@ class JobKeys:
         return f"{self.events_prefix}{node_id}/{writer}/{seq:010d}"
 
     @property
+    def status_prefix(self) -> str:
+        """Each node's status record (:mod:`elastictrain.node_status`), leased."""
+        return f"{self.root}status/"
+
+    def node_status(self, node_id: str) -> str:
+        return f"{self.status_prefix}{node_id}"
+
+    @property
     def snapshot_done_prefix(self) -> str:
         return f"{self.root}snap/done/"
 

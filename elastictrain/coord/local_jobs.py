@@ -131,6 +131,10 @@ def resolve_etcd(etcd: str | None, job_id: str | None) -> tuple[str, str]:
     With ``--etcd`` the job id defaults to the default id. Without it, the job's embedded etcd
     is looked up locally; with no job id either, the one local job is taken.
     """
+    if job_id is not None:
+        from elastictrain.coord.keys import validate_name
+
+        validate_name("job id", job_id)
     if etcd:
         return etcd, job_id or constants.DEFAULT_JOB_ID
     if job_id:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from elastictrain.errors import SnapshotFormatError
+from elastictrain.json_records import open_record
 from elastictrain.snapshot.layout import StateLayout
 
 RECORD_META_VERSION = 2
@@ -95,14 +96,7 @@ def decode_record_meta(raw: bytes | bytearray | memoryview) -> RecordMeta | Shar
     if len(raw) > MAX_RECORD_META_BYTES:
         raise SnapshotFormatError(f"a record description of {len(raw)} bytes is over "
                                   f"{MAX_RECORD_META_BYTES}")  # fmt: skip
-    try:
-        record = json.loads(bytes(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise SnapshotFormatError(f"a record description is not JSON: {exc}") from exc
-    if not isinstance(record, dict) or record.get("version") != RECORD_META_VERSION:
-        version = record.get("version") if isinstance(record, dict) else None
-        raise SnapshotFormatError(f"record description version {version!r} is not "
-                                  f"{RECORD_META_VERSION}")  # fmt: skip
+    record = open_record(raw, RECORD_META_VERSION, "a record description", SnapshotFormatError)
     rank, world, step = _count(record, "rank"), _count(record, "world"), _count(record, "step")
     kind = record.get("kind")
     if kind == "replicated":

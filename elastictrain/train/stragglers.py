@@ -22,11 +22,12 @@ from elastictrain.errors import ConfigError
 
 @dataclass(frozen=True)
 class StragglerPolicy:
-    window: int = 5  # steps of speeds a rank's speed is the median of
+    window: int = 7  # steps of speeds a rank's speed is the median of
     threshold: float = 0.2  # relative error of a rank's share of the work that re-plans
-    patience: int = 3  # consecutive steps the error must last
+    patience: int = 4  # consecutive steps the error must last
     fail_below: float = 0.2  # a rank slower than this fraction of the median rank ...
     fail_after: int = 50  # ... for this many steps is declared failed (0: never)
+    replan: bool = True  # False: measure and report only, never move work
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.patience < 1 or self.fail_after < 0:
@@ -97,8 +98,9 @@ def straggler_verdict(
     errors = [abs(w - c) / c for w, c in zip(_shares(wanted), _shares(state.capacities),
                                              strict=True)]  # fmt: skip
     worst = max(range(ranks), key=lambda r: errors[r])
-    if errors[worst] <= policy.threshold:
-        keep = StragglerVerdict("keep", "shares within the threshold", state.capacities, smoothed)
+    if errors[worst] <= policy.threshold or not policy.replan:
+        why = "shares within the threshold" if policy.replan else "re-plans are off"
+        keep = StragglerVerdict("keep", why, state.capacities, smoothed)
         return StragglerState(state.capacities, recent, 0, slow_for), keep
     off_for = state.off_for + 1
     if off_for < policy.patience:

@@ -46,25 +46,30 @@ class ComputeClock:
         self._cuda = device.type == "cuda"
         self.clock = clock or cpu_clock()
         self._started = 0.0
-        self._start_event: torch.cuda.Event | None = None
+        # GPU: two pairs of events, used in turn (one may still be pending from the step
+        # before), made once
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._turn = 0
         self._pending: tuple[torch.cuda.Event, torch.cuda.Event, int] | None = None
         self._speed = 0.0
 
     def start(self) -> None:
         if self._cuda:
-            self._start_event = torch.cuda.Event(enable_timing=True)
-            self._start_event.record()
+            if not self._events:
+                self._events = [(torch.cuda.Event(enable_timing=True),
+                                 torch.cuda.Event(enable_timing=True)) for _ in range(2)]
+            self._turn ^= 1
+            self._events[self._turn][0].record()
         else:
             self._started = self.clock()
 
     def stop(self, samples: int) -> None:
         """The step's compute ended; it covered ``samples`` samples."""
         if self._cuda:
-            assert self._start_event is not None
-            end = torch.cuda.Event(enable_timing=True)
+            start, end = self._events[self._turn]
+            self.speed()  # the pending pair's reading, before it is reused
             end.record()
-            self._pending = (self._start_event, end, samples)
-            self._start_event = None
+            self._pending = (start, end, samples)
             return
         elapsed = self.clock() - self._started
         self._speed = samples / elapsed if samples and elapsed > 0 else 0.0
@@ -82,7 +87,7 @@ class ComputeClock:
 
     def forget(self) -> None:
         """The last measurement belongs to an abandoned step or an earlier world."""
-        self._pending, self._start_event, self._speed = None, None, 0.0
+        self._pending, self._speed = None, 0.0
 
 
 @dataclass(frozen=True)
