@@ -198,11 +198,12 @@ def main() -> int:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--gpu-steps", type=int, default=50)
     p.add_argument("--gpu-repeats", type=int, default=3)
+    p.add_argument("--reduction", default="deterministic", choices=["deterministic", "fast"])
     p.add_argument("--keep", default=None, metavar="DIR", help="keep each run's step lines here")
     args = p.parse_args()
     args.batch = args.global_batch
     args.shape = ["--global-batch", str(args.global_batch), "--micro-batch",
-                  str(args.micro_batch), "--dim", str(args.dim)]
+                  str(args.micro_batch), "--dim", str(args.dim), "--reduction", args.reduction]
     rows = set(args.rows.split(","))
     root = Path(tempfile.mkdtemp(prefix="etrain-straggler-bench-"))
     clock = os.environ.get("ETRAIN_COMPUTE_CLOCK", "wall")
@@ -214,7 +215,8 @@ def main() -> int:
             if "cpu" in rows:
                 table = _cpu_rows(args, etcd.endpoint, root)
                 print(f"\n{args.nnodes} agents x {args.nproc} workers on gloo "
-                      f"({os.cpu_count()} CPUs, compute clock {clock}), 64 logical workers, "
+                      f"({os.cpu_count()} CPUs, compute clock {clock}, {args.reduction} "
+                      "reduction), 64 logical workers, "
                       f"rank {args.nnodes * args.nproc - 1} slowed from step "
                       f"{args.slow_from} to {args.slow_until}; throughput from step "
                       f"{args.slow_from + args.settle}\n")  # fmt: skip

@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--logical-workers", type=int, default=64)
     p.add_argument("--static", action="store_true",
                    help="measure speeds but never re-plan (the static split)")
+    p.add_argument("--reduction", default="deterministic")
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--noise-rank", type=int, default=3)
     args = p.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
 
     job = Job(model, opt, Samples(args.global_batch * 4, args.dim), loss_fn,
               global_batch=args.global_batch, micro_batch=args.micro_batch, steps=args.steps,
-              logical_workers=args.logical_workers,
+              logical_workers=args.logical_workers, reduction=args.reduction,
               stragglers=StragglerPolicy(replan=not args.static))  # fmt: skip
     draws = random.Random(1000 + job.rank)
     spread = args.noise * (1 + EXTRA) / EXTRA  # the extra's spread that gives +-noise in all

@@ -93,9 +93,7 @@ def _same(final: dict, reference: dict, reduction: str) -> None:
             assert error < 1e-5, f"{key}: relative error {error}"
 
 
-# With the fast reduction the re-plan is the same; its results stay within rounding of any
-# hosting (tests/test_job.py), so one reduction is run here.
-@pytest.mark.parametrize("reduction", ["deterministic"])
+@pytest.mark.parametrize("reduction", ["deterministic", "fast"])
 def test_a_slow_rank_gets_less_work_and_gets_it_back(cluster, etcd_endpoint, etcd_client,
                                                      job_id, tmp_path, reduction):  # fmt: skip
     steps = 75
