@@ -129,17 +129,22 @@ def run_ddp(args, times: Times, device: torch.device) -> None:
     dist.destroy_process_group()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--api", choices=["plain", "job", "ddp"], required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=40)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The ~1B GPT's shape and batch (the GPU benchmarks share them)."""
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--api", choices=["plain", "job", "ddp"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=40)
+    add_model_args(p)
     p.add_argument("--samples", type=int, default=4096)
     p.add_argument("--reduction", default="deterministic")
     p.add_argument("--no-stragglers", action="store_true", help="Job: nothing timed")

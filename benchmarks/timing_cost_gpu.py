@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recovery_gpu_train import Tokens, build, loss_fn  # noqa: E402
+from recovery_gpu_train import Tokens, add_model_args, build, loss_fn  # noqa: E402
 
 from elastictrain.train.timing import ComputeClock  # noqa: E402
 
@@ -27,12 +27,7 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=6, help="blocks of each kind, alternating")
     p.add_argument("--block-steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--width", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=4)
+    add_model_args(p)
     args = p.parse_args()
     device = torch.device("cuda")
     model, opt = build(args, device)
