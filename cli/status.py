@@ -1,8 +1,11 @@
 """``etrain status``: a running job's nodes and workers, from the status records in etcd.
 
 Every agent publishes its node's record (:mod:`elastictrain.node_status`); this command reads
-them once through :func:`~elastictrain.cli.job_state.read_job_state` and prints a table
-(``--once``) or the versioned JSON of :meth:`JobState.to_json` (``--json``).
+them through :func:`~elastictrain.cli.job_state.read_job_state`. On a terminal it is a live
+view (:mod:`elastictrain.cli.status_view` in a rich ``Live``), read again whenever the one
+etcd watch on the job's keys sees a change and redrawn every second; it ends when the job
+does, or on Ctrl-C. ``--once`` (or when the output is not a terminal) prints the view once,
+without colour; ``--json`` prints the versioned JSON of :meth:`JobState.to_json`.
 """
 
 from __future__ import annotations
@@ -42,52 +45,8 @@ def collect(etcd: str, job_id: str):
     return state
 
 
-def _age(seconds: float) -> str:
-    return f"{seconds:.1f}s" if seconds < 60 else f"{seconds / 60:.0f}m"
-
-
-def render_table(state, now: float | None = None):
-    from rich.table import Table
-
-    now = time.time() if now is None else now
-    world = state.world
-    title = f"job {state.job_id}  (etcd {state.etcd})"
-    if world is not None:
-        title += f"  world {world.size} ranks, epoch {world.epoch}"
-    if state.committed_step >= 0:
-        title += f"  snapshot step {state.committed_step}"
-    table = Table(title=title, title_justify="left")
-    for column in ("node", "state", "restarts", "round", "rank", "pid", "worker", "step",
-                   "s/step", "speed", "share", "memory"):  # fmt: skip
-        table.add_column(column)
-    for node_id in sorted(set(state.nodes) | set(state.registered)):
-        node = state.nodes.get(node_id)
-        if node is None:
-            table.add_row(node_id, "STARTING", *["-"] * 10)
-            continue
-        restarts = f"{node.restart_count}/{node.max_restarts}"
-        shown = node.state + (f" (disk tier: {node.snapshot.disk_error})"
-                              if node.snapshot.disk_error else "")  # fmt: skip
-        if now - node.updated > 10:
-            shown += f" (as of {_age(now - node.updated)} ago)"
-        memory = f"{node.snapshot.memory_bytes / 2**30:.2f} GiB"
-        base = [node_id, shown, restarts, str(node.round)]
-        if not node.workers:
-            table.add_row(*base, "-", "-", "-", "-", "-", "-", "-", memory)
-        for i, w in enumerate(node.workers):
-            lead = base if i == 0 else [""] * len(base)
-            rank = "spare" if w.spare else str(w.rank) if w.rank >= 0 else "-"
-            worker = w.state if w.exit_code is None else f"{w.state} ({w.exit_code})"
-            table.add_row(*lead, rank, str(w.pid), worker,
-                          str(w.step) if w.step >= 0 else "-",
-                          f"{w.step_s:.3f}" if w.step_s >= 0 else "-",
-                          f"{w.speed:.3g}/s" if w.speed > 0 else "-",
-                          f"{w.share:.1%}" if w.share >= 0 else "-",
-                          memory if i == 0 else "")  # fmt: skip
-    return table
-
-
 def run(args) -> int:
+    from elastictrain.cli.status_view import render
     from rich.console import Console
 
     from elastictrain.coord import local_jobs
@@ -98,8 +57,60 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(state.to_json(), indent=2))
         return 0
-    # The live view comes later; --once (and the default for now) prints one table.
-    console = Console(color_system=None if not sys.stdout.isatty() else "auto", width=140,
-                      soft_wrap=True)  # fmt: skip
-    console.print(render_table(state))
+    tty = sys.stdout.isatty()
+    console = Console(color_system="auto" if tty else None, width=None if tty else 100)
+    if args.once or not tty:
+        console.print(render(state, width=console.width))
+        return 0
+    return live(state, console)
+
+
+HISTORY = 240  # step times kept for the sparkline
+
+
+def live(state, console) -> int:
+    """Redraw ``state``'s job until it ends: read again on every change the watch sees."""
+    import threading
+    from collections import deque
+
+    from elastictrain.cli.job_state import read_job_state
+    from elastictrain.cli.status_view import render
+    from rich.live import Live
+
+    from elastictrain.coord.etcd import EtcdClient
+    from elastictrain.coord.keys import JobKeys
+
+    client = EtcdClient.from_spec(state.etcd, timeout=5.0)
+    changed = threading.Event()
+    watch = client.watch_prefix(JobKeys(state.job_id).root, lambda events: changed.set(),
+                                state.revision + 1)  # fmt: skip
+    history: deque[float] = deque(maxlen=HISTORY)
+    last_step = -1
+    try:
+        with Live(render(state, width=console.width, height=console.height), console=console,
+                  auto_refresh=False, transient=False) as view:  # fmt: skip
+            while state.running:
+                if changed.wait(1.0):
+                    time.sleep(0.05)  # a burst of writes: read once after it
+                    changed.clear()
+                    state = read_job_state(client, state.job_id, state.etcd)
+                    last_step = _remember(state, history, last_step)
+                view.update(render(state, time.time(), history, console.width,
+                                   console.height), refresh=True)  # fmt: skip
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        watch.cancel()
+        client.close()
+    console.print(f"job {state.job_id} is no longer running")
     return 0
+
+
+def _remember(state, history, last_step: int) -> int:
+    """Append the median step time when the job's step moved on; the newest step."""
+    ranked = [w for n in state.nodes.values() for w in n.workers if w.rank >= 0]
+    step = max((w.step for w in ranked), default=-1)
+    paced = sorted(w.step_s for w in ranked if w.step_s > 0)
+    if step > last_step and paced:
+        history.append(paced[len(paced) // 2])
+    return max(step, last_step)

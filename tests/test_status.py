@@ -13,7 +13,7 @@ import pytest
 from elastictrain.agent.status_record import StatusPublisher
 from elastictrain.agent.world import Member, World
 from elastictrain.cli.job_state import read_job_state
-from elastictrain.cli.status import render_table
+from elastictrain.cli.status_view import render
 from rich.console import Console
 
 from elastictrain.coord.embedded import free_loopback_port
@@ -48,19 +48,39 @@ def test_the_publisher_writes_a_change_once_and_at_most_every_interval():
     assert [NodeStatus.decode(raw).workers[0].step for raw in written] == [1, 2]
 
 
-@pytest.mark.unit
-def test_the_table_shows_every_worker_with_its_pace():
-    world = World("r", 0, tuple(Member(n, s) for n in "ab" for s in (0, 1)))
+def _recorded_state():
     from elastictrain.cli.job_state import JobState
 
-    state = JobState("job", "127.0.0.1:2379", 7, {"a": _node("a", 12), "b": _node("b", 12)},
-                     ("a", "b", "c"), world, 11, ())  # fmt: skip
-    console = Console(width=140, color_system=None, record=True)
-    console.print(render_table(state, now=101.0))
+    world = World("r", 1, tuple(Member(n, s) for n in "ab" for s in (0, 1)))
+    events = (
+        Event("fault", "b", 90.0, "rank 3: planned fault kill at step 7", {"rank": 3}),
+        Event("reconfigure", "b", 90.1, "rank 3: session closed; proposing ..."),
+        Event("world_changed", "a", 90.2, "epoch 1: a spare takes rank 3"),
+        Event("recovered", "b", 91.5, "", {"rank": 3, "wait_s": 0.01, "reform_s": 0.04,
+                                          "agree_s": 0.37, "restore_s": 0.45,
+                                          "first_step_s": 0.32}),
+        Event("replan", "a", 95.0, "after step 20: rank 1's share off by 43%"),
+    )  # fmt: skip
+    return JobState("job", "127.0.0.1:2379", 7, {"a": _node("a", 12), "b": _node("b", 12)},
+                    ("a", "b", "c"), world, 11, events)  # fmt: skip
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("width", [80, 140])
+def test_the_view_shows_every_section_with_live_values(width):
+    state = _recorded_state()
+    console = Console(width=width, color_system=None, record=True)
+    console.print(render(state, now=101.0, history=[0.12, 0.13, 0.5, 0.12], width=width))
     text = console.export_text()
-    assert "world 4 ranks, epoch 0" in text and "snapshot step 11" in text
-    assert text.count("812/s") == 2 and text.count("31.2%") == 2 and text.count("spare") == 2
-    assert "STARTING" in text  # c registered, no record yet
+    assert all(len(line) <= width for line in text.splitlines()), text
+    assert "job job" in text and "2 node(s), 4 rank(s), 2 spare(s)" in text and "epoch 1" in text
+    assert "step 12" in text and "0.125 s/step" in text and "up 51s" in text
+    assert text.count("812/s") == 2 and text.count("31.2%") == 2 and text.count("spare") >= 2
+    assert "starting" in text  # c registered, no record yet
+    assert "step 11 committed" in text and text.count("3.00 GiB") == 2
+    assert "recovered" in text and "agree 0.37" in text and "restore 0.45" in text
+    assert "re-plan" in text and "-10s" in text and "-6s" in text  # times before now
+    assert "▁" in text and "█" in text  # the sparkline
     jsonschema.validate(state.to_json(), SCHEMA)
 
 
@@ -100,3 +120,21 @@ def test_status_of_a_missing_or_unreachable_job_is_one_line(etcd_endpoint, runti
             assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
             assert needle in done.stderr and len(done.stderr.strip().splitlines()) <= 2, (
                 done.stderr)
+
+
+@pytest.mark.unit
+def test_a_large_job_is_a_row_per_node_cut_to_the_terminal():
+    from dataclasses import replace
+
+    from elastictrain.cli.job_state import JobState
+
+    nodes = {f"n{i:02d}": replace(_node(f"n{i:02d}", 40), node_id=f"n{i:02d}") for i in range(64)}
+    sick = replace(nodes["n33"], workers=(replace(nodes["n33"].workers[0], state="FAILED"),))
+    nodes["n33"] = sick
+    state = JobState("big", "e", 1, nodes, tuple(nodes), None, 39, ())
+    console = Console(width=80, height=40, color_system=None, record=True)
+    console.print(render(state, now=101.0, width=80, height=40))
+    text = console.export_text()
+    assert "a row per node" in text and "... 48 more" in text  # 16 rows fit 40 lines
+    first = next(line for line in text.splitlines() if line.startswith("│ n"))
+    assert "n33" in first and "0/1" in first  # the failed node comes first
