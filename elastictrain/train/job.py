@@ -167,6 +167,7 @@ class Job:
         if latest is not None and latest.rank >= 0:  # the rank it starts with, until a change
             self.rank, self.world = latest.rank, latest.size
         self._capacities: list[float] = []
+        self._hosting: tuple[tuple[float, ...], list[tuple[int, int]]] | None = None
         from elastictrain.snapshot.worker import Snapshotter
 
         self._snapshots = Snapshotter(
@@ -443,7 +444,10 @@ class Job:
 
     def hosting(self) -> list[tuple[int, int]]:
         """Every rank's block of logical workers."""
-        return plan_hosting(self.plan.logical_workers, self._capacities)
+        key = tuple(self._capacities)
+        if self._hosting is None or self._hosting[0] != key:
+            self._hosting = (key, plan_hosting(self.plan.logical_workers, key))
+        return list(self._hosting[1])
 
     def _train_step(self, step: int) -> float:
         coll = self._coll
