@@ -127,6 +127,9 @@ class JobCoordinator:
         self._tcp_store: dist.TCPStore | None = None  # this round's, when we host it
         self._rendezvous = Lane("agent-rdzv")
         self._writes = Lane("agent-etcd")
+        self._status = Lane("agent-status")
+        self._status_lock = threading.Lock()
+        self._status_value: bytes | None = None  # the newest record not yet written
         self._write_failed = False
         self._event_writer = uuid.uuid4().hex[:8]
         self._event_seq = itertools.count()
@@ -297,20 +300,26 @@ class JobCoordinator:
         self._writes.submit(put)
 
     def put_status(self, value: bytes) -> None:
-        """Store this node's status record under its lease (best effort: the next record
-        replaces a lost one)."""
-        key = self.keys.node_status(self.config.node_id)
+        """Store this node's status record under its lease, on a lane of its own (a slow
+        etcd never holds up the job's writes behind it). Best effort and coalesced: only the
+        newest record waits, so an outage leaves no backlog."""
+        with self._status_lock:
+            queued = self._status_value is not None
+            self._status_value = value
+        if not queued:
+            self._status.submit(self._put_status, flushable=False)
 
-        def put() -> None:
-            lease = self._lease
-            if lease is None:
-                return
-            try:
-                self.client.put(key, value, lease.lease_id, timeout=_EVENT_PUT_TIMEOUT_S)
-            except CoordinationUnavailableError as exc:
-                logger.debug("status record not stored: %s", exc)
-
-        self._writes.submit(put, flushable=False)
+    def _put_status(self) -> None:
+        with self._status_lock:
+            value, self._status_value = self._status_value, None
+        lease = self._lease
+        if value is None or lease is None:
+            return
+        try:
+            self.client.put(self.keys.node_status(self.config.node_id), value, lease.lease_id,
+                            timeout=_EVENT_PUT_TIMEOUT_S)  # fmt: skip
+        except CoordinationUnavailableError as exc:
+            logger.debug("status record not stored: %s", exc)
 
     def flush(self, timeout: float) -> bool:
         """Wait for the queued writes (not a rendezvous in progress)."""
@@ -588,6 +597,7 @@ class JobCoordinator:
             watch.cancel()
         self._rendezvous.close()
         self._writes.close()
+        self._status.close()
         self._tcp_store = None
         if self._handler is not None:
             try:
