@@ -161,13 +161,14 @@ def _split(details) -> str:
 
 
 def timeline(state, now: float, rows: int = TIMELINE) -> Table:
-    table = Table(title="events", title_justify="left", show_header=False, padding=(0, 1))
+    table = Table(title="events", title_justify="left", show_header=False, padding=(0, 1),
+                  expand=True)
     shown = [e for e in state.events if e.kind in SHOWN_KINDS][-rows:]
     table.add_column("when", justify="right", no_wrap=True, min_width=6)
     table.add_column("node", no_wrap=True, min_width=max((len(e.node) for e in shown), default=4))
     table.add_column("what", no_wrap=True, min_width=max((len(SHOWN_KINDS[e.kind]) for e in shown),
                                                           default=4))  # fmt: skip
-    table.add_column("detail", overflow="ellipsis", no_wrap=True)
+    table.add_column("detail", overflow="ellipsis", no_wrap=True, ratio=1)
     for event in shown:
         detail = event.reason
         if event.kind == "recovered":
