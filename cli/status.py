@@ -108,9 +108,9 @@ def live(state, console) -> int:
 
 def _remember(state, history, last_step: int) -> int:
     """Append the median step time when the job's step moved on; the newest step."""
-    ranked = [w for n in state.nodes.values() for w in n.workers if w.rank >= 0]
-    step = max((w.step for w in ranked), default=-1)
-    paced = sorted(w.step_s for w in ranked if w.step_s > 0)
-    if step > last_step and paced:
-        history.append(paced[len(paced) // 2])
+    from elastictrain.cli.status_view import pace
+
+    step, step_s = pace(state)
+    if step > last_step and step_s:
+        history.append(step_s)
     return max(step, last_step)

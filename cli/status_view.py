@@ -41,12 +41,17 @@ def _workers(state) -> list:
     return [w for node in state.nodes.values() for w in node.workers]
 
 
+def pace(state) -> tuple[int, float]:
+    """The job's step (the furthest running rank's) and its median step time (0: none)."""
+    ranked = [w for w in _workers(state) if w.rank >= 0 and w.state == "RUNNING"]
+    paced = sorted(w.step_s for w in ranked if w.step_s > 0)
+    return max((w.step for w in ranked), default=-1), paced[len(paced) // 2] if paced else 0.0
+
+
 def header(state, now: float) -> Text:
     ranked = [w for w in _workers(state) if w.rank >= 0 and w.state == "RUNNING"]
     spares = sum(1 for w in _workers(state) if w.spare)
-    step = max((w.step for w in ranked), default=-1)
-    paced = [w for w in ranked if w.step_s > 0]
-    step_s = sorted(w.step_s for w in paced)[len(paced) // 2] if paced else 0.0
+    step, step_s = pace(state)
     started = min((n.started for n in state.nodes.values() if n.started), default=now)
     restarts = max((n.restart_count for n in state.nodes.values()), default=0)
     world = state.world
