@@ -11,6 +11,7 @@ coordinator's lanes. gRPC threads only read the status or signal a worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -21,6 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from elastictrain import constants
 from elastictrain.coord.etcd import EtcdClient
@@ -36,6 +38,7 @@ from elastictrain.snapshot.memory_store import SnapshotError, SnapshotStore
 from elastictrain.snapshot.shm import shm_dir
 
 from . import machine as M
+from .chaos import BALLAST_NAME, ChaosExecutor
 from .config import AgentConfig
 from .coordination import JobCoordinator
 from .mirrors import MirrorBoard
@@ -46,6 +49,9 @@ from .snapshots import RoundView, SnapshotCoordinator, record_request_problem
 from .status_record import StatusPublisher, build_node_status
 from .workers import WorkerGroup, WorkerInfo
 from .world import World
+
+if TYPE_CHECKING:
+    from elastictrain.coord.embedded import EmbeddedEtcd
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +85,12 @@ class StatusView:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    """``embedded_etcd``: the job's etcd when this agent's process runs it (a chaos
+    ``etcd-restart`` restarts it)."""
+
+    def __init__(self, config: AgentConfig, embedded_etcd: EmbeddedEtcd | None = None) -> None:
         self.config = config
+        self.chaos = ChaosExecutor(self, embedded_etcd)
         self.hostname = socket.gethostname()
         self.endpoint = ""
         self.incarnation = uuid.uuid4().hex[:12]  # this agent process, in the worlds it joins
@@ -172,6 +182,15 @@ class Agent:
             return None
         return self._sessions.pid_of(key)
 
+    def write_event(self, event: Event) -> None:
+        """Store one of the job's events (in order, from the write lane)."""
+        assert self._coordinator is not None
+        self._coordinator.write_event(event)
+
+    def flush_writes(self, timeout: float) -> bool:
+        """Wait until the etcd writes queued so far have been made."""
+        return self._coordinator.flush(timeout) if self._coordinator is not None else True
+
     def agent_endpoints(self) -> list[str]:
         assert self._coordinator is not None
         return [n.endpoint for n in list_nodes(self._client, self._coordinator.keys)]
@@ -228,6 +247,9 @@ class Agent:
             },
         )
         sweep(shm_dir())  # segments of agents of this user that were killed
+        if cfg.snapshot_dir:  # a chaos disk-full ballast of an agent that was killed
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(cfg.snapshot_dir, BALLAST_NAME))
         credentials = JobCredentials.load(cfg.credentials_dir) if cfg.credentials_dir else None
         if cfg.credentials_dir:  # this agent's own calls to peers, and its workers', use them
             os.environ[constants.ENV_CREDENTIALS] = cfg.credentials_dir
@@ -373,8 +395,7 @@ class Agent:
         level = logging.WARNING if verdict.action is M.Action.RETRY else logging.INFO
         logger.log(level, "agent %s: %s (%s)", self.config.node_id, verdict.action.value,
                    verdict.reason)  # fmt: skip
-        assert self._coordinator is not None
-        self._coordinator.write_event(
+        self.write_event(
             Event(
                 verdict.action.value,
                 self.config.node_id,
@@ -630,6 +651,7 @@ class Agent:
 
     def _teardown(self) -> None:
         self._stopping = True
+        self.chaos.close()
         try:
             self._workers.stop(self.config.stop_grace)
         except Exception:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from concurrent import futures
 from typing import TYPE_CHECKING
 
@@ -11,10 +12,12 @@ import grpc
 
 from elastictrain import constants
 from elastictrain.credentials import TOKEN_HEADER, JobCredentials
+from elastictrain.events import Event
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
 from elastictrain.rpc.agent_client import chunk_header, chunk_info
 from elastictrain.snapshot.memory_store import SnapshotError
 
+from .chaos import ChaosOutcome
 from .streams import StreamGuard
 
 if TYPE_CHECKING:
@@ -65,41 +68,40 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
         )
 
     def InjectFault(self, request, context) -> etrain_pb2.InjectFaultResponse:  # noqa: N802
-        if request.kind == etrain_pb2.InjectFaultRequest.SLOW:
-            return self._slow(request)
-        sig = request.signal or int(signal.SIGKILL)
-        if sig not in {int(s) for s in signal.valid_signals()}:
-            return etrain_pb2.InjectFaultResponse(ok=False, message=f"invalid signal {sig}")
-        killed = self._agent.kill_worker(request.rank, sig)
-        node_id = self._agent.config.node_id
-        if killed is None:
-            return etrain_pb2.InjectFaultResponse(
-                ok=False, node_id=node_id, message=f"rank {request.rank} is not running here"
-            )
-        return etrain_pb2.InjectFaultResponse(
-            ok=True,
-            pid=killed.pid,
-            node_id=node_id,
-            message=f"sent signal {sig} to rank {request.rank} (pid {killed.pid})",
-        )
-
-    def _slow(self, request) -> etrain_pb2.InjectFaultResponse:
-        node_id = self._agent.config.node_id
-        factor, seconds = request.factor, request.seconds
-        if not (1 <= factor <= 1000) or not (0 <= seconds <= 7 * 86400):
-            return etrain_pb2.InjectFaultResponse(
-                ok=False, node_id=node_id, message=f"factor {factor:g} must be in [1, 1000] "
-                f"and seconds {seconds:g} in [0, 604800]")  # fmt: skip
-        pid = self._agent.slow_worker(request.rank, factor, seconds)
-        if pid is None:
-            return etrain_pb2.InjectFaultResponse(
-                ok=False, node_id=node_id,
-                message=f"no Job API worker holds rank {request.rank} here")  # fmt: skip
-        what = (f"ended the slowdown of rank {request.rank}" if factor == 1 else
-                f"slowed rank {request.rank} x{factor:g}" +
-                (f" for {seconds:g} s" if seconds else ""))  # fmt: skip
-        return etrain_pb2.InjectFaultResponse(ok=True, pid=pid, node_id=node_id,
-                                              message=f"{what} (pid {pid})")  # fmt: skip
+        """A chaos fault on this agent (``agent/chaos.py``), recorded as the job's event."""
+        kinds = etrain_pb2.InjectFaultRequest
+        chaos = self._agent.chaos
+        kind = request.kind
+        if kind == kinds.KILL:
+            sig = request.signal or int(signal.SIGKILL)
+            if sig not in {int(s) for s in signal.valid_signals()}:
+                outcome = ChaosOutcome(False, f"invalid signal {sig}")
+            else:
+                outcome = chaos.kill(request.rank, sig)
+        elif kind == kinds.SLOW:
+            factor, seconds = request.factor, request.seconds
+            if not (1 <= factor <= 1000) or not (0 <= seconds <= 7 * 86400):
+                outcome = ChaosOutcome(False, f"factor {factor:g} must be in [1, 1000] and "
+                                              f"seconds {seconds:g} in [0, 604800]")  # fmt: skip
+            else:
+                outcome = chaos.slow(request.rank, factor, seconds)
+        elif kind == kinds.HANG:
+            outcome = chaos.hang(request.rank, request.seconds)
+        elif kind == kinds.KILL_AGENT:
+            outcome = chaos.kill_agent()
+        elif kind == kinds.PARTITION:
+            outcome = chaos.partition(request.seconds)
+        elif kind == kinds.ETCD_RESTART:
+            outcome = chaos.etcd_restart()
+        elif kind == kinds.CORRUPT_CHUNK:
+            outcome = chaos.corrupt_chunk()
+        elif kind == kinds.DISK_FULL:
+            outcome = chaos.disk_full(request.seconds, request.max_bytes)
+        else:
+            outcome = ChaosOutcome(False, f"unknown fault kind {kind}")
+        return etrain_pb2.InjectFaultResponse(ok=outcome.ok, message=outcome.message,
+                                              pid=outcome.pid,
+                                              node_id=self._agent.config.node_id)  # fmt: skip
 
     def GetSnapshotIndex(self, request, context) -> etrain_pb2.SnapshotIndex:  # noqa: N802
         store = self._snapshots().store
@@ -201,8 +203,14 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
     ) -> etrain_pb2.RecoverSnapshotResponse:
         try:
             owners, ranks = self._snapshots().recover(request.step)
-        except Exception as exc:  # reported to the caller, which decides
+        except Exception as exc:  # reported to the caller, which decides; and in the events
             logger.warning("recovering step %d failed: %s", request.step, exc)
+            cause = exc.__cause__
+            self._agent.write_event(Event(
+                "rebuild_failed", self._agent.config.node_id, time.time(),
+                f"step {request.step} could not be rebuilt: {type(exc).__name__}: {exc}",
+                {"step": request.step, "error": type(exc).__name__,
+                 "cause": type(cause).__name__ if cause is not None else ""}))  # fmt: skip
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
         return etrain_pb2.RecoverSnapshotResponse(
             recovered_owners=owners, ranks=ranks,

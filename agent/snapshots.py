@@ -552,6 +552,10 @@ class SnapshotCoordinator:
         if self._disk is not None:
             if save:
                 future = self.save_to_disk()
+                if future is None and self.disk_error:  # no part of the final state is here
+                    logger.info("this node holds no record of the final step: the disk tier's "
+                                "earlier failure is superseded (%s)", self.disk_error)
+                    self.disk_error = ""
                 if future is not None:
                     try:
                         written = future.result(timeout=600)

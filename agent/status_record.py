@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from elastictrain.node_status import NodeStatus, SnapshotStatus, WorkerStatus
+from elastictrain.session import protocol as P
 
 from . import machine as M
 
@@ -16,7 +17,9 @@ logger = logging.getLogger(__name__)
 def build_node_status(view, machine: M.AgentMachine | None, snapshot: SnapshotStatus,
                       started: float, now: float) -> NodeStatus:  # fmt: skip
     """The record of ``view`` (the agent's :class:`StatusView`) at wall time ``now`` (pure)."""
-    spares = set(machine.spares) if machine is not None else set()
+    # a hot spare counts once it is ready to take a rank (its session says in place)
+    spares = ({s for s in machine.spares if machine.modes.get(s) == P.MODE_INPLACE}
+              if machine is not None else set())  # fmt: skip
     epoch = machine.world.epoch if machine is not None and machine.world is not None else -1
     workers = []
     for w in view.workers:

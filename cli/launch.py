@@ -437,7 +437,7 @@ def run(args) -> int:
             device_mirror=args.device_mirror,
             **extra,
         )
-        agent = Agent(config)
+        agent = Agent(config, embedded_etcd=embedded)
         code = agent.run()
         if code != 0:
             print_failure_report(agent.failure_report)

@@ -25,6 +25,7 @@ SHOWN_KINDS = {  # the events the timeline shows, and how each is named there
     "request_restart": "restart", "replan": "re-plan", "straggler_failed": "straggler",
     "start_spares": "spares", "grow": "grow", "fail_job": "FAILED", "finish": "finished",
     "ride_out": "etcd away", "etcd_back": "etcd back", "check_peers": "lease?",
+    "chaos": "chaos", "chaos_ended": "chaos end", "rebuild_failed": "rebuild failed",
 }  # fmt: skip
 
 

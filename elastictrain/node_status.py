@@ -38,7 +38,7 @@ class WorkerStatus:
     step_s: float = -1.0  # seconds per step, between its last two reported steps (-1: not known)
     speed: float = 0.0  # samples per second of its own compute (0: not known)
     share: float = -1.0  # its share of the global batch (-1: not known)
-    spare: bool = False  # a hot spare (ready: ``state`` RUNNING and ``rank`` -1)
+    spare: bool = False  # a hot spare ready to take a rank (``rank`` -1 until it does)
 
 
 @dataclass(frozen=True)

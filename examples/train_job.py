@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--reduction", choices=["deterministic", "fast"], default="deterministic")
     p.add_argument("--step-sleep", type=float, default=0.0, help="slow the steps (demos)")
+    p.add_argument("--out", default=None, help="rank 0 saves the final parameters here")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -63,6 +64,8 @@ def main() -> None:
             print(f"step {step} loss {job.loss:.4f} world {job.world}", flush=True)
         time.sleep(args.step_sleep)
     print(f"pid {os.getpid()} done as rank {job.rank} of {job.world}", flush=True)
+    if job.rank == 0 and args.out:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, args.out)
     job.close()
 
 

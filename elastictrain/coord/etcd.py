@@ -61,6 +61,32 @@ _TRANSIENT_ERRORS = (
 )
 
 
+class _Gate:
+    """This process's way to etcd, closed on purpose for a while (``etrain chaos partition``):
+    every call fails as if etcd were unreachable, watches break and are not re-created, lease
+    keepalives do not get through. The server and the channels are untouched."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def close_for(self, seconds: float) -> None:
+        self._until = time.monotonic() + seconds
+
+    def open(self) -> None:
+        self._until = 0.0
+
+    def closed_s(self) -> float:
+        """Seconds until the way is open again (0: open)."""
+        return max(0.0, self._until - time.monotonic())
+
+
+REACH = _Gate()
+
+
+class _CutOff(Exception):
+    """A call made while :data:`REACH` is closed."""
+
+
 def parse_endpoints(spec: str) -> list[tuple[str, int]]:
     """Parse ``host:port[,host:port...]`` (an ``http://`` prefix is accepted and dropped)."""
     endpoints: list[tuple[str, int]] = []
@@ -252,7 +278,11 @@ class EtcdClient:
         delay = 0.05
         while True:
             try:
+                if REACH.closed_s() > 0:
+                    raise _CutOff("cut off from etcd on purpose")
                 return fn()
+            except _CutOff as exc:
+                last = exc
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code not in _TRANSIENT_CODES:
@@ -542,6 +572,9 @@ class PrefixWatch:
         self._thread.start()
 
     def _callback(self, response) -> None:
+        if REACH.closed_s() > 0:  # cut off: what arrives now is never seen
+            self._broken.set()
+            return
         if isinstance(response, etcd_exceptions.RevisionCompactedError):
             self._next_revision = None
             self._deliver([])
@@ -552,6 +585,8 @@ class PrefixWatch:
             return
         events: list[WatchEvent] = []
         for ev in response.events:
+            if self._next_revision is not None and ev.mod_revision < self._next_revision:
+                continue  # delivered already (by a stream this watch has since replaced)
             deleted = isinstance(ev, pyetcd.events.DeleteEvent)
             events.append(
                 WatchEvent(
@@ -577,6 +612,8 @@ class PrefixWatch:
         backoff = 0.05
         while not self._stop.is_set():
             self._broken.clear()
+            if self._stop.wait(REACH.closed_s()):
+                return
             try:
                 # One stream per watch: a broken stream then concerns this watch alone.
                 self._watcher = self._client.raw.get_watcher()
@@ -594,7 +631,8 @@ class PrefixWatch:
                 backoff = min(backoff * 2, 1.0)
                 continue
             while not self._stop.is_set() and not self._broken.wait(0.2):
-                pass
+                if REACH.closed_s() > 0:
+                    break
             self._close_watcher()
             if not self._stop.is_set():
                 logger.info("watch on %r broke; re-creating it", self._prefix)

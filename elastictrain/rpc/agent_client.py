@@ -93,6 +93,15 @@ class AgentClient:
                                                 factor=factor, seconds=seconds)  # fmt: skip
         return self._call("InjectFault", self._stub.InjectFault, request)
 
+    def inject(self, kind: str, *, rank: int = 0, seconds: float = 0.0,
+               max_bytes: int = 0) -> etrain_pb2.InjectFaultResponse:  # fmt: skip
+        """Make fault ``kind`` (``hang``, ``kill_agent``, ``partition``, ``etcd_restart``,
+        ``corrupt_chunk``, ``disk_full``: see ``InjectFaultRequest.Kind``) on this agent."""
+        request = etrain_pb2.InjectFaultRequest(
+            kind=etrain_pb2.InjectFaultRequest.Kind.Value(kind.upper()), rank=rank,
+            seconds=seconds, max_bytes=max_bytes)  # fmt: skip
+        return self._call("InjectFault", self._stub.InjectFault, request)
+
     def snapshot_index(self) -> etrain_pb2.SnapshotIndex:
         return self._call("GetSnapshotIndex", self._stub.GetSnapshotIndex,
                           etrain_pb2.GetSnapshotIndexRequest())  # fmt: skip

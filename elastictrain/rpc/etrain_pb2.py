@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65lastictrain/rpc/etrain.proto\x12\x0f\x65lastictrain.v1\"\x12\n\x10GetStatusRequest\"\x9b\x01\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x0c\n\x04step\x18\x07 \x01(\x03\x12\r\n\x05speed\x18\x08 \x01(\x01\x12\r\n\x05share\x18\t \x01(\x01\"\xd6\x02\n\x0b\x41gentStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x15\n\rrestart_count\x18\x06 \x01(\x05\x12\x14\n\x0cmax_restarts\x18\x07 \x01(\x05\x12\r\n\x05round\x18\x08 \x01(\x05\x12\x12\n\ngroup_rank\x18\t \x01(\x05\x12\x18\n\x10group_world_size\x18\n \x01(\x05\x12\x12\n\nworld_size\x18\x0b \x01(\x05\x12\x0c\n\x04gpus\x18\x0c \x01(\x05\x12.\n\x07workers\x18\r \x03(\x0b\x32\x1d.elastictrain.v1.WorkerStatus\x12\x0b\n\x03pid\x18\x0e \x01(\x05\x12\x12\n\ndisk_error\x18\x0f \x01(\t\x12\x16\n\x0e\x65tcd_silent_ms\x18\x10 \x01(\x03\"\xa7\x01\n\x12InjectFaultRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x36\n\x04kind\x18\x02 \x01(\x0e\x32(.elastictrain.v1.InjectFaultRequest.Kind\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"\x1a\n\x04Kind\x12\x08\n\x04KILL\x10\x00\x12\x08\n\x04SLOW\x10\x01\"P\n\x13InjectFaultResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"\x19\n\x17GetSnapshotIndexRequest\"q\n\x12SnapshotRecordInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\x12\x0c\n\x04meta\x18\x04 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\r\x12\x0f\n\x07segment\x18\x06 \x01(\t\"\xdb\x01\n\rSnapshotIndex\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x02 \x01(\x03\x12\x34\n\x07records\x18\x03 \x03(\x0b\x32#.elastictrain.v1.SnapshotRecordInfo\x12\x0e\n\x06\x61gents\x18\x04 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12,\n\x06\x63hunks\x18\x06 \x03(\x0b\x32\x1c.elastictrain.v1.ChunkHeader\x12\x17\n\x0f\x63ommitted_nodes\x18\x07 \x03(\t\"\xa2\x01\n\x0b\x43hunkHeader\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05index\x18\x03 \x01(\x05\x12\t\n\x01k\x18\x04 \x01(\x05\x12\t\n\x01m\x18\x05 \x01(\x05\x12\x12\n\nredundancy\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\x03\x12\x11\n\tchecksums\x18\t \x03(\r\"H\n\nChunkPiece\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.elastictrain.v1.ChunkHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1e\n\x10PutChunkResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"=\n\x0fGetChunkRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05index\x18\x03 \x01(\x05\"&\n\x16RecoverSnapshotRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"S\n\x17RecoverSnapshotResponse\x12\x18\n\x10recovered_owners\x18\x01 \x03(\t\x12\r\n\x05ranks\x18\x02 \x03(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"Q\n\x13ReadSnapshotRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"#\n\x13SaveSnapshotRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x8d\x01\n\x14SaveSnapshotResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\traw_bytes\x18\x04 \x01(\x03\x12\x18\n\x10\x63ompressed_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x0f\n\x07message\x18\x07 \x01(\t2\xbe\x05\n\x05\x41gent\x12L\n\tGetStatus\x12!.elastictrain.v1.GetStatusRequest\x1a\x1c.elastictrain.v1.AgentStatus\x12X\n\x0bInjectFault\x12#.elastictrain.v1.InjectFaultRequest\x1a$.elastictrain.v1.InjectFaultResponse\x12\\\n\x10GetSnapshotIndex\x12(.elastictrain.v1.GetSnapshotIndexRequest\x1a\x1e.elastictrain.v1.SnapshotIndex\x12R\n\x0cReadSnapshot\x12$.elastictrain.v1.ReadSnapshotRequest\x1a\x1a.elastictrain.v1.DataChunk0\x01\x12L\n\x08PutChunk\x12\x1b.elastictrain.v1.ChunkPiece\x1a!.elastictrain.v1.PutChunkResponse(\x01\x12J\n\x08GetChunk\x12 .elastictrain.v1.GetChunkRequest\x1a\x1a.elastictrain.v1.DataChunk0\x01\x12\x64\n\x0fRecoverSnapshot\x12\'.elastictrain.v1.RecoverSnapshotRequest\x1a(.elastictrain.v1.RecoverSnapshotResponse\x12[\n\x0cSaveSnapshot\x12$.elastictrain.v1.SaveSnapshotRequest\x1a%.elastictrain.v1.SaveSnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65lastictrain/rpc/etrain.proto\x12\x0f\x65lastictrain.v1\"\x12\n\x10GetStatusRequest\"\x9b\x01\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x0c\n\x04step\x18\x07 \x01(\x03\x12\r\n\x05speed\x18\x08 \x01(\x01\x12\r\n\x05share\x18\t \x01(\x01\"\xd6\x02\n\x0b\x41gentStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x15\n\rrestart_count\x18\x06 \x01(\x05\x12\x14\n\x0cmax_restarts\x18\x07 \x01(\x05\x12\r\n\x05round\x18\x08 \x01(\x05\x12\x12\n\ngroup_rank\x18\t \x01(\x05\x12\x18\n\x10group_world_size\x18\n \x01(\x05\x12\x12\n\nworld_size\x18\x0b \x01(\x05\x12\x0c\n\x04gpus\x18\x0c \x01(\x05\x12.\n\x07workers\x18\r \x03(\x0b\x32\x1d.elastictrain.v1.WorkerStatus\x12\x0b\n\x03pid\x18\x0e \x01(\x05\x12\x12\n\ndisk_error\x18\x0f \x01(\t\x12\x16\n\x0e\x65tcd_silent_ms\x18\x10 \x01(\x03\"\x97\x02\n\x12InjectFaultRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x36\n\x04kind\x18\x02 \x01(\x0e\x32(.elastictrain.v1.InjectFaultRequest.Kind\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x11\n\tmax_bytes\x18\x06 \x01(\x03\"w\n\x04Kind\x12\x08\n\x04KILL\x10\x00\x12\x08\n\x04SLOW\x10\x01\x12\x08\n\x04HANG\x10\x02\x12\x0e\n\nKILL_AGENT\x10\x03\x12\r\n\tPARTITION\x10\x04\x12\x10\n\x0c\x45TCD_RESTART\x10\x05\x12\x11\n\rCORRUPT_CHUNK\x10\x06\x12\r\n\tDISK_FULL\x10\x07\"P\n\x13InjectFaultResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"\x19\n\x17GetSnapshotIndexRequest\"q\n\x12SnapshotRecordInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\x12\x0c\n\x04meta\x18\x04 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\r\x12\x0f\n\x07segment\x18\x06 \x01(\t\"\xdb\x01\n\rSnapshotIndex\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x02 \x01(\x03\x12\x34\n\x07records\x18\x03 \x03(\x0b\x32#.elastictrain.v1.SnapshotRecordInfo\x12\x0e\n\x06\x61gents\x18\x04 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12,\n\x06\x63hunks\x18\x06 \x03(\x0b\x32\x1c.elastictrain.v1.ChunkHeader\x12\x17\n\x0f\x63ommitted_nodes\x18\x07 \x03(\t\"\xa2\x01\n\x0b\x43hunkHeader\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05index\x18\x03 \x01(\x05\x12\t\n\x01k\x18\x04 \x01(\x05\x12\t\n\x01m\x18\x05 \x01(\x05\x12\x12\n\nredundancy\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\x03\x12\x11\n\tchecksums\x18\t \x03(\r\"H\n\nChunkPiece\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.elastictrain.v1.ChunkHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1e\n\x10PutChunkResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"=\n\x0fGetChunkRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05index\x18\x03 \x01(\x05\"&\n\x16RecoverSnapshotRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"S\n\x17RecoverSnapshotResponse\x12\x18\n\x10recovered_owners\x18\x01 \x03(\t\x12\r\n\x05ranks\x18\x02 \x03(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"Q\n\x13ReadSnapshotRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"#\n\x13SaveSnapshotRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x8d\x01\n\x14SaveSnapshotResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\traw_bytes\x18\x04 \x01(\x03\x12\x18\n\x10\x63ompressed_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x0f\n\x07message\x18\x07 \x01(\t2\xbe\x05\n\x05\x41gent\x12L\n\tGetStatus\x12!.elastictrain.v1.GetStatusRequest\x1a\x1c.elastictrain.v1.AgentStatus\x12X\n\x0bInjectFault\x12#.elastictrain.v1.InjectFaultRequest\x1a$.elastictrain.v1.InjectFaultResponse\x12\\\n\x10GetSnapshotIndex\x12(.elastictrain.v1.GetSnapshotIndexRequest\x1a\x1e.elastictrain.v1.SnapshotIndex\x12R\n\x0cReadSnapshot\x12$.elastictrain.v1.ReadSnapshotRequest\x1a\x1a.elastictrain.v1.DataChunk0\x01\x12L\n\x08PutChunk\x12\x1b.elastictrain.v1.ChunkPiece\x1a!.elastictrain.v1.PutChunkResponse(\x01\x12J\n\x08GetChunk\x12 .elastictrain.v1.GetChunkRequest\x1a\x1a.elastictrain.v1.DataChunk0\x01\x12\x64\n\x0fRecoverSnapshot\x12\'.elastictrain.v1.RecoverSnapshotRequest\x1a(.elastictrain.v1.RecoverSnapshotResponse\x12[\n\x0cSaveSnapshot\x12$.elastictrain.v1.SaveSnapshotRequest\x1a%.elastictrain.v1.SaveSnapshotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTSTATUS']._serialized_start=229
   _globals['_AGENTSTATUS']._serialized_end=571
   _globals['_INJECTFAULTREQUEST']._serialized_start=574
-  _globals['_INJECTFAULTREQUEST']._serialized_end=741
-  _globals['_INJECTFAULTREQUEST_KIND']._serialized_start=715
-  _globals['_INJECTFAULTREQUEST_KIND']._serialized_end=741
-  _globals['_INJECTFAULTRESPONSE']._serialized_start=743
-  _globals['_INJECTFAULTRESPONSE']._serialized_end=823
-  _globals['_GETSNAPSHOTINDEXREQUEST']._serialized_start=825
-  _globals['_GETSNAPSHOTINDEXREQUEST']._serialized_end=850
-  _globals['_SNAPSHOTRECORDINFO']._serialized_start=852
-  _globals['_SNAPSHOTRECORDINFO']._serialized_end=965
-  _globals['_SNAPSHOTINDEX']._serialized_start=968
-  _globals['_SNAPSHOTINDEX']._serialized_end=1187
-  _globals['_CHUNKHEADER']._serialized_start=1190
-  _globals['_CHUNKHEADER']._serialized_end=1352
-  _globals['_CHUNKPIECE']._serialized_start=1354
-  _globals['_CHUNKPIECE']._serialized_end=1426
-  _globals['_PUTCHUNKRESPONSE']._serialized_start=1428
-  _globals['_PUTCHUNKRESPONSE']._serialized_end=1458
-  _globals['_GETCHUNKREQUEST']._serialized_start=1460
-  _globals['_GETCHUNKREQUEST']._serialized_end=1521
-  _globals['_RECOVERSNAPSHOTREQUEST']._serialized_start=1523
-  _globals['_RECOVERSNAPSHOTREQUEST']._serialized_end=1561
-  _globals['_RECOVERSNAPSHOTRESPONSE']._serialized_start=1563
-  _globals['_RECOVERSNAPSHOTRESPONSE']._serialized_end=1646
-  _globals['_READSNAPSHOTREQUEST']._serialized_start=1648
-  _globals['_READSNAPSHOTREQUEST']._serialized_end=1729
-  _globals['_DATACHUNK']._serialized_start=1731
-  _globals['_DATACHUNK']._serialized_end=1756
-  _globals['_SAVESNAPSHOTREQUEST']._serialized_start=1758
-  _globals['_SAVESNAPSHOTREQUEST']._serialized_end=1793
-  _globals['_SAVESNAPSHOTRESPONSE']._serialized_start=1796
-  _globals['_SAVESNAPSHOTRESPONSE']._serialized_end=1937
-  _globals['_AGENT']._serialized_start=1940
-  _globals['_AGENT']._serialized_end=2642
+  _globals['_INJECTFAULTREQUEST']._serialized_end=853
+  _globals['_INJECTFAULTREQUEST_KIND']._serialized_start=734
+  _globals['_INJECTFAULTREQUEST_KIND']._serialized_end=853
+  _globals['_INJECTFAULTRESPONSE']._serialized_start=855
+  _globals['_INJECTFAULTRESPONSE']._serialized_end=935
+  _globals['_GETSNAPSHOTINDEXREQUEST']._serialized_start=937
+  _globals['_GETSNAPSHOTINDEXREQUEST']._serialized_end=962
+  _globals['_SNAPSHOTRECORDINFO']._serialized_start=964
+  _globals['_SNAPSHOTRECORDINFO']._serialized_end=1077
+  _globals['_SNAPSHOTINDEX']._serialized_start=1080
+  _globals['_SNAPSHOTINDEX']._serialized_end=1299
+  _globals['_CHUNKHEADER']._serialized_start=1302
+  _globals['_CHUNKHEADER']._serialized_end=1464
+  _globals['_CHUNKPIECE']._serialized_start=1466
+  _globals['_CHUNKPIECE']._serialized_end=1538
+  _globals['_PUTCHUNKRESPONSE']._serialized_start=1540
+  _globals['_PUTCHUNKRESPONSE']._serialized_end=1570
+  _globals['_GETCHUNKREQUEST']._serialized_start=1572
+  _globals['_GETCHUNKREQUEST']._serialized_end=1633
+  _globals['_RECOVERSNAPSHOTREQUEST']._serialized_start=1635
+  _globals['_RECOVERSNAPSHOTREQUEST']._serialized_end=1673
+  _globals['_RECOVERSNAPSHOTRESPONSE']._serialized_start=1675
+  _globals['_RECOVERSNAPSHOTRESPONSE']._serialized_end=1758
+  _globals['_READSNAPSHOTREQUEST']._serialized_start=1760
+  _globals['_READSNAPSHOTREQUEST']._serialized_end=1841
+  _globals['_DATACHUNK']._serialized_start=1843
+  _globals['_DATACHUNK']._serialized_end=1868
+  _globals['_SAVESNAPSHOTREQUEST']._serialized_start=1870
+  _globals['_SAVESNAPSHOTREQUEST']._serialized_end=1905
+  _globals['_SAVESNAPSHOTRESPONSE']._serialized_start=1908
+  _globals['_SAVESNAPSHOTRESPONSE']._serialized_end=2049
+  _globals['_AGENT']._serialized_start=2052
+  _globals['_AGENT']._serialized_end=2754
 # @@protoc_insertion_point(module_scope)

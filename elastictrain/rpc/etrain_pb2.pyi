@@ -70,24 +70,38 @@ class AgentStatus(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[str] = ..., restart_count: _Optional[int] = ..., max_restarts: _Optional[int] = ..., round: _Optional[int] = ..., group_rank: _Optional[int] = ..., group_world_size: _Optional[int] = ..., world_size: _Optional[int] = ..., gpus: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pid: _Optional[int] = ..., disk_error: _Optional[str] = ..., etcd_silent_ms: _Optional[int] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
-    __slots__ = ("rank", "kind", "signal", "factor", "seconds")
+    __slots__ = ("rank", "kind", "signal", "factor", "seconds", "max_bytes")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KILL: _ClassVar[InjectFaultRequest.Kind]
         SLOW: _ClassVar[InjectFaultRequest.Kind]
+        HANG: _ClassVar[InjectFaultRequest.Kind]
+        KILL_AGENT: _ClassVar[InjectFaultRequest.Kind]
+        PARTITION: _ClassVar[InjectFaultRequest.Kind]
+        ETCD_RESTART: _ClassVar[InjectFaultRequest.Kind]
+        CORRUPT_CHUNK: _ClassVar[InjectFaultRequest.Kind]
+        DISK_FULL: _ClassVar[InjectFaultRequest.Kind]
     KILL: InjectFaultRequest.Kind
     SLOW: InjectFaultRequest.Kind
+    HANG: InjectFaultRequest.Kind
+    KILL_AGENT: InjectFaultRequest.Kind
+    PARTITION: InjectFaultRequest.Kind
+    ETCD_RESTART: InjectFaultRequest.Kind
+    CORRUPT_CHUNK: InjectFaultRequest.Kind
+    DISK_FULL: InjectFaultRequest.Kind
     RANK_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     FACTOR_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     kind: InjectFaultRequest.Kind
     signal: int
     factor: float
     seconds: float
-    def __init__(self, rank: _Optional[int] = ..., kind: _Optional[_Union[InjectFaultRequest.Kind, str]] = ..., signal: _Optional[int] = ..., factor: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+    max_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., kind: _Optional[_Union[InjectFaultRequest.Kind, str]] = ..., signal: _Optional[int] = ..., factor: _Optional[float] = ..., seconds: _Optional[float] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class InjectFaultResponse(_message.Message):
     __slots__ = ("ok", "message", "pid", "node_id")

@@ -319,6 +319,22 @@ class ChunkStore:
             return sorted((info for info, _ in self.chunks.values()),
                           key=lambda i: (i.step, i.owner, i.index))  # fmt: skip
 
+    def corrupt(self, own_node: str) -> list[ChunkInfo]:
+        """Flip a byte in the middle of every chunk of one owner's newest step held here
+        (another owner's before ``own_node``'s): a fault made on purpose, which a rebuild must
+        detect. The chunks flipped."""
+        with self._lock:
+            if not self.chunks:
+                return []
+            owner, step = max({(o, s) for o, s, _ in self.chunks},
+                              key=lambda os_: (os_[1], os_[0] != own_node))  # fmt: skip
+            flipped = []
+            for (o, s, _), (info, data) in sorted(self.chunks.items()):
+                if (o, s) == (owner, step) and len(data):
+                    data[len(data) // 2] ^= 0xFF
+                    flipped.append(info)
+            return flipped
+
     def mark_committed(self, step: int) -> None:
         with self._lock:
             if self.committed is None or step > self.committed:
