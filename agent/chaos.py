@@ -220,22 +220,27 @@ class ChaosExecutor:
         self._on_etcd_thread(restart)
         return ChaosOutcome(True, f"restarting the job's etcd at {etcd.endpoint}", etcd.pid or 0)
 
-    def corrupt_chunk(self) -> ChaosOutcome:
+    def corrupt_chunk(self, seconds: float) -> ChaosOutcome:
         """Flip one byte of each chunk of the newest step this agent holds for another node
-        (or for itself when it holds none of another's)."""
+        (or for itself when it holds none of another's), and of each chunk it receives from
+        another node for ``seconds`` more (memory that corrupts what it holds)."""
         held = self.agent.snapshots
         if held is None:
             return self._refused("this agent holds no snapshot yet")
-        flipped = held.chunks.corrupt(self._node)
+        problem = chaos_problem("corrupt_chunk", seconds=seconds)
+        if problem:
+            return self._refused(problem)
+        flipped = held.corrupt_chunks(seconds)
         if not flipped:
             return self._refused("this agent holds no snapshot chunk")
         owner, step = flipped[0].owner, flipped[0].step
         indexes = [c.index for c in flipped]
+        more = f", and those it receives for {seconds:g} s" if seconds else ""
         self._record("chaos", f"flipped a byte of {len(flipped)} chunk(s) of node {owner}'s "
-                     f"step {step}", fault="corrupt_chunk", owner=owner, step=step,
-                     indexes=indexes)  # fmt: skip
+                     f"step {step}{more}", fault="corrupt_chunk", owner=owner, step=step,
+                     indexes=indexes, seconds=seconds)  # fmt: skip
         return ChaosOutcome(True, f"flipped a byte of chunk(s) {indexes} of node {owner}'s step "
-                            f"{step}", os.getpid())  # fmt: skip
+                            f"{step}{more}", os.getpid())  # fmt: skip
 
     def disk_full(self, seconds: float, max_free: int) -> ChaosOutcome:
         directory = self.agent.config.snapshot_dir

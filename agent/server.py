@@ -94,7 +94,7 @@ class AgentServicer(etrain_pb2_grpc.AgentServicer):
         elif kind == kinds.ETCD_RESTART:
             outcome = chaos.etcd_restart()
         elif kind == kinds.CORRUPT_CHUNK:
-            outcome = chaos.corrupt_chunk()
+            outcome = chaos.corrupt_chunk(request.seconds)
         elif kind == kinds.DISK_FULL:
             outcome = chaos.disk_full(request.seconds, request.max_bytes)
         else:

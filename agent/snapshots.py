@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -185,6 +186,7 @@ class SnapshotCoordinator:
         self._client = client
         self._keys = keys
         self._node_id = node_id
+        self._corrupting_until = 0.0  # chaos: chunks received until then are corrupted
         self.store = store
         self.chunks = ChunkStore(max_pending=store.max_pending,
                                  max_bytes=store.max_bytes or default_chunk_budget())
@@ -264,7 +266,16 @@ class SnapshotCoordinator:
         return ""
 
     def put_chunk(self, info: ChunkInfo, data: bytearray) -> None:
+        if info.owner != self._node_id and time.monotonic() < self._corrupting_until and data:
+            data[len(data) // 2] ^= 0xFF  # a chaos corrupt-chunk window: held as received
         self.chunks.put(info, data)
+
+    def corrupt_chunks(self, seconds: float = 0.0) -> list[ChunkInfo]:
+        """Flip a byte of each held chunk of another node's newest step (see
+        :meth:`ChunkStore.corrupt`), and of every chunk received from other nodes for
+        ``seconds`` more. The chunks flipped now."""
+        self._corrupting_until = time.monotonic() + seconds
+        return self.chunks.corrupt(self._node_id)
 
     # -- called from the agent --------------------------------------------------------------------
 

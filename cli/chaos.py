@@ -55,6 +55,7 @@ def add_parser(sub) -> None:
     corrupt = actions.add_parser("corrupt-chunk",
                                  help="flip a byte of the snapshot chunks one agent holds")
     corrupt.add_argument("--node", required=True, help="the node whose held chunks to corrupt")
+    _seconds(corrupt, False, "and the chunks it receives for SECONDS more (default 0)")
     _target(corrupt)
     corrupt.set_defaults(run=run_node_fault, fault="corrupt_chunk")
     full = actions.add_parser("disk-full", help="fill the file system of a node's disk tier")
@@ -186,7 +187,7 @@ def run_node_fault(args) -> int:
     from elastictrain.errors import ConfigError
 
     seconds = getattr(args, "seconds", 0.0)
-    if args.fault != "corrupt_chunk":
+    if args.fault != "corrupt_chunk" or seconds:
         _check_seconds(seconds)
     max_bytes = getattr(args, "max_bytes", 0)
     if max_bytes < 0:

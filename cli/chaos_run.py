@@ -130,8 +130,14 @@ class _Run:
         with open(self.run_dir / f"{node}.log", "wb") as log:
             self.procs[node] = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.run_dir,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+                env=self._env(), start_new_session=True,
             )  # fmt: skip
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop(constants.ENV_CREDENTIALS, None)  # each run's job makes its own
+        return env
 
     def _etcd(self) -> str:
         from elastictrain.coord import local_jobs
@@ -167,7 +173,7 @@ class _Run:
         """Make ``fault`` through its agent, as ``etrain chaos`` does; '' or why not."""
         from . import chaos
 
-        ns = argparse.Namespace(etcd=etcd, job_id=self.job_id, credentials=None,
+        ns = argparse.Namespace(etcd=etcd, job_id=self.job_id, credentials=self._credentials(),
                                 rank=fault.rank, seconds=fault.seconds, node=fault.node,
                                 max_bytes=fault.max_bytes, signal="SIGKILL", agent=None,
                                 factor=fault.factor, off=False)  # fmt: skip
@@ -192,11 +198,17 @@ class _Run:
             print(f"not made: {exc}", file=out)
             return str(exc)
         finally:
+            os.environ.pop(constants.ENV_CREDENTIALS, None)  # this run's only
             with open(self.chaos_log, "a") as log:
                 log.write(f"{time.time():.3f} {fault.describe()}: {out.getvalue().strip()}\n")
         if fault.kind == "kill_agent":
             self.killed.add(fault.node)
         return ""
+
+    def _credentials(self) -> str | None:
+        """The credentials node n0 made for this run's job (None: not yet)."""
+        path = Path(constants.runtime_dir()) / self.job_id / "credentials"
+        return str(path) if (path / "token").exists() else None
 
     def _chaos_time(self, fault: FaultSpec, after: float) -> float:
         """When the agent made it, as its ``chaos`` event says (else when it was asked)."""
@@ -326,7 +338,10 @@ def verdict_table(results: list[RunResult]) -> str:
             if not outcome.fired:
                 recovered = "not made"
             elif outcome.recoveries:
-                recovered = "yes" if result.ok else "no"
+                notes = ([f"{outcome.epochs} worlds"] if outcome.epochs > 1 else []) + (
+                    ["state from a peer"] if outcome.healed else [])  # fmt: skip
+                recovered = "no" if not result.ok else (
+                    "yes" + (f" ({', '.join(notes)})" if notes else ""))
             else:
                 recovered = "rode it out" if result.ok else "no"
             split = " / ".join(_cell(outcome.split.get(k)) for k in

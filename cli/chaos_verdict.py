@@ -26,10 +26,13 @@ class FaultOutcome:
     fault: str
     fired: bool
     detect_s: float | None = None
-    split: Mapping[str, float] = field(default_factory=dict)  # slowest rank's, per phase
-    total_s: float | None = None  # fault → the last rank's first step after it
+    split: Mapping[str, float] = field(default_factory=dict)  # the slowest rank's, per phase,
+    # in the first world re-formed after the fault
+    total_s: float | None = None  # fault → the last rank's first step in the last world
     steps_redone: int | None = None
-    recoveries: int = 0  # ranks that re-formed
+    recoveries: int = 0  # ranks that re-formed (in all its epochs)
+    epochs: int = 0  # worlds the job re-formed into because of it
+    healed: bool = False  # a member's state went to the others: no step was whole in the records
 
 
 def fault_outcomes(fired: Sequence[tuple[str, float | None]], events: Sequence[Event]
@@ -47,17 +50,22 @@ def fault_outcomes(fired: Sequence[tuple[str, float | None]], events: Sequence[E
         mine = [e for e in events if at <= e.time < until]
         detected = [e.time for e in mine if e.kind in DETECTION_KINDS]
         recovered = [e for e in mine if e.kind == "recovered"]
-        split = {key: max(float(e.details.get(f"{key}_s", 0.0)) for e in recovered)
-                 for key in SPLIT_KEYS} if recovered else {}  # fmt: skip
+        epochs: dict[int, list[Event]] = {}  # a fault can take several (a loss, a return)
+        for e in recovered:
+            epochs.setdefault(int(e.details.get("epoch", -1)), []).append(e)
+        first = epochs[min(epochs)] if epochs else []
+        split = {key: max(float(e.details.get(f"{key}_s", 0.0)) for e in first)
+                 for key in SPLIT_KEYS} if first else {}  # fmt: skip
         redone = None
         if recovered:
-            before = max(int(e.details.get("steps_before", 0)) for e in recovered)
-            resumed = min(int(e.details.get("resume_step", 0)) for e in recovered)
-            redone = max(0, before - resumed)
+            redone = sum(max(0, max(int(e.details.get("steps_before", 0)) for e in group)
+                             - min(int(e.details.get("resume_step", 0)) for e in group))
+                         for group in epochs.values())  # fmt: skip
         outcomes.append(FaultOutcome(
             name, True, detect_s=min(detected) - at if detected else None, split=split,
             total_s=max(e.time for e in recovered) - at if recovered else None,
-            steps_redone=redone, recoveries=len(recovered),
+            steps_redone=redone, recoveries=len(recovered), epochs=len(epochs),
+            healed=any(int(e.details.get("healed_from", -1)) >= 0 for e in recovered),
         ))  # fmt: skip
     return outcomes
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from elastictrain.cli.chaos_run import run_scenario
 from elastictrain.cli.scenario import parse_scenario
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from elastictrain.cli.chaos_run import RunResult, verdict_table
 from elastictrain.cli.chaos_verdict import compare_states, fault_outcomes
 from elastictrain.cli.scenario import ScenarioError, load_scenario, parse_scenario
+
 from elastictrain.events import Event
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
@@ -109,7 +109,7 @@ def test_a_recovery_belongs_to_the_newest_fault_made_before_it():
     ]
     kill, restart, never = fault_outcomes(
         [("kill rank 3", 100.0), ("etcd-restart", 110.0), ("hang rank 1", None)], events)
-    assert kill.fired and kill.recoveries == 2
+    assert kill.fired and kill.recoveries == 2 and kill.epochs == 1
     assert kill.detect_s == pytest.approx(0.3)
     assert kill.total_s == pytest.approx(1.0)
     assert kill.split == {"wait": 0.1, "reform": 0.25, "agree": 0.05, "restore": 0.3,
@@ -117,6 +117,19 @@ def test_a_recovery_belongs_to_the_newest_fault_made_before_it():
     assert kill.steps_redone == 1
     assert restart.fired and restart.recoveries == 0 and restart.detect_s is None
     assert not never.fired
+
+
+def test_a_fault_that_takes_two_worlds_counts_the_steps_each_redid():
+    events = [  # a node cut off: the world shrinks (2 steps redone), then grows (none)
+        _event("node_lost", 53.0),
+        _event("recovered", 53.5, epoch=3, reform_s=0.2, steps_before=130, resume_step=128),
+        _event("recovered", 53.6, epoch=3, reform_s=0.3, steps_before=129, resume_step=128),
+        _event("recovered", 61.0, epoch=4, reform_s=0.9, steps_before=164, resume_step=164),
+    ]
+    (cut,) = fault_outcomes([("partition n1", 50.0)], events)
+    assert (cut.epochs, cut.recoveries, cut.steps_redone, cut.healed) == (2, 3, 2, False)
+    assert cut.split["reform"] == 0.3  # the first world's
+    assert cut.total_s == pytest.approx(11.0)  # until the last world's first step
 
 
 def test_states_compare_bit_for_bit_or_by_their_largest_relative_difference():
@@ -129,8 +142,8 @@ def test_states_compare_bit_for_bit_or_by_their_largest_relative_difference():
     signed = compare_states({"z": torch.tensor([-0.0])}, {"z": torch.tensor([0.0])})
     assert not signed.identical
     assert "only one" in compare_states({"w": a["w"]}, a).problem
-    assert "w: torch.float64[3] vs torch.float32[3]" in compare_states({"w": a["w"].double(), "n": a["n"]},
-                                                        a).problem  # fmt: skip
+    wider = compare_states({"w": a["w"].double(), "n": a["n"]}, a)
+    assert "w: torch.float64[3] vs torch.float32[3]" in wider.problem
 
 
 def test_the_verdict_table_has_a_row_per_fault():

@@ -15,9 +15,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from elastictrain.cli.job_state import read_job_state
 from launch_harness import SCRIPTS, Cluster
 
 from elastictrain.constants import ENV_COMPUTE_CLOCK
+from elastictrain.coord.etcd import EtcdClient
+from elastictrain.errors import ElasticTrainError
 from elastictrain.events import read_events
 
 JOB_SCRIPT = SCRIPTS / "job_train.py"
@@ -64,12 +67,22 @@ def _etrain(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)  # fmt: skip
 
 
-def _workers(etcd: str, job_id: str) -> dict[int, dict]:
-    """Rank -> its row in ``etrain status --json`` (empty while the job is not up)."""
-    done = _etrain("status", "--json", "--etcd", etcd, "--job-id", job_id)
-    if done.returncode != 0:
-        return {}
-    state = json.loads(done.stdout)
+def _workers(etcd: str, job_id: str, cli: bool = False) -> dict[int, dict]:
+    """Rank -> its row in ``etrain status --json`` (empty while the job is not up): read
+    here through the same reader, or (``cli``) from the command itself."""
+    if cli:
+        done = _etrain("status", "--json", "--etcd", etcd, "--job-id", job_id)
+        if done.returncode != 0:
+            return {}
+        state = json.loads(done.stdout)
+    else:
+        client = EtcdClient.from_spec(etcd, timeout=5.0)
+        try:
+            state = json.loads(json.dumps(read_job_state(client, job_id, etcd).to_json()))
+        except ElasticTrainError:
+            return {}
+        finally:
+            client.close()
     jsonschema.validate(state, SCHEMA)
     nodes = state["nodes"]
     return {w["rank"]: w for n in nodes for w in n["workers"] if w["state"] == "RUNNING"}
@@ -156,6 +169,7 @@ def test_chaos_slow_through_the_cli_is_seen_in_status_and_ended_with_off(
                      w[1]["share"] < min(w[r]["share"] for r in (0, 2, 3)) and w, procs,
                      "rank 1's smaller share in status")  # fmt: skip
     assert all(row["speed"] > 0 for row in rows.values())
+    assert len(_workers(etcd_endpoint, job_id, cli=True)) == 4  # the command's own output
     off = _etrain("chaos", "slow", "--rank", "1", "--off", *target)
     assert off.returncode == 0 and "ended the slowdown of rank 1" in off.stdout, off.stderr
     _wait_for(lambda: read_events(etcd_client, job_id, "replan")[-1].details["workers"] ==

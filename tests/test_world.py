@@ -71,6 +71,11 @@ def test_resume_at_the_newest_step_everyone_can_have():
     behind = plan_resume([13, 12], {12, 13})
     assert (behind.step, behind.restore) == (13, (False, True))
     assert plan_resume([5, 9], set()) is None
+    # a double fault: the spare's records are gone too; it takes a survivor's state instead
+    healed = plan_resume([18, 18, -1], set(), heal=True)
+    assert (healed.step, healed.restore, healed.heal_from) == (18, (False, False, True), 0)
+    assert plan_resume([9, 5], set(), heal=True).heal_from == 0
+    assert plan_resume([7, 7, -1], {7}, heal=True).heal_from == -1  # records first
 
 
 def _inplace(sizes=(2, 2), me=0, hot_spares=0) -> M.AgentMachine:

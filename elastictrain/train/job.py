@@ -44,6 +44,7 @@ from elastictrain.constants import ENV_SPARE
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
 from elastictrain.train.data_plan import DataPlan, plan_hosting
+from elastictrain.train.heal import share_state
 from elastictrain.train.inplace import CollectiveFailed, InPlaceWorld, WorldChanged, WorldView
 from elastictrain.train.reduction import EXTRAS, DeterministicReducer, FastReducer
 from elastictrain.train.resume import ResumePlan, plan_resume
@@ -364,6 +365,7 @@ class Job:
         report = {
             "epoch": view.epoch, "rank": view.rank, "world_size": view.size,
             "resume_step": plan.step, "steps_before": live, "restored": restored,
+            "healed_from": plan.heal_from,
             "wait_s": round(formed_at - started - mirror_s, 4),
             "reform_s": round(formed - formed_at, 4), "agree_s": round(agreed - formed, 4),
             "restore_s": round(done - agreed + mirror_s, 4), "mirror": mirror_s > 0,
@@ -391,22 +393,24 @@ class Job:
         steps = torch.full((1,), live, dtype=torch.int64, device=self.device)
         every = torch.empty(coll.size, dtype=torch.int64, device=self.device)
         coll.all_gather(every, steps)
-        decided = torch.zeros(2, dtype=torch.int64, device=self.device)
+        decided = torch.zeros(3, dtype=torch.int64, device=self.device)
         if coll.rank == 0:
             complete = self._snapshots.complete_steps() if self._snapshots.enabled else set()
-            plan = plan_resume(every.tolist(), complete)
+            plan = plan_resume(every.tolist(), complete, heal=True)
             decided[0] = -2 if plan is None else plan.step
             decided[1] = 1 if plan is not None and plan.fresh else 0
+            decided[2] = -1 if plan is None else plan.heal_from
         coll.broadcast(decided, root=0)
-        step, fresh = int(decided[0]), bool(decided[1])
+        step, fresh, heal_from = int(decided[0]), bool(decided[1]), int(decided[2])
         if step == -2:
             raise ConfigError("the members of the new world share no step to resume from")
         steps_done = every.tolist()
         restore = tuple(not fresh and s != step for s in steps_done)
         keep = sum(1 for r in restore if not r)
+        how = "restore it" if heal_from < 0 else f"take rank {heal_from}'s"
         reason = ("a new job" if fresh else f"resume after {step} steps: {keep} member(s) keep "
-                  f"their state, {len(restore) - keep} restore it")  # fmt: skip
-        return ResumePlan(step, restore, fresh, reason)
+                  f"their state, {len(restore) - keep} {how}")  # fmt: skip
+        return ResumePlan(step, restore, fresh, reason, heal_from)
 
     def _resume(self, plan: ResumePlan, coll: Collectives) -> bool:
         """Bring this rank to ``plan.step``; True if it restored from the records."""
@@ -421,6 +425,10 @@ class Job:
             self.step = 0
             return False
         self.step = plan.step
+        if plan.heal_from >= 0:  # no step is whole in the records: from a member's memory
+            share_state(coll, plan.heal_from, self.model, self.optimizer, self.scheduler,
+                        self.device)  # fmt: skip
+            return plan.restore[coll.rank]
         if not plan.restore[coll.rank]:
             return False
         restored = self._snapshots.restore(plan.step)

@@ -5,7 +5,10 @@ hot spare or a fresh process). A member's own memory holds one step; the live ag
 hold the others that are whole. The world resumes at the newest step that every member can
 have: from its own memory, or by restoring that step's records in place. A member that
 already stepped past it rolls back (the step in flight is discarded and redone); nobody
-waits for a step that no one can have.
+waits for a step that no one can have. When no step is whole for everyone (the records of a
+lost node unreadable: a double fault), the members that lack the newest live step take it
+from a member that has it (``heal_from``): under data parallelism that state is the same on
+every rank, and the data plan and random seeds derive from the step alone.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ class ResumePlan:
     restore: tuple[bool, ...]  # by rank: load ``step`` from the records
     fresh: bool  # nobody has anything: a new job (rank 0's initial state is shared)
     reason: str
+    heal_from: int = -1  # >= 0: this member sends its state to those that restore
 
 
-def plan_resume(steps_done: Sequence[int], complete: Collection[int]) -> ResumePlan | None:
+def plan_resume(steps_done: Sequence[int], complete: Collection[int],
+                heal: bool = False) -> ResumePlan | None:  # fmt: skip
     """The plan, or None when the members share no step (their states and the records have
-    nothing in common: only a restart of the world can go on)."""
+    nothing in common). With ``heal``, a member's live state is shared instead then."""
     live = {s for s in steps_done if s >= 0}
     whole = set(complete)
     if not live and not whole:
@@ -37,4 +42,11 @@ def plan_resume(steps_done: Sequence[int], complete: Collection[int]) -> ResumeP
             return ResumePlan(step, restore, False,
                               f"resume after {step} steps: {keep} member(s) keep their state, "
                               f"{len(restore) - keep} restore it")  # fmt: skip
-    return None
+    if not heal:
+        return None
+    step = max(live)
+    source = list(steps_done).index(step)
+    restore = tuple(s != step for s in steps_done)
+    return ResumePlan(step, restore, False,
+                      f"resume after {step} steps: no step is whole in the records; "
+                      f"{sum(restore)} member(s) take rank {source}'s state", source)  # fmt: skip
