@@ -21,6 +21,9 @@ import time
 import uuid
 from pathlib import Path
 
+from elastictrain.cli.chaos_run import spares_ready
+from elastictrain.cli.job_state import read_job_state
+
 from elastictrain.coord import local_jobs
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.events import read_events
@@ -28,7 +31,7 @@ from elastictrain.events import read_events
 REPO = Path(__file__).resolve().parents[1]
 ETRAIN = f"{shlex.quote(sys.executable)} -m elastictrain.cli.main"
 SECTIONS = ("job ", "workers", "snapshots", "events")
-FRESH = re.compile(r"-[01]s +\S+ +recovered +rank \d+: wait")  # a recovery's row, 0-1 s old
+FRESH = re.compile(r"-[01]s\W+[\w-]+\W+recovered\W+r\d+ \w+ [.\d]+")  # a recovery, 0-1 s old
 
 
 def tmux(*args: str) -> str:
@@ -71,8 +74,10 @@ def main() -> int:
         client = EtcdClient.from_spec(etcd, timeout=5.0)
         tmux("new-session", "-d", "-s", status_s, "-x", "160", "-y", "48",
              f"{ETRAIN} status --job-id {job}")  # fmt: skip
-        wide = wait_for(lambda: (f := capture(status_s)) and "recovered" not in f and
-                        " 4 rank(s)" in f and "spare" in f and f, 120, "a live wide frame")
+        ready = lambda: spares_ready(read_job_state(client, job, etcd), 1)  # noqa: E731
+        wait_for(ready, 120, "the hot spares", poll=0.5)
+        wide = wait_for(lambda: (f := capture(status_s)) and " 4 rank(s), 2 spare(s)" in f and f,
+                        30, "a live wide frame")  # fmt: skip
         (out / "wide.txt").write_text(wide)
         tmux("resize-window", "-t", status_s, "-x", "80", "-y", "24")
         time.sleep(1.5)
@@ -87,14 +92,22 @@ def main() -> int:
             subprocess.run([*shlex.split(ETRAIN), "chaos", "kill", "--rank", str(rank),
                             "--job-id", job], check=True, capture_output=True)  # fmt: skip
             wait_for(lambda n=before: len(read_events(client, job, "recovered")) >= n + 4, 60,
-                     "the recovery's events")  # fmt: skip
-            seen = wait_for(lambda: FRESH.search(f := capture(status_s)) and (time.time(), f),
-                            10, "the pane")  # fmt: skip
+                     "the recovery's events (a spare takes the rank: 4 ranks re-form)")
+            last = [""]
+
+            def fresh(last=last):
+                last[0] = capture(status_s)
+                return FRESH.search(last[0]) and (time.time(), last[0])
+
+            try:
+                seen = wait_for(fresh, 10, "the pane")
+            finally:
+                (out / f"kill{kill + 1}-last.txt").write_text(last[0])
             ended = max(e.time for e in read_events(client, job, "recovered")[before:])
             (out / f"kill{kill + 1}.txt").write_text(seen[1])
             rows.append((kill + 1, rank, seen[0] - ended))
-            wait_for(lambda: "spare" in capture(status_s), 60, "a spare again", poll=0.5)
-            time.sleep(4)
+            wait_for(ready, 60, "a hot spare again", poll=0.5)
+            time.sleep(2)
         client.close()
     finally:
         for session in (status_s, job_s):

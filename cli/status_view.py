@@ -10,10 +10,11 @@ the step time. Everything fits 80 columns; wider terminals get wider tables.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Sequence
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -61,14 +62,14 @@ def header(state, now: float) -> Text:
     speed = sum(w.speed for w in ranked)
     line = Text()
     line.append(f"job {state.job_id}", style="bold")
-    line.append(f"  {nodes} node(s), {ranks} rank(s)")
+    line.append(f" {nodes} node(s), {ranks} rank(s)")
     if spares:
         line.append(f", {spares} spare(s)")
     if world is not None:
-        line.append(f"  epoch {world.epoch}")
-    line.append(f"  step {step if step >= 0 else '-'}")
+        line.append(f" epoch {world.epoch}")
+    line.append(f" step {step if step >= 0 else '-'}")
     if step_s:
-        line.append(f"  {step_s:.3f} s/step")
+        line.append(f" {step_s:.3f} s/step")
     line.append(f"\nup {_clock(now - started)}  restarts {restarts}")
     if speed:
         line.append(f"  compute {speed:,.0f} samples/s")
@@ -160,16 +161,18 @@ def snapshots_table(state, max_rows: int = 64) -> Table:
 
 
 def _split(details) -> str:
+    """A recovery's phases in seconds, short enough for 80 columns (phases of 0 left out)."""
     parts = [(key, details.get(f"{key}_s")) for key in
              ("wait", "reform", "agree", "restore", "first_step")]  # fmt: skip
-    return " ".join(f"{key.replace('_', ' ')} {value:.2f}" for key, value in parts
-                    if isinstance(value, int | float))  # fmt: skip
+    return " ".join(f"{key.removesuffix('_step')} {value:.2f}".replace(" 0.", " .")
+                    for key, value in parts
+                    if isinstance(value, int | float) and round(value, 2) > 0)  # fmt: skip
 
 
 def timeline(state, now: float, rows: int = TIMELINE) -> Table:
     table = Table(title="events", title_justify="left", show_header=False, padding=(0, 1),
                   expand=True)
-    shown = [e for e in state.events if e.kind in SHOWN_KINDS][-rows:]
+    shown = [e for e in state.events if e.kind in SHOWN_KINDS][-rows:][::-1]  # newest first
     table.add_column("when", justify="right", no_wrap=True, min_width=6)
     table.add_column("node", no_wrap=True, min_width=max((len(e.node) for e in shown), default=4))
     table.add_column("what", no_wrap=True, min_width=max((len(SHOWN_KINDS[e.kind]) for e in shown),
@@ -178,7 +181,7 @@ def timeline(state, now: float, rows: int = TIMELINE) -> Table:
     for event in shown:
         detail = event.reason
         if event.kind == "recovered":
-            detail = f"rank {event.details.get('rank')}: {_split(event.details)}"
+            detail = f"r{event.details.get('rank')} {_split(event.details)}"
         table.add_row(f"-{_clock(now - event.time)}", event.node, SHOWN_KINDS[event.kind],
                       detail)  # fmt: skip
     if not shown:
@@ -203,6 +206,16 @@ def render(state, now: float | None = None, history: Sequence[float] = (), width
     With ``height`` (a terminal's), the tables are cut to fit it."""
     now = time.time() if now is None else now
     rows = 64 if height is None else max(4, height - 24)
-    return Group(header(state, now), workers_table(state, now, rows),
-                 snapshots_table(state, 64 if height is None else 4),
-                 timeline(state, now), sparkline(history, max(10, width - 30)))  # fmt: skip
+    top = [header(state, now), workers_table(state, now, rows),
+           snapshots_table(state, 64 if height is None else 4)]
+    spark = sparkline(history, max(10, width - 30))
+    events = TIMELINE
+    if height is not None:  # the events get what is left: title, two borders, the rows
+        events = max(1, min(TIMELINE, height - _lines(Group(*top, spark), width) - 4))
+    return Group(*top, timeline(state, now, events), spark)
+
+
+def _lines(renderable, width: int) -> int:
+    """How many lines ``renderable`` takes ``width`` columns wide."""
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    return len(console.render_lines(renderable, console.options, pad=False))

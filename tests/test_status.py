@@ -78,11 +78,23 @@ def test_the_view_shows_every_section_with_live_values(width):
     assert text.count("812/s") == 2 and text.count("31.2%") == 2 and text.count("spare") >= 2
     assert "starting" in text  # c registered, no record yet
     assert "step 11 committed" in text and text.count("3.00 GiB") == 2
-    assert "recovered" in text and "agree 0.37" in text
+    assert "recovered" in text and "r3 wait .01 reform .04 agree .37" in text
     assert any("│ b │ fault" in line for line in text.splitlines())  # every column shown
     assert "re-plan" in text and "-10s" in text and "-6s" in text  # times before now
     assert "▁" in text and "█" in text  # the sparkline
     jsonschema.validate(state.to_json(), SCHEMA)
+
+
+@pytest.mark.unit
+def test_in_an_80_by_24_terminal_the_newest_events_are_shown_first_and_it_fits():
+    state = _recorded_state()
+    console = Console(width=80, height=24, color_system=None, record=True)
+    console.print(render(state, now=101.0, history=[0.12, 0.13], width=80, height=24))
+    lines = console.export_text().splitlines()
+    assert len(lines) <= 23 and all(len(line) <= 80 for line in lines)  # room for the cursor
+    events = [line for line in lines if line.startswith("│") and " s " not in line
+              and ("-" in line.split("│")[1])]  # fmt: skip
+    assert "re-plan" in events[0]  # the newest first: an old one is what gives way
 
 
 @pytest.mark.contract
