@@ -314,8 +314,9 @@ class Agent:
             committed_step=-1 if held.store.committed is None else held.store.committed,
             disk_error=held.disk_error,
         )  # fmt: skip
+        shape = self._sessions.job_shape(self._generation) if self._sessions else (0, 0)
         return build_node_status(self.status(), self._machine, snapshot, self.started,
-                                 time.time())  # fmt: skip
+                                 time.time(), shape)  # fmt: skip
 
     def _next_observation(self) -> M.Observation:
         """The next queued observation; every monitor interval, the workers' state and a tick."""

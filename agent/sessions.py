@@ -54,6 +54,7 @@ class _Session:
     pid: int = 0
     mode: str = P.MODE_PLAIN
     finished: bool = False
+    shape: tuple[int, int] = (0, 0)  # its job's global batch and logical workers (0: not said)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -111,6 +112,12 @@ class SessionServer:
         """The worker said it is exiting on purpose (its session may be closed by now)."""
         with self._lock:
             return key in self._finished
+
+    def job_shape(self, generation: int) -> tuple[int, int]:
+        """(global batch, logical workers) as a worker of ``generation`` said ((0, 0): none)."""
+        with self._lock:
+            sessions = list(self._sessions.items())
+        return max((s.shape for k, s in sessions if k.generation == generation), default=(0, 0))
 
     def pid_of(self, key: WorkerKey) -> int | None:
         with self._lock:
@@ -191,6 +198,11 @@ class SessionServer:
                                          float(message.get("share", -1.0))))  # fmt: skip
         elif kind == P.REQUEST:
             self._pool.submit(self._answer, session, message)
+        elif kind == P.JOB_SHAPE:
+            batch, logical = message.get("global_batch"), message.get("logical_workers")
+            if not all(type(v) is int and 0 < v < 1 << 40 for v in (batch, logical)):
+                raise P.SessionError(f"a job shape of {batch!r} x {logical!r}")
+            session.shape = (batch, logical)
         elif kind == P.ATTACH:
             session.mode = str(message["mode"])
             self._post(M.WorkerAttached(key.generation, key.slot, session.mode))

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_node_status(view, machine: M.AgentMachine | None, snapshot: SnapshotStatus,
-                      started: float, now: float) -> NodeStatus:  # fmt: skip
+                      started: float, now: float,
+                      shape: tuple[int, int] = (0, 0)) -> NodeStatus:  # fmt: skip
     """The record of ``view`` (the agent's :class:`StatusView`) at wall time ``now`` (pure)."""
     # a hot spare counts once it is ready to take a rank (its session says in place)
     spares = ({s for s in machine.spares if machine.modes.get(s) == P.MODE_INPLACE}
@@ -36,6 +37,7 @@ def build_node_status(view, machine: M.AgentMachine | None, snapshot: SnapshotSt
         state=view.state, round=view.round, restart_count=view.restart_count,
         max_restarts=view.max_restarts, world_size=view.world_size, epoch=epoch,
         started=started, updated=now, etcd_silent_ms=view.etcd_silent_ms,
+        global_batch=shape[0], logical_workers=shape[1],
         workers=tuple(sorted(workers, key=lambda w: w.slot)), snapshot=snapshot,
     )  # fmt: skip
 

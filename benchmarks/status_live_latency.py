@@ -76,8 +76,8 @@ def main() -> int:
              f"{ETRAIN} status --job-id {job}")  # fmt: skip
         ready = lambda: spares_ready(read_job_state(client, job, etcd), 1)  # noqa: E731
         wait_for(ready, 120, "the hot spares", poll=0.5)
-        wide = wait_for(lambda: (f := capture(status_s)) and " 4 rank(s), 2 spare(s)" in f and f,
-                        30, "a live wide frame")  # fmt: skip
+        wide = wait_for(lambda: (f := capture(status_s)) and " 4 rank(s)" in f
+                        and " 2 spare(s)" in f and f, 30, "a live wide frame")  # fmt: skip
         (out / "wide.txt").write_text(wide)
         tmux("resize-window", "-t", status_s, "-x", "80", "-y", "24")
         time.sleep(1.5)

@@ -33,7 +33,6 @@ from .chaos_verdict import Difference, FaultOutcome, compare_states, fault_outco
 from .scenario import (
     ETCD_NODE,
     MAX_REPEAT,
-    RANK_FAULTS,
     FaultSpec,
     Scenario,
     ScenarioError,
@@ -48,7 +47,8 @@ _POLL_S = 0.1
 _EVENTS_EVERY_S = 0.5
 _FIRE_RETRY_S = 15.0  # a rank mid-recovery is not running: try again this long
 _ETCD_WAIT_S = 30.0
-_SPARE_WAIT_S = 20.0  # a fault on a rank waits this long at most for the spares to be ready
+_SPARE_WAIT_S = 20.0  # a fault that loses ranks waits this long at most for ready spares
+LOSES_RANKS = frozenset({"kill", "hang", "kill_agent", "partition"})  # like --fault: they wait
 
 
 def spares_ready(state, want: int) -> bool:
@@ -265,8 +265,8 @@ class _Run:
                     fault = pending[0]
                     late = _lateness(fault, step, now - first_step_at, shift)
                     due = late >= 0
-                    if due and fault.kind in RANK_FAULTS and not ready:
-                        waiting_since = waiting_since or now  # like --fault: spares first
+                    if due and fault.kind in LOSES_RANKS and not ready:  # spares first
+                        waiting_since = waiting_since or now
                         due = now - waiting_since > _SPARE_WAIT_S
                     if not due:
                         break

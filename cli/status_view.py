@@ -60,20 +60,26 @@ def header(state, now: float) -> Text:
     ranks = world.size if world is not None else len(ranked)
     nodes = len(world.nodes) if world is not None else len(state.nodes)
     speed = sum(w.speed for w in ranked)
-    line = Text()
+    batch = max((n.global_batch for n in state.nodes.values()), default=0)
+    logical = max((n.logical_workers for n in state.nodes.values()), default=0)
+    line = Text()  # three short lines: who, how fast, since when
     line.append(f"job {state.job_id}", style="bold")
-    line.append(f" {nodes} node(s), {ranks} rank(s)")
+    line.append(f"  {nodes} node(s), {ranks} rank(s)")
+    if logical:
+        line.append(f", {logical} logical workers")
     if spares:
         line.append(f", {spares} spare(s)")
-    if world is not None:
-        line.append(f" epoch {world.epoch}")
-    line.append(f" step {step if step >= 0 else '-'}")
+    line.append(f"\nepoch {world.epoch}  " if world is not None else "\n")
+    line.append(f"step {step if step >= 0 else '-'}")
     if step_s:
-        line.append(f" {step_s:.3f} s/step")
-    line.append(f"\nup {_clock(now - started)}  restarts {restarts}")
+        line.append(f"  {step_s:.3f} s/step")
+    if batch:
+        line.append(f"  batch {batch}")
+        if step_s:
+            line.append(f"  {batch / step_s:,.0f} samples/s")
     if speed:
-        line.append(f"  compute {speed:,.0f} samples/s")
-    line.append(f"  etcd {state.etcd}")
+        line.append(f"  compute {speed:,.0f}/s")
+    line.append(f"\nup {_clock(now - started)}  restarts {restarts}  etcd {state.etcd}")
     return line
 
 
@@ -142,6 +148,20 @@ def _nodes_table(state, now: float, max_rows: int) -> Table:
     return table
 
 
+def snapshots_line(state) -> Text:
+    """The snapshots in one line (a short terminal): the newest committed step, memory held,
+    records, chunks, and the disk tier's failures."""
+    held = [n.snapshot for n in state.nodes.values()]
+    failing = [n for n in sorted(state.nodes) if state.nodes[n].snapshot.disk_error]
+    line = Text("snapshots: " + (f"step {state.committed_step} committed" if
+                                 state.committed_step >= 0 else "none committed"))  # fmt: skip
+    line.append(f"  {sum(h.memory_bytes for h in held) / 2**30:.2f} GiB  "
+                f"{sum(h.records for h in held)} records  {sum(h.chunks for h in held)} chunks")
+    line.append(f"  disk failing on {', '.join(failing)}" if failing else "  disk ok",
+                style="red" if failing else "")  # fmt: skip
+    return line
+
+
 def snapshots_table(state, max_rows: int = 64) -> Table:
     title = "snapshots" + (f": step {state.committed_step} committed"
                            if state.committed_step >= 0 else ": none committed")  # fmt: skip
@@ -206,8 +226,9 @@ def render(state, now: float | None = None, history: Sequence[float] = (), width
     With ``height`` (a terminal's), the tables are cut to fit it."""
     now = time.time() if now is None else now
     rows = 64 if height is None else max(4, height - 24)
+    short = height is not None and height < 32  # a terminal of about 24 lines
     top = [header(state, now), workers_table(state, now, rows),
-           snapshots_table(state, 64 if height is None else 4)]
+           snapshots_line(state) if short else snapshots_table(state, 64 if height is None else 4)]
     spark = sparkline(history, max(10, width - 30))
     events = TIMELINE
     if height is not None:  # the events get what is left: title, two borders, the rows

@@ -65,6 +65,8 @@ class NodeStatus:
     started: float = 0.0  # wall time the agent started
     updated: float = 0.0  # wall time of this record
     etcd_silent_ms: int = 0
+    global_batch: int = 0  # samples per step, as the job's workers said (0: not said)
+    logical_workers: int = 0  # the job's logical workers (0: not said)
     workers: tuple[WorkerStatus, ...] = ()
     snapshot: SnapshotStatus = field(default_factory=SnapshotStatus)
 

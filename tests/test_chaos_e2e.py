@@ -20,28 +20,29 @@ repeat = 1
 timeout_s = 240
 [job]
 script = "{EXAMPLES / 'train_job.py'}"
-args = ["--steps", "44", "--step-sleep", "0.05", "--out", "{{run_dir}}/final.pt"]
+args = ["--steps", "90", "--step-sleep", "0.1", "--out", "{{run_dir}}/final.pt"]
 launch_args = ["--node-ttl", "3", "--hang-timeout", "2"]
 [[fault]]
 kind = "kill"
 rank = 3
-at_step = 6
+at_step = 20
 [[fault]]
 kind = "hang"
 rank = 1
 seconds = 4
-at_step = 14
+at_step = 30
 [[fault]]
 kind = "etcd_restart"
-at_step = 22
+at_step = 40
 [[fault]]
 kind = "corrupt_chunk"
 node = "n0"
-at_step = 30
+seconds = 25
+at_step = 50
 [[fault]]
 kind = "kill_agent"
 node = "n1"
-at_step = 30
+at_step = 50
 """
 
 
@@ -62,5 +63,6 @@ def test_a_scenario_of_faults_recovers_in_place_with_the_fault_free_result(tmp_p
     assert restart.recoveries == 0  # ridden out
     # the lost agent's ranks are recovered by the survivors, from intact copies only
     assert kill_agent.recoveries >= 2 and kill_agent.detect_s is not None
+    assert kill_agent.healed  # n0's copies of n1's records were corrupt: from a survivor
     assert corrupt.recoveries == 0
     assert result.exit_codes["n0"] == 0 and result.exit_codes["n1"] == -9

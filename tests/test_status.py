@@ -27,7 +27,8 @@ ETRAIN = [sys.executable, "-m", "elastictrain.cli.main"]
 
 def _node(node_id: str, step: int, updated: float = 100.0) -> NodeStatus:
     return NodeStatus(node_id, f"host-{node_id}", "127.0.0.1:1", 42, "RUNNING", round=1,
-                      world_size=4, epoch=0, started=50.0, updated=updated, workers=(
+                      world_size=4, epoch=0, started=50.0, updated=updated, global_batch=64,
+                      logical_workers=16, workers=(
                           WorkerStatus(0, 0 if node_id == "a" else 2, 100, "RUNNING", step=step,
                                        step_s=0.125, speed=812.5, share=0.3125),
                           WorkerStatus(1, 1 if node_id == "a" else 3, 101, "RUNNING", step=step,
@@ -73,7 +74,8 @@ def test_the_view_shows_every_section_with_live_values(width):
     console.print(render(state, now=101.0, history=[0.12, 0.13, 0.5, 0.12], width=width))
     text = console.export_text()
     assert all(len(line) <= width for line in text.splitlines()), text
-    assert "job job" in text and "2 node(s), 4 rank(s), 2 spare(s)" in text and "epoch 1" in text
+    assert "job job" in text and "2 node(s), 4 rank(s), 16 logical workers, 2 spare(s)" in text
+    assert "epoch 1" in text and "batch 64  512 samples/s" in text  # 64 / 0.125 s
     assert "step 12" in text and "0.125 s/step" in text and "up 51s" in text
     assert text.count("812/s") == 2 and text.count("31.2%") == 2 and text.count("spare") >= 2
     assert "starting" in text  # c registered, no record yet

@@ -93,6 +93,11 @@ class WorkerSession:
                 beat["share"] = round(self._share, 5)
             self._notify(beat)
 
+    def describe_job(self, global_batch: int, logical_workers: int) -> None:
+        """The job's shape, for ``etrain status`` (sent once)."""
+        self._notify({"type": P.JOB_SHAPE, "global_batch": int(global_batch),
+                      "logical_workers": int(logical_workers)})  # fmt: skip
+
     def finished(self) -> None:
         """This worker is about to exit on purpose: its session closing is not a crash."""
         self._notify({"type": P.FINISHED})

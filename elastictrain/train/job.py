@@ -164,6 +164,9 @@ class Job:
             self._coll = Collectives.default()
         self.rank = self._coll.rank if self._coll is not None else -1  # -1: a hot spare
         self.world = self._coll.size if self._coll is not None else 0
+        shape_to = self._inplace.session if self._inplace is not None else None
+        if shape_to is not None:  # for etrain status
+            shape_to.describe_job(self.plan.global_batch, self.plan.logical_workers)
         latest = self._inplace.latest() if self._inplace is not None else None
         if latest is not None and latest.rank >= 0:  # the rank it starts with, until a change
             self.rank, self.world = latest.rank, latest.size
