@@ -130,7 +130,10 @@ class ChaosExecutor:
         worker = self.agent.kill_worker(rank, sig)
         if worker is None:
             return self._refused(f"rank {rank} is not running here")
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:  # a real-time signal has no name
+            name = str(sig)
         self._record("chaos", f"sent {name} to rank {rank}", fault="kill", rank=rank,
                      pid=worker.pid, signal=sig)  # fmt: skip
         return ChaosOutcome(True, f"sent signal {sig} to rank {rank} (pid {worker.pid})",

@@ -71,8 +71,7 @@ class AttentionPlan:
     loads: tuple[int, ...]  # (query, key) pairs each rank computes, in ``ranks`` order
     naive_imbalance: float  # max/mean of modelled time with every document on its owner
     imbalance: float  # the same, planned
-    bytes_per_token_moved: int = 0  # tokens' worth of q/k/v/out sent (times head bytes)
-    moved_tokens: int = 0
+    moved_tokens: int = 0  # rows sent: queries and outputs, keys and values of the prefixes
     reason: str = ""
     by_runner: dict[int, tuple[Task, ...]] = field(default_factory=dict, compare=False)
 
