@@ -1,5 +1,6 @@
 """The core-attention planner (pure): tasks cover every query once, costs add up, no task is
-cut below the floor, and the work is balanced in proportion to speed."""
+cut below the floor, the cuts do not depend on the world, and the work is balanced in
+proportion to speed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from elastictrain.attention.mixes import pack, packed_mix
 from elastictrain.attention.plan import (
     AttentionPolicy,
     Document,
+    cut_document,
     plan_attention,
     task_cost,
 )
@@ -39,7 +41,7 @@ def _check_cover(documents, plan, floor):
     assert [runners[r] for r in plan.ranks] == list(plan.loads)
 
 
-@pytest.mark.parametrize(("ranks", "tokens"), [(8, 128 * 1024), (64, 16 * 1024)])
+@pytest.mark.parametrize(("ranks", "tokens"), [(8, 128 * 1024), (64, 128 * 1024)])
 def test_long_tailed_batches_are_balanced_and_every_query_is_attended_once(ranks, tokens):
     for seed in range(3):
         documents = packed_mix(ranks, tokens, seed)
@@ -75,7 +77,49 @@ def test_tiny_documents_move_whole_and_a_world_of_survivors_is_planned():
     assert set(plan.by_runner) == {0, 1, 3} and plan.imbalance <= 1.05
     assert any(t.runner != t.owner and t.end - t.start < 512 for t in plan.tasks)
     single = plan_attention([Document(5000, 7)], [7])
-    assert [(t.start, t.end, t.runner) for t in single.tasks] == [(0, 5000, 7)]
+    assert {t.runner for t in single.tasks} == {7} and single.imbalance == 1.0
+    _check_cover([Document(5000, 7)], single, 512)
+
+
+def test_the_cuts_do_not_depend_on_the_world_or_the_speeds():
+    """A rank's batch is cut the same way whichever ranks exist and however fast they are:
+    only where the pieces run changes (what makes attention bit-identical after a
+    recovery)."""
+    documents = packed_mix(4, 64 * 1024, 2)
+    cuts = None
+    for ranks, speeds in [(range(4), None), (range(4), [1, 0.5, 2, 1]), (range(6), None)]:
+        plan = plan_attention(documents, ranks, speeds)
+        _check_cover(documents, plan, 512)
+        found = [(t.doc, t.start, t.end, t.piece) for t in plan.tasks]
+        assert cuts is None or found == cuts
+        cuts = found
+    # survivors: rank 3's batch is gone, the others' are cut as before
+    survivors = [d for d in documents if d.owner != 3]
+    plan = plan_attention(survivors, range(3))
+    assert [(t.start, t.end) for t in plan.tasks] == [(s, e) for doc, s, e, _ in cuts
+                                                      if documents[doc].owner != 3]
+
+
+def test_pieces_are_of_about_equal_work_and_none_below_the_floor():
+    policy = AttentionPolicy()
+    spans = cut_document(100_000, 100_000, policy)
+    costs = [task_cost(s, e) for s, e in spans]
+    assert len(spans) > 64 and max(costs) / min(costs) < 1.5
+    assert all(e - s >= 512 for s, e in spans)
+    assert cut_document(900, 100_000, policy) == [(0, 900)]  # too short to cut
+    assert len(cut_document(5_000, 1_000_000, policy)) == 1  # little work for its batch
+
+
+def test_the_tokens_sent_count_a_prefix_once_per_runner():
+    documents = [Document(40_000, 0), Document(100, 1)]
+    plan = plan_attention(documents, range(2))
+    moved = [t for t in plan.tasks if t.runner != t.owner]
+    assert {t.runner for t in moved if t.doc == 0} == {1}
+    prefixes: dict[tuple[int, int], int] = {}
+    for t in moved:
+        prefixes[t.doc, t.runner] = max(prefixes.get((t.doc, t.runner), 0), t.end)
+    queries = sum(t.end - t.start for t in moved)
+    assert plan.moved_tokens == 2 * queries + 2 * sum(prefixes.values())
 
 
 def test_bad_input_is_a_clear_error():
@@ -89,3 +133,5 @@ def test_bad_input_is_a_clear_error():
         Document(0, 0)
     with pytest.raises(ConfigError, match="min_task"):
         AttentionPolicy(min_task=0)
+    with pytest.raises(ConfigError, match="pieces"):
+        AttentionPolicy(pieces=0)

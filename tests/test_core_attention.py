@@ -1,6 +1,6 @@
-"""Core attention by tasks on one process: cut by a plan's query ranges, the outputs equal
-one causal call per document bit for bit (CPU) and the input gradients agree within 1e-6
-relative (fp32)."""
+"""Core attention on one process (the drop-in outside a ``Job``): documents cut into the
+plan's pieces, each computed alone; the outputs equal one causal call per document bit for
+bit (CPU) and the input gradients agree within 1e-6 relative (fp32)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from elastictrain.attention.core import core_attention
-from elastictrain.attention.plan import AttentionPolicy, Document, plan_attention
+from elastictrain.attention import AttentionPolicy, core_attention
+from elastictrain.attention.plan import Document, plan_attention
 from elastictrain.errors import ConfigError
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -25,18 +25,10 @@ def _reference(q, k, v, bounds):
 
 
 @pytest.mark.parametrize("lengths", [[3000, 40, 7, 700, 1], [5000], [64] * 30 + [2500]])
-def test_planned_tasks_give_one_calls_output_and_gradients(lengths):
+def test_pieces_give_one_calls_output_and_gradients(lengths):
     torch.manual_seed(0)
-    ranks = 4
-    per_rank = -(-sum(lengths) // ranks)
-    documents, owner, room = [], 0, per_rank
-    for length in lengths:  # whole documents packed in order; a long one stays whole
-        documents.append(Document(length, min(owner, ranks - 1)))
-        room -= length
-        while room <= 0 and owner < ranks - 1:
-            owner, room = owner + 1, room + per_rank
-    plan = plan_attention(documents, range(ranks), policy=AttentionPolicy(min_task=64))
-    assert len(plan.tasks) > len(lengths)  # something was cut
+    pieces = plan_attention([Document(n, 0) for n in lengths], [0]).tasks
+    assert len(pieces) > len(lengths)  # something was cut
     bounds = [0]
     for length in lengths:
         bounds.append(bounds[-1] + length)
@@ -44,7 +36,7 @@ def test_planned_tasks_give_one_calls_output_and_gradients(lengths):
     inputs = [torch.randn(tokens, heads, dim, dtype=torch.float32, requires_grad=True)
               for _ in range(3)]
     grad = torch.randn(tokens, heads, dim)
-    mine = core_attention(*inputs, bounds, plan.tasks)
+    mine = core_attention(*inputs, bounds)
     mine.backward(grad)
     got = [t.grad.clone() for t in inputs]
     for t in inputs:
@@ -57,11 +49,16 @@ def test_planned_tasks_give_one_calls_output_and_gradients(lengths):
         assert error < 1e-6, error
 
 
-def test_tasks_that_miss_a_query_are_refused():
-    q = torch.zeros(10, 1, 4)
-    plan = plan_attention([Document(10, 0)], [0])
-    with pytest.raises(ConfigError, match="cover 10 of 12"):
-        core_attention(torch.zeros(12, 1, 4), torch.zeros(12, 1, 4), torch.zeros(12, 1, 4),
-                       [0, 10, 12], plan.tasks)  # fmt: skip
+def test_the_same_inputs_give_the_same_bits_and_bad_input_is_refused():
+    q = torch.randn(1200, 2, 8)
+    a = core_attention(q, q, q, [0, 1100, 1200])
+    assert torch.equal(a, core_attention(q.clone(), q.clone(), q.clone(), torch.tensor([0, 1100,
+                                                                                      1200])))
     with pytest.raises(ConfigError, match="cu_seqlens"):
-        core_attention(q, q, q, [1, 10])
+        core_attention(q, q, q, [0, 10, 1100])
+    with pytest.raises(ConfigError, match="cu_seqlens"):
+        core_attention(q, q, q, [1, 1200])
+    with pytest.raises(ConfigError, match="one shape"):
+        core_attention(q, q[:10], q, [0, 1200])
+    with pytest.raises(ConfigError, match="pieces"):
+        AttentionPolicy(pieces=0)

@@ -1,16 +1,31 @@
-"""Core-attention tasks run where the plan puts them: queries and key/value prefixes sent to
-the runners in one all-to-all, outputs back in another; the backward sends the outputs'
-gradients the same way, and each owner sums the dK/dV partials of its documents in the
-plan's task order (fixed: the result does not depend on who ran what or when it arrived).
+"""Core-attention tasks run where the plan puts them, with the same arithmetic wherever that is.
+
+A plan cuts each document into pieces (tasks) that do not depend on the world
+(:mod:`elastictrain.attention.plan`). Each piece is always computed alone: its queries over its
+whole causal key/value prefix, one kernel call. Its key/value gradients are partial (rows
+``[0, end)`` of the document) and are summed over the document's pieces in one fixed binary
+tree (:mod:`elastictrain.train.tree`, leaves = the pieces): a runner that holds a run of
+consecutive pieces sums them into the run's cover of aligned subtrees, and the owner merges
+every cover into the root. Which rank ran which piece, and how the pieces were grouped into
+runs, change no bit of the result.
+
+Transport: the pieces of a document that one runner computes for one owner travel as a *run*
+(maximal, consecutive pieces): the queries of the run and the key/value prefix of its last
+piece go out once, in one all-to-all with every other run; the outputs come back in another.
+The backward sends the outputs' gradients the same way, and each runner returns the run's
+query gradients and the cover's key/value partials.
 
 Every rank calls :func:`dispatched_attention` with its own packed ``q``, ``k``, ``v``
 (``[tokens, heads, head_dim]``), the offset of each document it owns in them, and the same
-plan (world ranks = the group's ranks). A runner keeps what it received for the backward.
+plan (world ranks = the group's ranks). A rank that owns nothing this round takes part with
+empty tensors (:func:`attention_forward` and :func:`attention_backward`, called directly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -18,31 +33,124 @@ from elastictrain.attention.core import task_attention
 from elastictrain.attention.plan import AttentionPlan, Task
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
+from elastictrain.train.tree import BlockSum, Node, merge
+
+Partials = list[tuple[Node, tuple[torch.Tensor, torch.Tensor]]]
 
 
-class _Layout:
-    """One rank's part of a plan: the tasks it runs for itself, sends out, and runs for
-    others, each in the plan's order."""
+class Run(NamedTuple):
+    """Consecutive pieces ``[first, stop)`` of a document, computed by one runner."""
+
+    doc: int
+    first: int
+    stop: int
+    start: int  # the run's first query
+    end: int  # one past its last query: keys and values are [0, end)
+    owner: int
+    runner: int
+
+    @property
+    def queries(self) -> int:
+        return self.end - self.start
+
+
+class Layout:
+    """One rank's part of a plan: its runs, who runs them, and the pieces of its documents.
+    Built once per plan (every layer of a micro-batch uses the same)."""
 
     def __init__(self, plan: AttentionPlan, rank: int, offsets: Mapping[int, int]) -> None:
         self.rank = rank
         self.ranks = plan.ranks
         self.offsets = dict(offsets)
-        self.tasks = plan.tasks
-        self.local = [t for t in plan.tasks if t.owner == rank and t.runner == rank]
-        others = [r for r in plan.ranks if r != rank]
-        self.sent = {r: [t for t in plan.tasks if t.owner == rank and t.runner == r]
-                     for r in others}  # fmt: skip
-        self.run_for = {r: [t for t in plan.tasks if t.owner == r and t.runner == rank]
-                        for r in others}  # fmt: skip
-        for task in plan.tasks:
-            if task.owner == rank and task.doc not in self.offsets:
-                raise ConfigError(f"rank {rank} owns document {task.doc} but has no offset for it")
+        self.pieces: dict[int, list[Task]] = {}  # doc -> its pieces, for docs this rank touches
+        self.local: list[Run] = []  # owned here, run here
+        self.sent: dict[int, list[Run]] = {r: [] for r in plan.ranks if r != rank}
+        self.run_for: dict[int, list[Run]] = {r: [] for r in plan.ranks if r != rank}
+        runs: list[Run] = []
+        pieces: list[Task] = []
+        for task in plan.tasks:  # by (doc, piece)
+            if pieces and task.doc != pieces[-1].doc:
+                runs.extend(self._runs(pieces))
+                pieces = []
+            pieces.append(task)
+        if pieces:
+            runs.extend(self._runs(pieces))
+        for run in runs:
+            if run.owner == rank and run.runner == rank:
+                self.local.append(run)
+            elif run.owner == rank:
+                self.sent[run.runner].append(run)
+            elif run.runner == rank:
+                self.run_for[run.owner].append(run)
+        for doc in {run.doc for run in runs if run.owner == rank}:
+            if doc not in self.offsets:
+                raise ConfigError(f"rank {rank} owns document {doc} but has no offset for it")
 
-    def rows(self, task: Task) -> tuple[slice, slice]:
-        """The task's query rows and key/value prefix rows in the owner's tensors."""
-        base = self.offsets[task.doc]
-        return slice(base + task.start, base + task.end), slice(base, base + task.end)
+    def _runs(self, pieces: list[Task]) -> list[Run]:
+        """The runs of one document's pieces (in order), keeping the pieces if this rank
+        owns or runs any of them."""
+        if any(t.piece != i for i, t in enumerate(pieces)):
+            raise ConfigError(f"document {pieces[0].doc}'s tasks are not its pieces in order")
+        found, first = [], 0
+        for i in range(1, len(pieces) + 1):
+            if i == len(pieces) or pieces[i].runner != pieces[first].runner:
+                head = pieces[first]
+                found.append(Run(head.doc, first, i, head.start, pieces[i - 1].end, head.owner,
+                                 head.runner))  # fmt: skip
+                first = i
+        if pieces[0].owner == self.rank or any(r.runner == self.rank for r in found):
+            self.pieces[pieces[0].doc] = pieces
+        return found
+
+    def rows(self, run: Run) -> tuple[slice, slice]:
+        """The run's query rows and key/value prefix rows in the owner's tensors."""
+        base = self.offsets[run.doc]
+        return slice(base + run.start, base + run.end), slice(base, base + run.end)
+
+    def cover(self, run: Run) -> list[tuple[Node, int]]:
+        """The nodes of the run's cover (its aligned subtrees of the document's pieces), each
+        with the rows of its key/value partial (the prefix of its last piece)."""
+        pieces = self.pieces[run.doc]
+        block = BlockSum(run.first, run.stop, len(pieces), lambda a, b: b)
+        for i in range(run.first, run.stop):
+            block.push(i)
+        return [(node, pieces[node.span(len(pieces))[1] - 1].end)
+                for node, _ in block.partials()]  # fmt: skip
+
+
+def _add_prefix(left: tuple[torch.Tensor, torch.Tensor],
+                right: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key/value partials of earlier pieces (a shorter prefix) plus later ones: the tree's
+    one addition."""
+    for a, b in zip(left, right, strict=True):
+        b[: a.shape[0]].add_(a)
+    return right
+
+
+def _run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: Run,
+                 pieces: Sequence[Task], scale: float | None) -> torch.Tensor:  # fmt: skip
+    """The run's outputs: ``q`` its queries, ``k``/``v`` its prefix; each piece alone."""
+    outs = [task_attention(q[t.start - run.start: t.end - run.start], k[: t.end], v[: t.end],
+                           t.start, scale)
+            for t in pieces[run.first: run.stop]]  # fmt: skip
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _run_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
+                  run: Run, pieces: Sequence[Task], scale: float | None
+                  ) -> tuple[torch.Tensor, Partials]:  # fmt: skip
+    """The run's query gradients and its cover's key/value partials (each piece alone)."""
+    block: BlockSum = BlockSum(run.first, run.stop, len(pieces), _add_prefix)
+    dq = []
+    for t in pieces[run.first: run.stop]:
+        rows = slice(t.start - run.start, t.end - run.start)
+        qt, kt, vt = (x.detach().requires_grad_(True) for x in (q[rows], k[: t.end], v[: t.end]))
+        with torch.enable_grad():
+            out = task_attention(qt, kt, vt, t.start, scale)
+        gq, gk, gv = torch.autograd.grad(out, (qt, kt, vt), grad[rows])
+        dq.append(gq)
+        block.push((gk, gv))
+    return (torch.cat(dq) if len(dq) > 1 else dq[0]), block.partials()
 
 
 def _exchange(coll: Collectives, outgoing: dict[int, list[torch.Tensor]],
@@ -65,109 +173,159 @@ def _exchange(coll: Collectives, outgoing: dict[int, list[torch.Tensor]],
     return pieces
 
 
-def _split(block: torch.Tensor, tasks: list[Task], sizes) -> list[list[torch.Tensor]]:
-    """Cut ``block`` (rows) into each task's pieces of ``sizes(task)`` rows."""
-    parts, at = [], 0
-    for task in tasks:
-        mine = []
-        for n in sizes(task):
-            mine.append(block[at: at + n])
-            at += n
-        parts.append(mine)
-    return parts
+def _cut(block: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(block[at: at + n])
+        at += n
+    return out
+
+
+@dataclass
+class Saved:
+    """What a forward keeps for its backward: the rank's own inputs, and the inputs it
+    received for the runs it computes for others."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    received: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+T = TypeVar("T")
+Exchange = Callable[[Callable[[], T]], T]  # runs a collective (a clock can leave it out)
+
+
+def _direct(exchange: Callable[[], T]) -> T:
+    return exchange()
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                      coll: Collectives | None, scale: float | None = None,
+                      around: Exchange = _direct) -> tuple[torch.Tensor, Saved]:  # fmt: skip
+    """This rank's outputs (its own documents' rows) and what the backward needs. ``around``
+    wraps each exchange (a clock that leaves waiting out, say)."""
+    heads, dim = q.shape[1], q.shape[2]
+    width, shape = heads * dim, (-1, heads, dim)
+    received: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    returned: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        if coll is not None and coll.size > 1:
+            outgoing = {r: [x for run in runs for x in
+                            (q[layout.rows(run)[0]], k[layout.rows(run)[1]],
+                             v[layout.rows(run)[1]])]
+                        for r, runs in layout.sent.items()}  # fmt: skip
+            rows = {r: sum(run.queries + 2 * run.end for run in runs)
+                    for r, runs in layout.run_for.items()}  # fmt: skip
+            got = around(lambda: _exchange(coll, outgoing, rows, width, q))
+            results = {}
+            for r, block in got.items():
+                runs = layout.run_for[r]
+                parts = _cut(block, [n for run in runs for n in (run.queries, run.end, run.end)])
+                received[r] = [tuple(p.view(shape) for p in parts[3 * i: 3 * i + 3])
+                               for i in range(len(runs))]  # fmt: skip
+                results[r] = [_run_forward(*inputs, run, layout.pieces[run.doc], scale)
+                              for run, inputs in zip(runs, received[r], strict=True)]  # fmt: skip
+            back = {r: sum(run.queries for run in runs) for r, runs in layout.sent.items()}
+            returned = around(lambda: _exchange(coll, results, back, width, q))
+        out = torch.empty_like(q)
+        for run in layout.local:
+            query, prefix = layout.rows(run)
+            out[query] = _run_forward(q[query], k[prefix], v[prefix], run,
+                                      layout.pieces[run.doc], scale)  # fmt: skip
+        for r, block in returned.items():
+            runs = layout.sent[r]
+            for run, piece in zip(runs, _cut(block, [run.queries for run in runs]), strict=True):
+                out[layout.rows(run)[0]] = piece.view(shape)
+    return out, Saved(q, k, v, received)
+
+
+def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
+                       coll: Collectives | None, scale: float | None = None,
+                       around: Exchange = _direct
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dQ, dK, dV of this rank's own rows; the key/value partials of each document summed in
+    its pieces' fixed tree."""
+    q, k, v = saved.q, saved.k, saved.v
+    heads, dim = q.shape[1], q.shape[2]
+    width, shape = heads * dim, (-1, heads, dim)
+    grad_out = grad_out.contiguous()
+    partials: dict[int, Partials] = {}  # doc -> the covers of its runs
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if coll is not None and coll.size > 1:
+        outgoing = {r: [grad_out[layout.rows(run)[0]] for run in runs]
+                    for r, runs in layout.sent.items()}  # fmt: skip
+        rows = {r: sum(run.queries for run in runs) for r, runs in layout.run_for.items()}
+        got = around(lambda: _exchange(coll, outgoing, rows, width, q))
+        results: dict[int, list[torch.Tensor]] = {}
+        for r, block in got.items():
+            runs = layout.run_for[r]
+            results[r] = []
+            for run, grad, inputs in zip(runs, _cut(block, [run.queries for run in runs]),
+                                         saved.received[r], strict=True):  # fmt: skip
+                gq, cover = _run_backward(*inputs, grad.view(shape), run,
+                                          layout.pieces[run.doc], scale)  # fmt: skip
+                results[r].append(gq)
+                results[r].extend(x for _, pair in cover for x in pair)
+        covers = {run: layout.cover(run) for runs in layout.sent.values() for run in runs}
+        back = {r: sum(run.queries + 2 * sum(n for _, n in covers[run]) for run in runs)
+                for r, runs in layout.sent.items()}  # fmt: skip
+        returned = around(lambda: _exchange(coll, results, back, width, q))
+        for r, block in returned.items():
+            sizes = []
+            for run in layout.sent[r]:
+                sizes.append(run.queries)
+                sizes.extend(n for _, rows_ in covers[run] for n in (rows_, rows_))
+            parts = iter(_cut(block, sizes))
+            for run in layout.sent[r]:
+                dq[layout.rows(run)[0]] = next(parts).view(shape)
+                partials.setdefault(run.doc, []).extend(
+                    (node, (next(parts).view(shape), next(parts).view(shape)))
+                    for node, _ in covers[run])  # fmt: skip
+    for run in layout.local:
+        query, prefix = layout.rows(run)
+        gq, cover = _run_backward(q[query], k[prefix], v[prefix], grad_out[query], run,
+                                  layout.pieces[run.doc], scale)  # fmt: skip
+        dq[query] = gq
+        partials.setdefault(run.doc, []).extend(cover)
+    for doc, cover in partials.items():
+        pieces = layout.pieces[doc]
+        gk, gv = merge(cover, len(pieces), _add_prefix)
+        base = layout.offsets[doc]
+        dk[base: base + pieces[-1].end] = gk
+        dv[base: base + pieces[-1].end] = gv
+    return dq, dk, dv
 
 
 class _Dispatched(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout: _Layout, coll: Collectives, scale):  # noqa: ANN001
-        heads, dim = q.shape[1], q.shape[2]
-        width = heads * dim
-        shape = (-1, heads, dim)
-        with torch.no_grad():
-            outgoing = {r: [x for t in layout.sent[r] for x in
-                            (q[layout.rows(t)[0]], k[layout.rows(t)[1]], v[layout.rows(t)[1]])]
-                        for r in layout.ranks if r != layout.rank}  # fmt: skip
-            rows = {r: sum(t.end - t.start + 2 * t.end for t in layout.run_for[r])
-                    for r in layout.ranks if r != layout.rank}  # fmt: skip
-            got = _exchange(coll, outgoing, rows, width, q)
-            inputs = {r: _split(got[r], layout.run_for[r],
-                                lambda t: (t.end - t.start, t.end, t.end))
-                      for r in got}  # fmt: skip
-            results = {r: [task_attention(qi.view(shape), ki.view(shape), vi.view(shape),
-                                          t.start, scale)
-                           for t, (qi, ki, vi) in zip(layout.run_for[r], inputs[r], strict=True)]
-                       for r in inputs}  # fmt: skip
-            back_rows = {r: sum(t.end - t.start for t in layout.sent[r])
-                         for r in layout.ranks if r != layout.rank}  # fmt: skip
-            returned = _exchange(coll, results, back_rows, width, q)
-            out = torch.empty_like(q)
-            for task in layout.local:
-                query, prefix = layout.rows(task)
-                out[query] = task_attention(q[query], k[prefix], v[prefix], task.start, scale)
-            for r, block in returned.items():
-                for task, (piece,) in zip(layout.sent[r], _split(block, layout.sent[r],
-                                                                 lambda t: (t.end - t.start,)),
-                                          strict=True):  # fmt: skip
-                    out[layout.rows(task)[0]] = piece.view(shape)
-        ctx.save_for_backward(q, k, v)
-        ctx.layout, ctx.coll, ctx.scale, ctx.inputs = layout, coll, scale, inputs
+    def forward(ctx, q, k, v, layout: Layout, coll: Collectives | None, scale,  # noqa: ANN001
+                around: Exchange, note: Callable[[], None] | None):  # fmt: skip
+        out, saved = attention_forward(q, k, v, layout, coll, scale, around)
+        ctx.saved, ctx.layout, ctx.coll, ctx.scale, ctx.around = saved, layout, coll, scale, around
+        ctx.note = note
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        q, k, v = ctx.saved_tensors
-        layout, coll, scale = ctx.layout, ctx.coll, ctx.scale
-        heads, dim = q.shape[1], q.shape[2]
-        width, shape = heads * dim, (-1, heads, dim)
-        grad_out = grad_out.contiguous()
-
-        def grads(qt, kt, vt, gt, start):
-            qt, kt, vt = (x.detach().view(shape).requires_grad_(True) for x in (qt, kt, vt))
-            with torch.enable_grad():
-                out = task_attention(qt, kt, vt, start, scale)
-            return torch.autograd.grad(out, (qt, kt, vt), gt.view(shape))
-
-        outgoing = {r: [grad_out[layout.rows(t)[0]] for t in layout.sent[r]]
-                    for r in layout.ranks if r != layout.rank}  # fmt: skip
-        rows = {r: sum(t.end - t.start for t in layout.run_for[r])
-                for r in layout.ranks if r != layout.rank}  # fmt: skip
-        got = _exchange(coll, outgoing, rows, width, q)
-        results = {}
-        for r, block in got.items():
-            pieces = _split(block, layout.run_for[r], lambda t: (t.end - t.start,))
-            results[r] = [g for t, (gt,), (qi, ki, vi) in
-                          zip(layout.run_for[r], pieces, ctx.inputs[r], strict=True)
-                          for g in grads(qi, ki, vi, gt, t.start)]  # fmt: skip
-        back = {r: sum(t.end - t.start + 2 * t.end for t in layout.sent[r])
-                for r in layout.ranks if r != layout.rank}  # fmt: skip
-        returned = _exchange(coll, results, back, width, q)
-        partial: dict[Task, tuple[torch.Tensor, ...]] = {}
-        for task in layout.local:
-            query, prefix = layout.rows(task)
-            partial[task] = grads(q[query], k[prefix], v[prefix], grad_out[query], task.start)
-        for r, block in returned.items():
-            for task, pieces in zip(layout.sent[r], _split(
-                    block, layout.sent[r], lambda t: (t.end - t.start, t.end, t.end)),
-                    strict=True):  # fmt: skip
-                partial[task] = tuple(p.view(shape) for p in pieces)
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for task in layout.tasks:  # the plan's order, whoever ran it
-            if task not in partial:
-                continue
-            query, prefix = layout.rows(task)
-            gq, gk, gv = partial[task]
-            dq[query] += gq
-            dk[prefix] += gk
-            dv[prefix] += gv
-        return dq, dk, dv, None, None, None
+        if ctx.note is not None:  # an empty rank replays the calls in this order
+            ctx.note()
+        dq, dk, dv = attention_backward(grad_out, ctx.saved, ctx.layout, ctx.coll, ctx.scale,
+                                        ctx.around)  # fmt: skip
+        ctx.saved = None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def dispatched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         offsets: Mapping[int, int], plan: AttentionPlan, coll: Collectives,
-                         scale: float | None = None) -> torch.Tensor:  # fmt: skip
+                         offsets: Mapping[int, int], plan: AttentionPlan,
+                         coll: Collectives | None, scale: float | None = None,
+                         layout: Layout | None = None,
+                         around: Exchange = _direct) -> torch.Tensor:  # fmt: skip
     """This rank's attention outputs (rows of its own documents), the tasks run where
-    ``plan`` says. ``offsets``: document index -> its first row in ``q``/``k``/``v``."""
-    if tuple(plan.ranks) != tuple(range(coll.size)):
-        raise ConfigError(f"a plan over ranks {plan.ranks} in a group of {coll.size}")
-    layout = _Layout(plan, coll.rank, offsets)
-    return _Dispatched.apply(q, k, v, layout, coll, scale)
+    ``plan`` says. ``offsets``: document index -> its first row in ``q``/``k``/``v``.
+    ``coll`` None: a world of one (every task here)."""
+    size = coll.size if coll is not None else 1
+    if tuple(plan.ranks) != tuple(range(size)):
+        raise ConfigError(f"a plan over ranks {plan.ranks} in a group of {size}")
+    layout = layout or Layout(plan, coll.rank if coll is not None else 0, offsets)
+    return _Dispatched.apply(q, k, v, layout, coll, scale, around, None)

@@ -3,10 +3,23 @@
 A document of ``length`` tokens lives on its ``owner`` rank. A task attends queries
 ``[start, end)`` of one document over its keys and values ``[0, end)`` (causal): cutting a
 document by queries leaves every query row's computation unchanged. Work is counted in
-(query, key) pairs. :func:`plan_attention` balances that work over the ranks in proportion to
-their speeds, moving the tails of the longest documents first (their queries see the longest
-prefixes: the most work per byte sent), never cutting a task shorter than ``min_task``
-tokens unless its document is that short.
+(query, key) pairs.
+
+A plan is two decisions, made apart:
+
+- **Cuts** (:func:`cut_document`) depend on a document's length and on its owner's batch
+  alone (the number of tokens the owner holds), never on the world or the speeds: a
+  micro-batch is cut the same way whichever ranks exist. Each task is then computed by the
+  same kernel call on the same inputs wherever it runs, and its owner sums the key/value
+  gradients of a document's tasks in their fixed order, so attention's outputs and gradients
+  are bit-identical in any world (where the kernel is deterministic). A document is cut into
+  pieces of equal work, as many as its share of a ``pieces``-way cut of a document as long as
+  its owner's batch, none shorter than ``min_task`` tokens unless the document is.
+- **Placement** (:func:`plan_attention`) puts those tasks on the ranks, in proportion to their
+  speeds: every task starts on its owner (the naive packing); while a rank is over its
+  target, it gives the task that best fills the gap to the rank furthest under its target,
+  preferring tails of long documents (their queries see the longest prefixes: the most work
+  per byte sent). A move is made only if it lowers the larger of the two loads.
 """
 
 from __future__ import annotations
@@ -15,10 +28,12 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from elastictrain.errors import ConfigError
 
 DEFAULT_MIN_TASK = 512
+DEFAULT_PIECES = 256
 
 
 def task_cost(start: int, end: int) -> int:
@@ -39,13 +54,13 @@ class Document:
             raise ConfigError(f"a document owned by rank {self.owner}")
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
     doc: int  # index into the planned documents
     start: int  # first query
     end: int  # one past the last query; keys and values are [0, end)
     owner: int
     runner: int  # the rank that computes it
+    piece: int = 0  # its place among its document's tasks (0, 1, ...: by start)
 
     @property
     def cost(self) -> int:
@@ -55,18 +70,21 @@ class Task:
 @dataclass(frozen=True)
 class AttentionPolicy:
     min_task: int = DEFAULT_MIN_TASK  # tokens: shorter query shards lose kernel efficiency
+    pieces: int = DEFAULT_PIECES  # tasks of a document as long as its owner's whole batch
     tolerance: float = 0.01  # stop once max/mean of modelled time is within this
 
     def __post_init__(self) -> None:
         if self.min_task < 1:
             raise ConfigError(f"min_task {self.min_task}: must be >= 1")
+        if self.pieces < 1:
+            raise ConfigError(f"pieces {self.pieces}: must be >= 1")
         if not 0 <= self.tolerance < 1:
             raise ConfigError(f"tolerance {self.tolerance}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    tasks: tuple[Task, ...]
+    tasks: tuple[Task, ...]  # by (document, start): the order every merge follows
     ranks: tuple[int, ...]
     loads: tuple[int, ...]  # (query, key) pairs each rank computes, in ``ranks`` order
     naive_imbalance: float  # max/mean of modelled time with every document on its owner
@@ -76,50 +94,58 @@ class AttentionPlan:
     by_runner: dict[int, tuple[Task, ...]] = field(default_factory=dict, compare=False)
 
 
+def cut_document(length: int, batch_tokens: int, policy: AttentionPolicy) -> list[tuple[int, int]]:
+    """The query ranges ``[start, end)`` a document of ``length`` tokens is cut into, when its
+    owner holds ``batch_tokens`` tokens: pieces of about equal work, each at most
+    ``task_cost(0, batch_tokens) / policy.pieces`` pairs where the floor allows."""
+    if length < 2 * policy.min_task:
+        return [(0, length)]
+    quantum = task_cost(0, max(batch_tokens, length)) / policy.pieces
+    # the last piece is the shortest, about L / 2n tokens: keep it at the floor or above
+    count = min(math.ceil(task_cost(0, length) / quantum), length // (2 * policy.min_task))
+    if count <= 1:
+        return [(0, length)]
+    # the prefix [0, x) holds about x^2 / 2 pairs: equal work ends at L * sqrt(j / n)
+    ends = [length]
+    for j in range(count - 1, 0, -1):
+        cut = round(length * math.sqrt(j / count))
+        if ends[-1] - cut >= policy.min_task and cut >= policy.min_task:
+            ends.append(cut)
+    ends.append(0)
+    ends.reverse()
+    return list(zip(ends, ends[1:], strict=False))
+
+
 def _imbalance(loads: Sequence[float], speeds: Sequence[float]) -> float:
     times = [load / speed for load, speed in zip(loads, speeds, strict=True)]
     mean = sum(times) / len(times)
     return max(times) / mean if mean > 0 else 1.0
 
 
-def _tail_for(work: float, end: int, floor_start: int) -> int:
-    """The start s >= floor_start of the tail [s, end) whose cost is closest to ``work``
-    without passing it (at least one query)."""
-    # cost(s) = q * end - q (q - 1) / 2 with q = end - s; solve q^2 - (2 end + 1) q + 2 w = 0
-    b = 2 * end + 1
-    disc = b * b - 8 * work
-    q = (b - math.sqrt(disc)) / 2 if disc > 0 else end
-    q = max(1, min(int(q), end - floor_start))
-    return end - q
-
-
-def _shed(kept: list[tuple[int, int, int]], work: float, limit: float, floor: int,
-          owner: int, runner: int) -> Task | None:  # fmt: skip
-    """Take from ``kept`` (a heap of (-end, doc, start) ranges still on their owner) the tail
-    that moves about ``work`` pairs, from the range with the longest prefix that allows it;
-    less than ``limit`` pairs (the owner's excess plus the runner's room: the larger of the
-    two loads goes down). None: no range can."""
+def _shed(kept: list[tuple[int, int, int, int]], pieces: list[list[tuple[int, int]]],
+          suffix: list[list[int]], work: float, limit: float
+          ) -> tuple[int, int, int] | None:  # fmt: skip
+    """From ``kept`` (a heap of (-end, doc, first, stop): a document's pieces ``[first,
+    stop)`` still on their owner), take the tail of pieces that moves about ``work`` pairs
+    and less than ``limit`` (the larger of the two loads goes down), from the range with the
+    longest prefix that allows it. Returns (doc, first, stop) of the pieces taken, or None."""
     skipped = []
     found = None
     while kept and found is None:
-        negative_end, doc, start = heapq.heappop(kept)
-        end = -negative_end
-        if task_cost(start, end) < limit and (end - start <= floor
-                                               or task_cost(start, end) <= work):
-            found = Task(doc, start, end, owner, runner)  # the whole range
+        item = heapq.heappop(kept)
+        _, doc, first, stop = item
+        costs = suffix[doc]  # costs[i]: the work of pieces [i, end of the document)
+        beyond = costs[stop] if stop < len(costs) else 0
+        # the most pieces [cut, stop) whose work is <= work; at least the last one
+        cut = stop - 1
+        while cut > first and costs[cut - 1] - beyond <= work:
+            cut -= 1
+        if costs[cut] - beyond >= limit:
+            skipped.append(item)
             continue
-        if end - start <= floor:  # indivisible and too big
-            skipped.append((negative_end, doc, start))
-            continue
-        cut = min(_tail_for(work, end, start), end - floor)  # a tail of at least the floor
-        if 0 < cut - start < floor:  # what would stay is too short: it goes too, or none
-            cut = start
-        if task_cost(cut, end) >= limit:
-            skipped.append((negative_end, doc, start))
-            continue
-        found = Task(doc, cut, end, owner, runner)
-        if cut > start:
-            heapq.heappush(kept, (-cut, doc, start))
+        found = (doc, cut, stop)
+        if cut > first:
+            heapq.heappush(kept, (-pieces[doc][cut - 1][1], doc, first, cut))
     for item in skipped:
         heapq.heappush(kept, item)
     return found
@@ -130,7 +156,7 @@ def plan_attention(documents: Sequence[Document], ranks: Sequence[int],
                    policy: AttentionPolicy | None = None) -> AttentionPlan:  # fmt: skip
     """Tasks for ``documents`` over ``ranks`` (the current world, in order), each rank's work
     in proportion to ``speeds`` (default: equal). Every document's owner must be in
-    ``ranks``."""
+    ``ranks``. The cuts do not depend on ``ranks`` or ``speeds`` (see the module)."""
     policy = policy or AttentionPolicy()
     ranks = tuple(ranks)
     if not ranks or len(set(ranks)) != len(ranks):
@@ -139,21 +165,32 @@ def plan_attention(documents: Sequence[Document], ranks: Sequence[int],
     if len(speeds) != len(ranks) or not all(s > 0 and math.isfinite(s) for s in speeds):
         raise ConfigError("one finite speed > 0 per rank")
     index = {r: i for i, r in enumerate(ranks)}
+    batch_tokens = dict.fromkeys(ranks, 0)
     for d in documents:
         if d.owner not in index:
             raise ConfigError(f"a document's owner {d.owner} is not in the world {ranks}")
+        batch_tokens[d.owner] += d.length
+    pieces = [cut_document(d.length, batch_tokens[d.owner], policy) for d in documents]
+    suffix = []  # per document: the work of its pieces from each one to its end
+    for spans in pieces:
+        if len(spans) == 1:
+            suffix.append([task_cost(0, spans[0][1])])
+            continue
+        costs = [task_cost(start, end) for start, end in spans]
+        for i in range(len(costs) - 2, -1, -1):
+            costs[i] += costs[i + 1]
+        suffix.append(costs)
     loads = [0] * len(ranks)
-    for d in documents:
-        loads[index[d.owner]] += task_cost(0, d.length)
+    kept: list[list[tuple[int, int, int, int]]] = [[] for _ in ranks]
+    for doc, d in enumerate(documents):
+        loads[index[d.owner]] += suffix[doc][0]
+        heapq.heappush(kept[index[d.owner]], (-d.length, doc, 0, len(pieces[doc])))
     naive = _imbalance(loads, speeds)
-    total = sum(loads)
-    targets = [total * s / sum(speeds) for s in speeds]
-    # what is still on its owner: per rank, a heap of (-end, doc, start) query ranges
-    kept: list[list[tuple[int, int, int]]] = [[] for _ in ranks]
-    for i, d in enumerate(documents):
-        heapq.heappush(kept[index[d.owner]], (-d.length, i, 0))
-    moved: list[Task] = []
-    stuck: set[int] = set()  # ranks that cannot shed at this granularity
+    total_speed = sum(speeds)
+    targets = [sum(loads) * s / total_speed for s in speeds]
+    runner = [[index[d.owner]] * len(spans) for d, spans in zip(documents, pieces, strict=True)]
+    moves = 0
+    stuck: set[int] = set()  # ranks with nothing that fits any more
     for _ in range(8 * (len(documents) + len(ranks)) + 16):
         if _imbalance(loads, speeds) <= 1 + policy.tolerance:
             break
@@ -166,25 +203,33 @@ def plan_attention(documents: Sequence[Document], ranks: Sequence[int],
         work = min(gap[over], -gap[under])
         if work <= 0:
             break
-        task = _shed(kept[over], work, gap[over] - gap[under], policy.min_task, ranks[over],
-                     ranks[under])  # fmt: skip
-        if task is None:
+        taken = _shed(kept[over], pieces, suffix, work, gap[over] - gap[under])
+        if taken is None:
             stuck.add(over)
             continue
-        moved.append(task)
-        loads[over] -= task.cost
-        loads[under] += task.cost
-    tasks = [Task(doc, start, -negative_end, ranks[r], ranks[r])
-             for r, heap in enumerate(kept) for negative_end, doc, start in heap] + moved
-    tasks.sort(key=lambda t: (t.doc, t.start))
+        doc, first, stop = taken
+        cost = suffix[doc][first] - (suffix[doc][stop] if stop < len(suffix[doc]) else 0)
+        runner[doc][first:stop] = [under] * (stop - first)
+        loads[over] -= cost
+        loads[under] += cost
+        moves += 1
+    tasks = tuple(Task(doc, start, end, documents[doc].owner, ranks[runner[doc][i]], i)
+                  for doc, spans in enumerate(pieces)
+                  for i, (start, end) in enumerate(spans))  # fmt: skip
     by_runner: dict[int, list[Task]] = {r: [] for r in ranks}
+    sent: dict[tuple[int, int], int] = {}  # (document, runner) -> the longest prefix sent
+    queries = 0
     for task in tasks:
         by_runner[task.runner].append(task)
-    moved_tokens = sum((t.end - t.start) * 2 + t.end * 2 for t in moved)  # q, out; k, v
+        if task.runner != task.owner:
+            key = (task.doc, task.runner)
+            sent[key] = max(sent.get(key, 0), task.end)
+            queries += task.end - task.start
+    moved_tokens = 2 * queries + 2 * sum(sent.values())  # q, out; k, v once per runner
     after = _imbalance(loads, speeds)
     return AttentionPlan(
-        tasks=tuple(tasks), ranks=ranks, loads=tuple(loads), naive_imbalance=naive,
+        tasks=tasks, ranks=ranks, loads=tuple(loads), naive_imbalance=naive,
         imbalance=after, moved_tokens=moved_tokens,
-        reason=f"{len(moved)} task(s) moved: max/mean {naive:.2f} -> {after:.2f}",
+        reason=f"{moves} move(s) of {len(tasks)} task(s): max/mean {naive:.2f} -> {after:.2f}",
         by_runner={r: tuple(ts) for r, ts in by_runner.items()},
     )  # fmt: skip
