@@ -393,7 +393,9 @@ class Agent:
 
     def _record(self, verdict: M.Verdict) -> None:
         """Log a verdict and store it as the job's event."""
-        level = logging.WARNING if verdict.action is M.Action.RETRY else logging.INFO
+        level = (logging.WARNING if verdict.action is M.Action.RETRY
+                 else logging.DEBUG if verdict.action is M.Action.ATTENTION  # every step
+                 else logging.INFO)  # fmt: skip
         logger.log(level, "agent %s: %s (%s)", self.config.node_id, verdict.action.value,
                    verdict.reason)  # fmt: skip
         self.write_event(

@@ -40,6 +40,7 @@ class Action(enum.Enum):
     REPLAN = "replan"  # stragglers: the work re-split in proportion to the ranks' speeds
     STRAGGLER_FAILED = "straggler_failed"  # a rank far too slow for too long: lost in place
     RECOVERED = "recovered"  # a worker re-formed in place (with its durations)
+    ATTENTION = "attention"  # a step's core-attention plan: imbalance before and after
     STOP = "stop"  # a signal asked the agent to stop
     CHECK_PEERS = "check_peers"  # our lease is unconfirmed: do the other nodes reach etcd?
     RIDE_OUT = "ride_out"  # etcd is away for every node: nobody can take our ranks, go on

@@ -670,6 +670,10 @@ def _on_worker_report(m: AgentMachine, obs: WorkerReport, now: float):
     elif obs.kind == "straggler" and obs.data.get("action") == "replan":
         m = _verdict(m, Action.REPLAN, f"after step {obs.data.get('step')}: "
                      f"{obs.data.get('reason')}", details)  # fmt: skip
+    elif obs.kind == "attention":
+        m = _verdict(m, Action.ATTENTION, f"step {obs.data.get('step')}: attention max/mean "
+                     f"{obs.data.get('naive')} -> {obs.data.get('planned')} over "
+                     f"{obs.data.get('rounds')} round(s)", details)  # fmt: skip
     elif obs.kind == "straggler" and obs.data.get("action") == "fail":
         return _straggler_failed(m, obs.slot, where, details, now)
     else:

@@ -206,7 +206,7 @@ class SessionServer:
         elif kind == P.ATTACH:
             session.mode = str(message["mode"])
             self._post(M.WorkerAttached(key.generation, key.slot, session.mode))
-        elif kind in (P.FAULT, P.RECOVERED, P.STRAGGLER):
+        elif kind in (P.FAULT, P.RECOVERED, P.STRAGGLER, P.ATTENTION):
             data = {k: v for k, v in message.items() if k != "type"}
             self._post(M.WorkerReport(key.generation, key.slot, kind, data))
         elif kind == P.FINISHED:

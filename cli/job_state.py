@@ -23,6 +23,7 @@ from elastictrain.node_status import NodeStatus, NodeStatusFormatError
 logger = logging.getLogger(__name__)
 
 JSON_VERSION = 1
+ATTENTION = "attention"  # the per-step event kind kept apart (only the newest one)
 JSON_EVENTS = 200  # --json carries the newest events, at most this many
 
 
@@ -35,9 +36,10 @@ class JobState:
     registered: tuple[str, ...] = ()  # node ids with a live registration key
     world: World | None = None
     committed_step: int = -1
-    events: tuple[Event, ...] = ()
+    events: tuple[Event, ...] = ()  # every kind but the per-step ``attention``
     skipped: int = 0  # records this version could not read (logged)
     details: dict[str, Any] = field(default_factory=dict)
+    attention: Event | None = None  # the newest step's core-attention plan, if the job has one
 
     @property
     def running(self) -> bool:
@@ -54,10 +56,15 @@ class JobState:
             "revision": self.revision, "registered": list(self.registered),
             "nodes": [asdict(self.nodes[n]) for n in sorted(self.nodes)],
             "world": world, "committed_step": self.committed_step,
-            "events": [{"kind": e.kind, "node": e.node, "time": e.time, "reason": e.reason,
-                        "details": dict(e.details)} for e in self.events[-JSON_EVENTS:]],
+            "events": [_event_json(e) for e in self.events[-JSON_EVENTS:]],
+            "attention": _event_json(self.attention) if self.attention is not None else None,
         }  # fmt: skip
         return json.loads(json.dumps(record))  # JSON types only (lists, not tuples)
+
+
+def _event_json(e: Event) -> dict[str, Any]:
+    return {"kind": e.kind, "node": e.node, "time": e.time, "reason": e.reason,
+            "details": dict(e.details)}  # fmt: skip
 
 
 def read_job_state(client: EtcdClient, job_id: str, etcd: str = "") -> JobState:
@@ -92,12 +99,19 @@ def read_job_state(client: EtcdClient, job_id: str, etcd: str = "") -> JobState:
             logger.warning("skipping the committed-snapshot record: %s", exc)
             skipped += 1
     events: list[Event] = []
+    attention = None
     event_kvs, _ = client.get_prefix(keys.events_prefix)
     for kv in sorted(event_kvs, key=lambda kv: kv.create_revision):
         try:
-            events.append(Event.decode(kv.value))
+            event = Event.decode(kv.value)
         except EventFormatError as exc:
             logger.warning("skipping event %s: %s", kv.key, exc)
             skipped += 1
+            continue
+        if event.kind == ATTENTION:
+            attention = event
+        else:
+            events.append(event)
     ids = tuple(sorted(kv.key.rsplit("/", 1)[-1] for kv in registered))
-    return JobState(job_id, etcd, revision, nodes, ids, world, committed, tuple(events), skipped)
+    return JobState(job_id, etcd, revision, nodes, ids, world, committed, tuple(events), skipped,
+                    attention=attention)  # fmt: skip

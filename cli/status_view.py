@@ -79,6 +79,9 @@ def header(state, now: float) -> Text:
             line.append(f"  {batch / step_s:,.0f} samples/s")
     if speed:
         line.append(f"  compute {speed:,.0f}/s")
+    if state.attention is not None:
+        plan = state.attention.details
+        line.append(f"  attention {plan.get('naive', 1.0):.2f}->{plan.get('planned', 1.0):.2f}")
     line.append(f"\nup {_clock(now - started)}  restarts {restarts}  etcd {state.etcd}")
     return line
 

@@ -80,6 +80,7 @@ class RoundStats:
     """What a step's rounds planned, for its event and ``etrain status``."""
 
     rounds: int = 0
+    ranks: int = 1  # the world the rounds were planned over
     naive: list[float] = field(default_factory=list)  # each round's max/mean, unplanned
     planned: list[float] = field(default_factory=list)  # and planned
     moved_tokens: int = 0
@@ -89,7 +90,7 @@ class RoundStats:
         """JSON values: the step's imbalance before and after planning (the mean over its
         rounds, and the worst round), the tokens moved, the planning time."""
         mean = (lambda xs: sum(xs) / len(xs)) if self.planned else (lambda xs: 1.0)
-        return {"step": step, "rounds": self.rounds,
+        return {"step": step, "rounds": self.rounds, "ranks": self.ranks,
                 "naive": round(mean(self.naive), 4), "planned": round(mean(self.planned), 4),
                 "worst_naive": round(max(self.naive, default=1.0), 4),
                 "worst_planned": round(max(self.planned, default=1.0), 4),
@@ -150,6 +151,7 @@ class AttentionRound:
         self._bounds = bounds
         if self.stats is not None:
             self.stats.rounds += 1
+            self.stats.ranks = self._size
             self.stats.naive.append(self.plan.naive_imbalance)
             self.stats.planned.append(self.plan.imbalance)
             self.stats.moved_tokens += self.plan.moved_tokens

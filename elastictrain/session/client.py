@@ -119,6 +119,11 @@ class WorkerSession:
         the step, the speeds and the plan)."""
         self._notify({**report, "type": P.STRAGGLER})
 
+    def attention(self, report: dict[str, Any]) -> None:
+        """A step's core-attention planning (JSON values: the step, its rounds, max/mean
+        before and after planning, the tokens moved)."""
+        self._notify({**report, "type": P.ATTENTION})
+
     def recovered(self, report: dict[str, Any]) -> None:
         """This worker re-formed in place; ``report`` holds the epoch, steps and durations."""
         self._notify({"type": P.RECOVERED, **report})

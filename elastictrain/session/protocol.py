@@ -49,6 +49,7 @@ FAULT = "fault"  # agent → worker: a fault planned for a step; worker → agen
 RECOVERED = "recovered"  # worker → agent: it re-formed in place (with the durations)
 STRAGGLER = "straggler"  # worker → agent: a re-plan or a straggler's failure (with speeds)
 SLOW = "slow"  # agent → worker: slow its compute by a factor (chaos)
+ATTENTION = "attention"  # worker → agent: a step's attention plan (imbalance before and after)
 JOB_SHAPE = "job_shape"  # worker → agent: its job's global batch and logical workers (status)
 
 # what a worker's library does with its session (``attach``)

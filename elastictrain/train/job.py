@@ -30,6 +30,7 @@ restarted job resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -40,6 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from elastictrain.attention.plan import AttentionPolicy
+from elastictrain.attention.rounds import AttentionRounds
 from elastictrain.constants import ENV_SPARE
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
@@ -111,6 +114,7 @@ class Job:
         snapshot_every: int = 1,
         capacities: Sequence[float] | None = None,
         stragglers: StragglerPolicy | None = StragglerPolicy(),  # noqa: B008 (frozen)
+        attention: AttentionPolicy | None = None,
     ) -> None:
         if reduction not in REDUCTIONS:
             raise ConfigError(f"reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
@@ -148,6 +152,10 @@ class Job:
         self._policy = stragglers
         self._straggling = StragglerState.even(1)
         self._clock = ComputeClock(self.device)
+        # core attention (the model calls core_attention): micro-batches run in rounds
+        self._attention = (AttentionRounds(attention, self.device, around=self._clock.leave_out)
+                           if attention is not None else None)  # fmt: skip
+        self.attention: dict[str, Any] | None = None  # the last step's planning, if any
         self._failed_said = False  # this rank reported itself failed (a far too slow rank)
         self.replans: list[dict[str, Any]] = []  # straggler re-plans of this process
         self.speed = 0.0  # this rank's last measured samples per compute-second
@@ -479,6 +487,10 @@ class Job:
         hosted = torch.zeros(width, dtype=torch.float64, device=self.device)
         self.speed = self._clock.speed() if timed else 0.0
         factor = self._inplace.slowdown(step) if self._inplace is not None else 1.0
+        attention = self._attention
+        speeds = self._capacities if attention is not None else None
+        if attention is not None:
+            attention.begin_step()
         if timed:
             self._clock.start()
         for logical in range(start, end):
@@ -490,17 +502,24 @@ class Job:
                     p.grad = None
             for micro in range(self.plan.micro_batches):
                 last = logical == end - 1 and micro == self.plan.micro_batches - 1
-                if fast is not None and not direct and last:
+                # attention's collectives run inside the backward: buckets wait until after
+                if fast is not None and not direct and last and attention is None:
                     fast.arm(coll)
-                if factor > 1:
-                    sum_mode = slowed(lambda: self._micro_batch(step, logical, micro, extras),  # noqa: B023
-                                      factor, self.device, self._clock.clock)  # fmt: skip
-                else:
-                    sum_mode = self._micro_batch(step, logical, micro, extras)
+                with (attention.round(coll, speeds) if attention is not None
+                      else contextlib.nullcontext()):  # fmt: skip
+                    if factor > 1:
+                        sum_mode = slowed(lambda: self._micro_batch(step, logical, micro, extras),  # noqa: B023
+                                          factor, self.device, self._clock.clock)  # fmt: skip
+                    else:
+                        sum_mode = self._micro_batch(step, logical, micro, extras)
             if fast is None and not direct:
                 self._deterministic.leaf_done(extras)
             else:
                 hosted += extras
+        if attention is not None:  # the rounds of ranks that host more micro-batches
+            rounds = max(e - s for s, e in blocks) * self.plan.micro_batches
+            for _ in range(rounds - (end - start) * self.plan.micro_batches):
+                attention.serve(coll, speeds)
         if timed:
             self._clock.stop((end - start) * self.plan.per_worker)
         if direct:
@@ -527,7 +546,17 @@ class Job:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._judge(step, speeds)
+        if attention is not None:
+            self._report_attention(step, attention)
         return loss
+
+    def _report_attention(self, step: int, attention: AttentionRounds) -> None:
+        """The step's attention imbalance before and after planning: rank 0 says it (a
+        ``attention`` event each step, and ``etrain status``)."""
+        self.attention = attention.stats.report(step)
+        session = self._snapshots.session
+        if self.rank == 0 and session is not None:
+            session.attention(self.attention)
 
     def _judge(self, step: int, speeds: list[float]) -> None:
         """The straggler verdict on the speeds that came with step ``step``'s reduction (the

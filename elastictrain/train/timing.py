@@ -23,11 +23,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from elastictrain.constants import COMPUTE_CLOCKS, ENV_COMPUTE_CLOCK
 from elastictrain.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def cpu_clock(name: str | None = None) -> Callable[[], float]:
@@ -84,6 +87,17 @@ class ComputeClock:
                 elapsed = start.elapsed_time(end) / 1e3
                 self._speed = samples / elapsed if samples and elapsed > 0 else 0.0
         return self._speed
+
+    def leave_out(self, wait: Callable[[], T]) -> T:
+        """Run ``wait`` (a collective inside the compute: attention's exchanges) outside the
+        measured time. On CPU its time is taken off; a GPU's events cannot leave it out."""
+        if self._cuda:
+            return wait()
+        began = self.clock()
+        try:
+            return wait()
+        finally:
+            self._started += self.clock() - began
 
     def forget(self) -> None:
         """The last measurement belongs to an abandoned step or an earlier world."""
