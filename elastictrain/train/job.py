@@ -36,13 +36,12 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from elastictrain.attention.plan import AttentionPolicy
-from elastictrain.attention.rounds import AttentionRounds
 from elastictrain.constants import ENV_SPARE
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
@@ -58,6 +57,9 @@ from elastictrain.train.stragglers import (
     straggler_verdict,
 )
 from elastictrain.train.timing import ComputeClock, slowed
+
+if TYPE_CHECKING:
+    from elastictrain.attention.rounds import AttentionRounds
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +155,11 @@ class Job:
         self._straggling = StragglerState.even(1)
         self._clock = ComputeClock(self.device)
         # core attention (the model calls core_attention): micro-batches run in rounds
-        self._attention = (AttentionRounds(attention, self.device, around=self._clock.leave_out)
-                           if attention is not None else None)  # fmt: skip
+        self._attention: AttentionRounds | None = None
+        if attention is not None:
+            from elastictrain.attention.rounds import AttentionRounds  # it uses train's modules
+
+            self._attention = AttentionRounds(attention, self.device, around=self._clock.leave_out)
         self.attention: dict[str, Any] | None = None  # the last step's planning, if any
         self._failed_said = False  # this rank reported itself failed (a far too slow rank)
         self.replans: list[dict[str, Any]] = []  # straggler re-plans of this process
