@@ -1,11 +1,20 @@
-"""The kernel of one core-attention task: causal attention of a query range over its whole
+"""The kernel of core-attention tasks: causal attention of a query range over its whole
 key/value prefix. The pieces of a plan (:mod:`elastictrain.attention.plan`) each run through
-it alone, on whichever rank the plan chose.
+it alone, on whichever rank the plan chose: the same inputs give the same bits anywhere.
 
-``q``, ``k``, ``v`` are packed ``[tokens, heads, head_dim]`` (the varlen layout).
+``q``, ``k``, ``v`` are packed ``[tokens, heads, head_dim]`` (the varlen layout). On CPU each
+piece is one ``scaled_dot_product_attention`` call with its bottom-right causal mask. On a
+GPU, torch's varlen flash attention: the pieces that start their document (whole short
+documents, mostly) go together in one call, each as its own sequence (flash attention
+computes a sequence's rows apart from the others'), and every other piece is a call of its
+own (its prefix would have to be copied to share a call, and a piece is long enough to fill
+the GPU).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,14 +22,33 @@ import torch.nn.functional as F
 from elastictrain.errors import ConfigError
 
 
+class Piece(NamedTuple):
+    """One task's inputs: queries at positions ``start ..`` of their document, and the keys
+    and values ``[0, start + len(q))`` of it."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
+
+
 def task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                    scale: float | None = None) -> torch.Tensor:  # fmt: skip
     """Causal attention of queries ``q`` (positions ``start ..`` of their document,
     ``[q_len, heads, dim]``) over keys and values ``[0, start + q_len)`` of it."""
+    return attend_pieces([Piece(q, k, v, start)], scale)[0]
+
+
+def _check(piece: Piece) -> None:
+    q_len, kv_len = piece.q.shape[0], piece.k.shape[0]
+    if kv_len != piece.start + q_len or piece.v.shape[0] != kv_len:
+        raise ConfigError(f"a task of queries [{piece.start}, {piece.start + q_len}) needs "
+                          f"{piece.start + q_len} keys and values, got {kv_len}")  # fmt: skip
+
+
+def _masked(piece: Piece, scale: float | None) -> torch.Tensor:
+    q, k, v, start = piece
     q_len, kv_len = q.shape[0], k.shape[0]
-    if kv_len != start + q_len:
-        raise ConfigError(f"a task of queries [{start}, {start + q_len}) needs {start + q_len} "
-                          f"keys, got {kv_len}")  # fmt: skip
     # query i (position start + i) sees keys 0 .. start + i: bottom-right aligned causality
     rows = torch.arange(start, start + q_len, device=q.device).unsqueeze(1)
     mask = torch.arange(kv_len, device=q.device).unsqueeze(0) <= rows
@@ -28,3 +56,80 @@ def task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
                                          v.transpose(0, 1), attn_mask=mask,
                                          scale=scale)  # fmt: skip
     return out.transpose(0, 1)
+
+
+def _varlen(pieces: Sequence[Piece], scale: float | None) -> torch.Tensor:
+    """One varlen flash-attention call, each piece its own sequence, causal bottom-right."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    device = pieces[0].q.device
+    q_lens = [p.q.shape[0] for p in pieces]
+    k_lens = [p.k.shape[0] for p in pieces]
+    cu_q = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0, *k_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cat = (lambda xs: torch.cat(xs)) if len(pieces) > 1 else (lambda xs: xs[0])
+    return varlen_attn(cat([p.q for p in pieces]), cat([p.k for p in pieces]),
+                       cat([p.v for p in pieces]), cu_q.to(device), cu_k.to(device),
+                       max(q_lens), max(k_lens), scale=scale,
+                       window_size=(-1, 0))  # fmt: skip
+
+
+def _flash(pieces: Sequence[Piece]) -> bool:
+    return pieces[0].q.is_cuda and pieces[0].q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _groups(pieces: Sequence[Piece]) -> list[list[int]]:
+    """Which pieces share a kernel call: on a GPU the ones at their document's start, in one
+    call; every other piece alone."""
+    if not pieces or not _flash(pieces):
+        return [[i] for i in range(len(pieces))]
+    first = [i for i, p in enumerate(pieces) if p.start == 0]
+    return ([first] if first else []) + [[i] for i, p in enumerate(pieces) if p.start != 0]
+
+
+def _call(pieces: Sequence[Piece], group: list[int], scale: float | None) -> list[torch.Tensor]:
+    if not _flash(pieces):
+        return [_masked(pieces[group[0]], scale)]
+    out = _varlen([pieces[i] for i in group], scale)
+    return list(out.split([pieces[i].q.shape[0] for i in group])) if len(group) > 1 else [out]
+
+
+def attend_pieces(pieces: Sequence[Piece], scale: float | None = None) -> list[torch.Tensor]:
+    """Each piece's outputs (``[q_len, heads, dim]``), in order."""
+    for piece in pieces:
+        _check(piece)
+    outs: list[torch.Tensor | None] = [None] * len(pieces)
+    for group in _groups(pieces):
+        for i, out in zip(group, _call(pieces, group, scale), strict=True):
+            outs[i] = out
+    return outs  # type: ignore[return-value]
+
+
+def grad_pieces(pieces: Sequence[Piece], grads: Sequence[torch.Tensor],
+                scale: float | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Each piece's (dQ, dK, dV) for the outputs' gradients ``grads``, in order, computed as
+    they are asked for (a shared call's all at once): a caller that sums dK/dV partials as
+    they come holds few of them."""
+    for piece in pieces:
+        _check(piece)
+    ready: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    alone = set()
+    for group in _groups(pieces):
+        if len(group) == 1:
+            alone.add(group[0])
+            continue
+        ready.update(zip(group, _grads(pieces, group, grads, scale), strict=True))
+    for i in range(len(pieces)):
+        yield ready.pop(i) if i not in alone else _grads(pieces, [i], grads, scale)[0]
+
+
+def _grads(pieces: Sequence[Piece], group: list[int], grads: Sequence[torch.Tensor],
+           scale: float | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    chosen = [Piece(*(x.detach().requires_grad_(True) for x in pieces[i][:3]), pieces[i].start)
+              for i in group]  # fmt: skip
+    with torch.enable_grad():
+        outs = _call(chosen, list(range(len(chosen))), scale)
+        inputs = [x for p in chosen for x in p[:3]]
+        found = torch.autograd.grad(outs, inputs, [grads[i] for i in group])
+    return [tuple(found[3 * j: 3 * j + 3]) for j in range(len(group))]  # type: ignore[misc]

@@ -29,7 +29,7 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
-from elastictrain.attention.core import task_attention
+from elastictrain.attention.core import Piece, attend_pieces, grad_pieces
 from elastictrain.attention.plan import AttentionPlan, Task
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
@@ -127,30 +127,42 @@ def _add_prefix(left: tuple[torch.Tensor, torch.Tensor],
     return right
 
 
-def _run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: Run,
-                 pieces: Sequence[Task], scale: float | None) -> torch.Tensor:  # fmt: skip
-    """The run's outputs: ``q`` its queries, ``k``/``v`` its prefix; each piece alone."""
-    outs = [task_attention(q[t.start - run.start: t.end - run.start], k[: t.end], v[: t.end],
-                           t.start, scale)
+def _pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: Run,
+            pieces: Sequence[Task]) -> list[Piece]:  # fmt: skip
+    """The kernel inputs of a run's pieces: ``q`` its queries, ``k``/``v`` its prefix."""
+    return [Piece(q[t.start - run.start: t.end - run.start], k[: t.end], v[: t.end], t.start)
             for t in pieces[run.first: run.stop]]  # fmt: skip
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _run_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
-                  run: Run, pieces: Sequence[Task], scale: float | None
-                  ) -> tuple[torch.Tensor, Partials]:  # fmt: skip
-    """The run's query gradients and its cover's key/value partials (each piece alone)."""
-    block: BlockSum = BlockSum(run.first, run.stop, len(pieces), _add_prefix)
-    dq = []
-    for t in pieces[run.first: run.stop]:
-        rows = slice(t.start - run.start, t.end - run.start)
-        qt, kt, vt = (x.detach().requires_grad_(True) for x in (q[rows], k[: t.end], v[: t.end]))
-        with torch.enable_grad():
-            out = task_attention(qt, kt, vt, t.start, scale)
-        gq, gk, gv = torch.autograd.grad(out, (qt, kt, vt), grad[rows])
-        dq.append(gq)
-        block.push((gk, gv))
-    return (torch.cat(dq) if len(dq) > 1 else dq[0]), block.partials()
+def _forward_runs(work: list[tuple[Run, list[Piece]]], scale: float | None
+                  ) -> list[torch.Tensor]:  # fmt: skip
+    """Each run's outputs (its queries' rows), every piece computed alone (some in a shared
+    kernel call: the same bits)."""
+    outs = iter(attend_pieces([p for _, pieces in work for p in pieces], scale))
+    found = []
+    for _, pieces in work:
+        mine = [next(outs) for _ in pieces]
+        found.append(torch.cat(mine) if len(mine) > 1 else mine[0])
+    return found
+
+
+def _backward_runs(work: list[tuple[Run, list[Piece], torch.Tensor]], leaves: Sequence[int],
+                   scale: float | None) -> list[tuple[torch.Tensor, Partials]]:  # fmt: skip
+    """Each run's query gradients and its cover's key/value partials (``leaves``: the
+    number of pieces of each run's document); the partials are summed as they come."""
+    grads = [g[t.start - pieces[0].start: t.start - pieces[0].start + t.q.shape[0]]
+             for _, pieces, g in work for t in pieces]  # fmt: skip
+    found = grad_pieces([p for _, pieces, _ in work for p in pieces], grads, scale)
+    results = []
+    for (run, pieces, _), count in zip(work, leaves, strict=True):
+        block: BlockSum = BlockSum(run.first, run.stop, count, _add_prefix)
+        dq = []
+        for _ in pieces:
+            gq, gk, gv = next(found)
+            dq.append(gq)
+            block.push((gk, gv))
+        results.append((torch.cat(dq) if len(dq) > 1 else dq[0], block.partials()))
+    return results
 
 
 def _exchange(coll: Collectives, outgoing: dict[int, list[torch.Tensor]],
@@ -218,21 +230,26 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
             rows = {r: sum(run.queries + 2 * run.end for run in runs)
                     for r, runs in layout.run_for.items()}  # fmt: skip
             got = around(lambda: _exchange(coll, outgoing, rows, width, q))
-            results = {}
+            work, owners = [], []
             for r, block in got.items():
                 runs = layout.run_for[r]
                 parts = _cut(block, [n for run in runs for n in (run.queries, run.end, run.end)])
                 received[r] = [tuple(p.view(shape) for p in parts[3 * i: 3 * i + 3])
                                for i in range(len(runs))]  # fmt: skip
-                results[r] = [_run_forward(*inputs, run, layout.pieces[run.doc], scale)
-                              for run, inputs in zip(runs, received[r], strict=True)]  # fmt: skip
+                for run, inputs in zip(runs, received[r], strict=True):
+                    work.append((run, _pieces(*inputs, run, layout.pieces[run.doc])))
+                    owners.append(r)
+            results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
+            for r, out in zip(owners, _forward_runs(work, scale), strict=True):
+                results[r].append(out)
             back = {r: sum(run.queries for run in runs) for r, runs in layout.sent.items()}
             returned = around(lambda: _exchange(coll, results, back, width, q))
         out = torch.empty_like(q)
-        for run in layout.local:
-            query, prefix = layout.rows(run)
-            out[query] = _run_forward(q[query], k[prefix], v[prefix], run,
-                                      layout.pieces[run.doc], scale)  # fmt: skip
+        local = [(run, _pieces(q[layout.rows(run)[0]], k[layout.rows(run)[1]],
+                               v[layout.rows(run)[1]], run, layout.pieces[run.doc]))
+                 for run in layout.local]  # fmt: skip
+        for (run, _), piece in zip(local, _forward_runs(local, scale), strict=True):
+            out[layout.rows(run)[0]] = piece
         for r, block in returned.items():
             runs = layout.sent[r]
             for run, piece in zip(runs, _cut(block, [run.queries for run in runs]), strict=True):
@@ -257,16 +274,19 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
                     for r, runs in layout.sent.items()}  # fmt: skip
         rows = {r: sum(run.queries for run in runs) for r, runs in layout.run_for.items()}
         got = around(lambda: _exchange(coll, outgoing, rows, width, q))
-        results: dict[int, list[torch.Tensor]] = {}
+        work, owners = [], []
         for r, block in got.items():
             runs = layout.run_for[r]
-            results[r] = []
             for run, grad, inputs in zip(runs, _cut(block, [run.queries for run in runs]),
                                          saved.received[r], strict=True):  # fmt: skip
-                gq, cover = _run_backward(*inputs, grad.view(shape), run,
-                                          layout.pieces[run.doc], scale)  # fmt: skip
-                results[r].append(gq)
-                results[r].extend(x for _, pair in cover for x in pair)
+                work.append((run, _pieces(*inputs, run, layout.pieces[run.doc]),
+                             grad.view(shape)))  # fmt: skip
+                owners.append(r)
+        results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
+        leaves = [len(layout.pieces[run.doc]) for run, _, _ in work]
+        for r, (gq, cover) in zip(owners, _backward_runs(work, leaves, scale), strict=True):
+            results[r].append(gq)
+            results[r].extend(x for _, pair in cover for x in pair)
         covers = {run: layout.cover(run) for runs in layout.sent.values() for run in runs}
         back = {r: sum(run.queries + 2 * sum(n for _, n in covers[run]) for run in runs)
                 for r, runs in layout.sent.items()}  # fmt: skip
@@ -282,11 +302,14 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
                 partials.setdefault(run.doc, []).extend(
                     (node, (next(parts).view(shape), next(parts).view(shape)))
                     for node, _ in covers[run])  # fmt: skip
+    local = []
     for run in layout.local:
         query, prefix = layout.rows(run)
-        gq, cover = _run_backward(q[query], k[prefix], v[prefix], grad_out[query], run,
-                                  layout.pieces[run.doc], scale)  # fmt: skip
-        dq[query] = gq
+        local.append((run, _pieces(q[query], k[prefix], v[prefix], run, layout.pieces[run.doc]),
+                      grad_out[query]))  # fmt: skip
+    leaves = [len(layout.pieces[run.doc]) for run in layout.local]
+    for run, (gq, cover) in zip(layout.local, _backward_runs(local, leaves, scale), strict=True):
+        dq[layout.rows(run)[0]] = gq
         partials.setdefault(run.doc, []).extend(cover)
     for doc, cover in partials.items():
         pieces = layout.pieces[doc]
