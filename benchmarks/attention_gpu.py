@@ -1,6 +1,8 @@
 """Core-attention tasks on one GPU: the kernel's rate on the planned task shapes against whole
-documents, and each rank's task set of a planned 8-rank step timed in turn against its
-naive packing.
+documents, each rank's task set of a planned 8-rank step timed in turn against its naive
+packing, and the drop-in ``core_attention`` (every piece computed alone, its key/value
+partials summed in the fixed tree: what makes results bit-identical in any world) against one
+varlen call over the whole documents, forward and backward.
 
     python benchmarks/attention_gpu.py [--tokens 131072] [--ranks 8] [--seeds 2]
 
@@ -106,8 +108,118 @@ def main() -> int:
         print(f"| {seed} | {pairs / whole_s:.3e} | {pairs / tasks_s:.3e} | {ratio:.3f} | "
               f"{naive_mm:.2f} | {planned_mm:.3f} | {plan.imbalance:.3f} |")
     print("\ngoals: tasks vs whole >= 0.90; planned max/mean measured <= 1.05")
+    ok = dropin(args, torch, varlen_attn) and ok
+    same_bits(torch)
     return 0 if ok else 1
 
+
+def same_bits(torch) -> None:
+    """Is a piece's result the same alone as in a shared call (what the plan-independence of
+    the results rests on, on a GPU)? Forward, and the backward's dQ, dK, dV, with and without
+    torch's deterministic algorithms."""
+    from elastictrain.attention.core import Piece, attend_pieces, grad_pieces
+
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    heads, dim = 16, 128
+
+    def rand(n):
+        return torch.randn(n, heads, dim, device=device, dtype=torch.bfloat16, generator=g)
+
+    docs = [rand(n) for n in (3000, 700, 64, 5000)]
+    pieces = [Piece(d, d, d, 0) for d in docs]  # whole documents: one shared call
+    long = rand(9000)
+    pieces += [Piece(long[6000:], long, long, 6000)]  # a tail: a call of its own
+    grads = [rand(p.q.shape[0]) for p in pieces]
+    together = attend_pieces(pieces)
+    alone = [attend_pieces([p])[0] for p in pieces]
+    print("\na piece alone vs in a shared call: forward "
+          f"{all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))}")
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        shared = list(grad_pieces(pieces, grads))
+        single = [next(grad_pieces([p], [gr])) for p, gr in zip(pieces, grads, strict=True)]
+        same = [all(torch.equal(a[i], b[i]) for a, b in zip(shared, single, strict=True))
+                for i in range(3)]  # fmt: skip
+        again = list(grad_pieces(pieces, grads))
+        repeat = [all(torch.equal(a[i], b[i]) for a, b in zip(shared, again, strict=True))
+                  for i in range(3)]  # fmt: skip
+        print(f"deterministic algorithms {deterministic}: dQ, dK, dV the same alone {same}; "
+              f"the same when run again {repeat}")
+    torch.use_deterministic_algorithms(False)
+
+
+def dropin(args, torch, varlen_attn) -> bool:
+    """One rank's packed batch, forward and backward: ``core_attention`` (pieces alone, the
+    tree's sums) against one varlen call over its whole documents."""
+    from elastictrain.attention.mixes import packed_mix
+
+    print("\n| mix | rank | documents | pieces | whole docs fwd+bwd (ms) | core_attention "
+          "fwd+bwd (ms) | whole vs core_attention | max |out diff| | dK rel. error |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    worst = 1.0
+    for seed in range(args.seeds):
+        documents = packed_mix(args.ranks, args.tokens, seed)
+        loads: dict[int, int] = {}
+        for d in documents:
+            loads[d.owner] = loads.get(d.owner, 0) + d.length**2
+        rank = max(loads, key=loads.get)  # the rank with the most attention work
+        mine = [d for d in documents if d.owner == rank]
+        worst = min(worst, _dropin_row(args, torch, varlen_attn, mine, seed, rank))
+    print(f"\nthe price of bit-identical attention in any world: core_attention runs at "
+          f"{worst:.3f} of one call's speed at worst (forward and backward)")
+    return True
+
+
+def _dropin_row(args, torch, varlen_attn, documents, seed: int, rank: int) -> float:
+    import statistics
+
+    from elastictrain.attention import core_attention
+    from elastictrain.attention.plan import plan_attention
+
+    device = torch.device("cuda")
+    lengths = [d.length for d in documents]
+    bounds = torch.tensor([0, *lengths]).cumsum(0)
+    cu = bounds.to(device, torch.int32)
+    pieces = len(plan_attention(documents, [rank]).tasks)
+    tokens = int(bounds[-1])
+    g = torch.Generator(device=device).manual_seed(seed)
+    inputs = [torch.randn(tokens, args.heads, args.dim, device=device, dtype=torch.bfloat16,
+                          generator=g).requires_grad_(True) for _ in range(3)]  # fmt: skip
+    grad = torch.randn(tokens, args.heads, args.dim, device=device, dtype=torch.bfloat16,
+                       generator=g)  # fmt: skip
+    calls = {
+        "whole": lambda: varlen_attn(*inputs, cu, cu, max(lengths), max(lengths),
+                                     window_size=(-1, 0)),
+        "pieces": lambda: core_attention(*inputs, bounds.tolist()),
+    }  # fmt: skip
+
+    def step(name):
+        out = calls[name]()
+        return out.detach(), torch.autograd.grad(out, inputs, grad)
+
+    def timed(name):
+        for _ in range(2):
+            step(name)
+        times = []
+        for _ in range(args.repeats):
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step(name)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        return statistics.median(times)
+
+    ref_out, ref_grads = step("whole")
+    out, grads = step("pieces")
+    diff = float((out.float() - ref_out.float()).abs().max())
+    dk = float((grads[1].float() - ref_grads[1].float()).norm() / ref_grads[1].float().norm())
+    whole_ms, mine_ms = timed("whole"), timed("pieces")
+    print(f"| {seed} | {rank} | {len(lengths)} | {pieces} | {whole_ms:.1f} | {mine_ms:.1f} | "
+          f"{whole_ms / mine_ms:.3f} | {diff:.2e} | {dk:.2e} |")
+    return whole_ms / mine_ms
 
 if __name__ == "__main__":
     sys.exit(main())
