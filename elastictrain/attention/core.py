@@ -14,6 +14,7 @@ the GPU).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -36,7 +37,7 @@ def task_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
                    scale: float | None = None) -> torch.Tensor:  # fmt: skip
     """Causal attention of queries ``q`` (positions ``start ..`` of their document,
     ``[q_len, heads, dim]``) over keys and values ``[0, start + q_len)`` of it."""
-    return attend_pieces([Piece(q, k, v, start)], scale)[0]
+    return attend_pieces([Piece(q, k, v, start)], scale)[0][0]
 
 
 def _check(piece: Piece) -> None:
@@ -87,49 +88,62 @@ def _groups(pieces: Sequence[Piece]) -> list[list[int]]:
     return ([first] if first else []) + [[i] for i, p in enumerate(pieces) if p.start != 0]
 
 
-def _call(pieces: Sequence[Piece], group: list[int], scale: float | None) -> list[torch.Tensor]:
+def _call(pieces: list[Piece], scale: float | None) -> list[torch.Tensor]:
+    """One kernel call for ``pieces`` (one of ``_groups``): each piece's outputs."""
     if not _flash(pieces):
-        return [_masked(pieces[group[0]], scale)]
-    out = _varlen([pieces[i] for i in group], scale)
-    return list(out.split([pieces[i].q.shape[0] for i in group])) if len(group) > 1 else [out]
+        assert len(pieces) == 1
+        return [_masked(pieces[0], scale)]
+    out = _varlen(pieces, scale)
+    return list(out.split([p.q.shape[0] for p in pieces])) if len(pieces) > 1 else [out]
 
 
-def attend_pieces(pieces: Sequence[Piece], scale: float | None = None) -> list[torch.Tensor]:
-    """Each piece's outputs (``[q_len, heads, dim]``), in order."""
+@dataclass
+class Graph:
+    """Pieces computed with their autograd graphs kept: the backward needs no second
+    forward. Per kernel call (group of pieces): its leaf inputs and its outputs."""
+
+    groups: list[list[int]]
+    inputs: list[list[torch.Tensor]]
+    outs: list[list[torch.Tensor]]
+
+
+def attend_pieces(pieces: Sequence[Piece], scale: float | None = None, keep: bool = False
+                  ) -> tuple[list[torch.Tensor], Graph | None]:  # fmt: skip
+    """Each piece's outputs (``[q_len, heads, dim]``), in order, and with ``keep`` the graph
+    :func:`grad_pieces` takes."""
     for piece in pieces:
         _check(piece)
     outs: list[torch.Tensor | None] = [None] * len(pieces)
-    for group in _groups(pieces):
-        for i, out in zip(group, _call(pieces, group, scale), strict=True):
-            outs[i] = out
-    return outs  # type: ignore[return-value]
+    groups = _groups(pieces)
+    graph = Graph(groups, [], []) if keep else None
+    for group in groups:
+        chosen = [pieces[i] for i in group]
+        if graph is not None:
+            chosen = [Piece(*(x.detach().requires_grad_(True) for x in p[:3]), p.start)
+                      for p in chosen]  # fmt: skip
+            graph.inputs.append([x for p in chosen for x in p[:3]])
+        with torch.enable_grad() if graph is not None else torch.no_grad():
+            found = _call(chosen, scale)
+        if graph is not None:
+            graph.outs.append(found)
+        for i, out in zip(group, found, strict=True):
+            outs[i] = out.detach()
+    return outs, graph  # type: ignore[return-value]
 
 
-def grad_pieces(pieces: Sequence[Piece], grads: Sequence[torch.Tensor],
-                scale: float | None = None
+def grad_pieces(graph: Graph, grads: Sequence[torch.Tensor]
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Each piece's (dQ, dK, dV) for the outputs' gradients ``grads``, in order, computed as
+    """Each piece's (dQ, dK, dV) for its outputs' gradients ``grads``, in order, computed as
     they are asked for (a shared call's all at once): a caller that sums dK/dV partials as
-    they come holds few of them."""
-    for piece in pieces:
-        _check(piece)
+    they come holds few of them. The graph is spent."""
+    where = {i: g for g, group in enumerate(graph.groups) for i in group}
     ready: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    alone = set()
-    for group in _groups(pieces):
-        if len(group) == 1:
-            alone.add(group[0])
-            continue
-        ready.update(zip(group, _grads(pieces, group, grads, scale), strict=True))
-    for i in range(len(pieces)):
-        yield ready.pop(i) if i not in alone else _grads(pieces, [i], grads, scale)[0]
-
-
-def _grads(pieces: Sequence[Piece], group: list[int], grads: Sequence[torch.Tensor],
-           scale: float | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    chosen = [Piece(*(x.detach().requires_grad_(True) for x in pieces[i][:3]), pieces[i].start)
-              for i in group]  # fmt: skip
-    with torch.enable_grad():
-        outs = _call(chosen, list(range(len(chosen))), scale)
-        inputs = [x for p in chosen for x in p[:3]]
-        found = torch.autograd.grad(outs, inputs, [grads[i] for i in group])
-    return [tuple(found[3 * j: 3 * j + 3]) for j in range(len(group))]  # type: ignore[misc]
+    for i in range(len(where)):
+        if i not in ready:
+            g = where[i]
+            group = graph.groups[g]
+            found = torch.autograd.grad(graph.outs[g], graph.inputs[g], [grads[j] for j in group])
+            graph.outs[g], graph.inputs[g] = [], []
+            for n, j in enumerate(group):
+                ready[j] = tuple(found[3 * n: 3 * n + 3])  # type: ignore[assignment]
+        yield ready.pop(i)

@@ -29,7 +29,7 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
-from elastictrain.attention.core import Piece, attend_pieces, grad_pieces
+from elastictrain.attention.core import Graph, Piece, attend_pieces, grad_pieces
 from elastictrain.attention.plan import AttentionPlan, Task
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
@@ -135,24 +135,30 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: Run,
 
 
 def _forward_runs(work: list[tuple[Run, list[Piece]]], scale: float | None
-                  ) -> list[torch.Tensor]:  # fmt: skip
+                  ) -> tuple[list[torch.Tensor], Graph | None]:  # fmt: skip
     """Each run's outputs (its queries' rows), every piece computed alone (some in a shared
-    kernel call: the same bits)."""
-    outs = iter(attend_pieces([p for _, pieces in work for p in pieces], scale))
-    found = []
+    kernel call: the same bits), and the graph its backward takes (None: no pieces)."""
+    every = [p for _, pieces in work for p in pieces]
+    if not every:
+        return [], None
+    outs, graph = attend_pieces(every, scale, keep=True)
+    found, at = [], 0
     for _, pieces in work:
-        mine = [next(outs) for _ in pieces]
+        mine = outs[at: at + len(pieces)]
+        at += len(pieces)
         found.append(torch.cat(mine) if len(mine) > 1 else mine[0])
-    return found
+    return found, graph
 
 
-def _backward_runs(work: list[tuple[Run, list[Piece], torch.Tensor]], leaves: Sequence[int],
-                   scale: float | None) -> list[tuple[torch.Tensor, Partials]]:  # fmt: skip
+def _backward_runs(work: list[tuple[Run, list[Piece], torch.Tensor]], graph: Graph | None,
+                   leaves: Sequence[int]) -> list[tuple[torch.Tensor, Partials]]:  # fmt: skip
     """Each run's query gradients and its cover's key/value partials (``leaves``: the
     number of pieces of each run's document); the partials are summed as they come."""
-    grads = [g[t.start - pieces[0].start: t.start - pieces[0].start + t.q.shape[0]]
-             for _, pieces, g in work for t in pieces]  # fmt: skip
-    found = grad_pieces([p for _, pieces, _ in work for p in pieces], grads, scale)
+    if graph is None:
+        return []
+    grads = [g[p.start - pieces[0].start: p.start - pieces[0].start + p.q.shape[0]]
+             for _, pieces, g in work for p in pieces]  # fmt: skip
+    found = grad_pieces(graph, grads)
     results = []
     for (run, pieces, _), count in zip(work, leaves, strict=True):
         block: BlockSum = BlockSum(run.first, run.stop, count, _add_prefix)
@@ -195,13 +201,16 @@ def _cut(block: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
 
 @dataclass
 class Saved:
-    """What a forward keeps for its backward: the rank's own inputs, and the inputs it
-    received for the runs it computes for others."""
+    """What a forward keeps for its backward: the rank's own inputs, the pieces it ran (its
+    own, then those of each owner it ran runs for) and their graphs."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    received: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    local: list[tuple[Run, list[Piece]]]
+    local_graph: Graph | None
+    remote: list[tuple[int, Run, list[Piece]]]  # (owner, run, its pieces)
+    remote_graph: Graph | None
 
 
 T = TypeVar("T")
@@ -219,7 +228,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     wraps each exchange (a clock that leaves waiting out, say)."""
     heads, dim = q.shape[1], q.shape[2]
     width, shape = heads * dim, (-1, heads, dim)
-    received: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    remote: list[tuple[int, Run, list[Piece]]] = []
+    remote_graph = None
     returned: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         if coll is not None and coll.size > 1:
@@ -230,17 +240,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
             rows = {r: sum(run.queries + 2 * run.end for run in runs)
                     for r, runs in layout.run_for.items()}  # fmt: skip
             got = around(lambda: _exchange(coll, outgoing, rows, width, q))
-            work, owners = [], []
             for r, block in got.items():
                 runs = layout.run_for[r]
                 parts = _cut(block, [n for run in runs for n in (run.queries, run.end, run.end)])
-                received[r] = [tuple(p.view(shape) for p in parts[3 * i: 3 * i + 3])
-                               for i in range(len(runs))]  # fmt: skip
-                for run, inputs in zip(runs, received[r], strict=True):
-                    work.append((run, _pieces(*inputs, run, layout.pieces[run.doc])))
-                    owners.append(r)
+                for i, run in enumerate(runs):
+                    inputs = [p.view(shape) for p in parts[3 * i: 3 * i + 3]]
+                    remote.append((r, run, _pieces(*inputs, run, layout.pieces[run.doc])))
+            outs, remote_graph = _forward_runs([(run, ps) for _, run, ps in remote], scale)
             results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
-            for r, out in zip(owners, _forward_runs(work, scale), strict=True):
+            for (r, _, _), out in zip(remote, outs, strict=True):
                 results[r].append(out)
             back = {r: sum(run.queries for run in runs) for r, runs in layout.sent.items()}
             returned = around(lambda: _exchange(coll, results, back, width, q))
@@ -248,18 +256,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         local = [(run, _pieces(q[layout.rows(run)[0]], k[layout.rows(run)[1]],
                                v[layout.rows(run)[1]], run, layout.pieces[run.doc]))
                  for run in layout.local]  # fmt: skip
-        for (run, _), piece in zip(local, _forward_runs(local, scale), strict=True):
+        outs, local_graph = _forward_runs(local, scale)
+        for (run, _), piece in zip(local, outs, strict=True):
             out[layout.rows(run)[0]] = piece
         for r, block in returned.items():
             runs = layout.sent[r]
             for run, piece in zip(runs, _cut(block, [run.queries for run in runs]), strict=True):
                 out[layout.rows(run)[0]] = piece.view(shape)
-    return out, Saved(q, k, v, received)
+    return out, Saved(q, k, v, local, local_graph, remote, remote_graph)
 
 
 def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
-                       coll: Collectives | None, scale: float | None = None,
-                       around: Exchange = _direct
+                       coll: Collectives | None, around: Exchange = _direct
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """dQ, dK, dV of this rank's own rows; the key/value partials of each document summed in
     its pieces' fixed tree."""
@@ -274,17 +282,16 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
                     for r, runs in layout.sent.items()}  # fmt: skip
         rows = {r: sum(run.queries for run in runs) for r, runs in layout.run_for.items()}
         got = around(lambda: _exchange(coll, outgoing, rows, width, q))
-        work, owners = [], []
+        grads = {}
         for r, block in got.items():
             runs = layout.run_for[r]
-            for run, grad, inputs in zip(runs, _cut(block, [run.queries for run in runs]),
-                                         saved.received[r], strict=True):  # fmt: skip
-                work.append((run, _pieces(*inputs, run, layout.pieces[run.doc]),
-                             grad.view(shape)))  # fmt: skip
-                owners.append(r)
+            grads[r] = iter(_cut(block, [run.queries for run in runs]))
+        work = [(run, pieces, next(grads[r]).view(shape)) for r, run, pieces in saved.remote]
         results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
         leaves = [len(layout.pieces[run.doc]) for run, _, _ in work]
-        for r, (gq, cover) in zip(owners, _backward_runs(work, leaves, scale), strict=True):
+        for (r, _, _), (gq, cover) in zip(saved.remote,
+                                          _backward_runs(work, saved.remote_graph, leaves),
+                                          strict=True):  # fmt: skip
             results[r].append(gq)
             results[r].extend(x for _, pair in cover for x in pair)
         covers = {run: layout.cover(run) for runs in layout.sent.values() for run in runs}
@@ -302,13 +309,10 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
                 partials.setdefault(run.doc, []).extend(
                     (node, (next(parts).view(shape), next(parts).view(shape)))
                     for node, _ in covers[run])  # fmt: skip
-    local = []
-    for run in layout.local:
-        query, prefix = layout.rows(run)
-        local.append((run, _pieces(q[query], k[prefix], v[prefix], run, layout.pieces[run.doc]),
-                      grad_out[query]))  # fmt: skip
+    local = [(run, pieces, grad_out[layout.rows(run)[0]]) for run, pieces in saved.local]
     leaves = [len(layout.pieces[run.doc]) for run in layout.local]
-    for run, (gq, cover) in zip(layout.local, _backward_runs(local, leaves, scale), strict=True):
+    for run, (gq, cover) in zip(layout.local, _backward_runs(local, saved.local_graph, leaves),
+                                strict=True):  # fmt: skip
         dq[layout.rows(run)[0]] = gq
         partials.setdefault(run.doc, []).extend(cover)
     for doc, cover in partials.items():
@@ -325,7 +329,7 @@ class _Dispatched(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: Layout, coll: Collectives | None, scale,  # noqa: ANN001
                 around: Exchange, note: Callable[[], None] | None):  # fmt: skip
         out, saved = attention_forward(q, k, v, layout, coll, scale, around)
-        ctx.saved, ctx.layout, ctx.coll, ctx.scale, ctx.around = saved, layout, coll, scale, around
+        ctx.saved, ctx.layout, ctx.coll, ctx.around = saved, layout, coll, around
         ctx.note = note
         return out
 
@@ -333,8 +337,7 @@ class _Dispatched(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: ANN001
         if ctx.note is not None:  # an empty rank replays the calls in this order
             ctx.note()
-        dq, dk, dv = attention_backward(grad_out, ctx.saved, ctx.layout, ctx.coll, ctx.scale,
-                                        ctx.around)  # fmt: skip
+        dq, dk, dv = attention_backward(grad_out, ctx.saved, ctx.layout, ctx.coll, ctx.around)
         ctx.saved = None
         return dq, dk, dv, None, None, None, None, None
 

@@ -186,10 +186,10 @@ class AttentionRound:
                                             self.around)  # fmt: skip
                 saved.append((call, kept))
             else:
-                forward, kept = saved[call.index]
+                _, kept = saved[call.index]
                 assert self.layout is not None
                 attention_backward(torch.empty_like(kept.q), kept, self.layout, self.coll,
-                                   forward.scale, self.around)  # fmt: skip
+                                   self.around)  # fmt: skip
         self.calls = list(calls)
 
 
