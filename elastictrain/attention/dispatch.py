@@ -13,7 +13,8 @@ Transport: the pieces of a document that one runner computes for one owner trave
 (maximal, consecutive pieces): the queries of the run and the key/value prefix of its last
 piece go out once, in one all-to-all with every other run; the outputs come back in another.
 The backward sends the outputs' gradients the same way, and each runner returns the run's
-query gradients and the cover's key/value partials.
+query gradients and the cover's key/value partials. A rank computes its own runs while the
+first exchange of each direction is under way.
 
 Every rank calls :func:`dispatched_attention` with its own packed ``q``, ``k``, ``v``
 (``[tokens, heads, head_dim]``), the offset of each document it owns in them, and the same
@@ -171,24 +172,31 @@ def _backward_runs(work: list[tuple[Run, list[Piece], torch.Tensor]], graph: Gra
     return results
 
 
-def _exchange(coll: Collectives, outgoing: dict[int, list[torch.Tensor]],
-              incoming_rows: dict[int, int], width: int, like: torch.Tensor
-              ) -> dict[int, torch.Tensor]:  # fmt: skip
-    """Send each other rank its pieces (rows of ``width`` values), receive
-    ``incoming_rows`` rows from each; other rank -> what it sent (``[rows, width]``)."""
-    ranks = range(coll.size)
-    send = [torch.cat([p.reshape(-1, width) for p in outgoing.get(r, [])])
-            if outgoing.get(r) else like.new_empty(0, width) for r in ranks]  # fmt: skip
-    out_splits = [incoming_rows.get(r, 0) * width for r in ranks]
-    in_splits = [s.numel() for s in send]
-    received = like.new_empty(sum(out_splits))
-    coll.all_to_all(received, torch.cat([s.reshape(-1) for s in send]), out_splits, in_splits)
-    pieces, at = {}, 0
-    for r in ranks:
-        if r != coll.rank:
-            pieces[r] = received[at: at + out_splits[r]].view(-1, width)
-        at += out_splits[r]
-    return pieces
+class _Exchange:
+    """An all-to-all under way: each other rank's pieces (rows of ``width`` values) sent,
+    ``incoming_rows`` rows from each to come. :meth:`wait` gives other rank -> what it sent
+    (``[rows, width]``)."""
+
+    def __init__(self, coll: Collectives, outgoing: dict[int, list[torch.Tensor]],
+                 incoming_rows: dict[int, int], width: int, like: torch.Tensor) -> None:
+        ranks = range(coll.size)
+        send = [torch.cat([p.reshape(-1, width) for p in outgoing.get(r, [])])
+                if outgoing.get(r) else like.new_empty(0, width) for r in ranks]  # fmt: skip
+        self._coll, self._width = coll, width
+        self._splits = [incoming_rows.get(r, 0) * width for r in ranks]
+        self._received = like.new_empty(sum(self._splits))
+        self._sent = torch.cat([s.reshape(-1) for s in send])  # kept alive until the wait
+        self._work = coll.all_to_all_async(self._received, self._sent, self._splits,
+                                           [s.numel() for s in send])  # fmt: skip
+
+    def wait(self, around: Exchange) -> dict[int, torch.Tensor]:
+        around(lambda: self._coll.wait(self._work))
+        pieces, at = {}, 0
+        for r, n in enumerate(self._splits):
+            if r != self._coll.rank:
+                pieces[r] = self._received[at: at + n].view(-1, self._width)
+            at += n
+        return pieces
 
 
 def _cut(block: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -231,15 +239,28 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     remote: list[tuple[int, Run, list[Piece]]] = []
     remote_graph = None
     returned: dict[int, torch.Tensor] = {}
+    spread = coll is not None and coll.size > 1
     with torch.no_grad():
-        if coll is not None and coll.size > 1:
+        if spread:
+            assert coll is not None
             outgoing = {r: [x for run in runs for x in
                             (q[layout.rows(run)[0]], k[layout.rows(run)[1]],
                              v[layout.rows(run)[1]])]
                         for r, runs in layout.sent.items()}  # fmt: skip
             rows = {r: sum(run.queries + 2 * run.end for run in runs)
                     for r, runs in layout.run_for.items()}  # fmt: skip
-            got = around(lambda: _exchange(coll, outgoing, rows, width, q))
+            sending = _Exchange(coll, outgoing, rows, width, q)
+        # this rank's own runs while the others' inputs travel
+        out = torch.empty_like(q)
+        local = [(run, _pieces(q[layout.rows(run)[0]], k[layout.rows(run)[1]],
+                               v[layout.rows(run)[1]], run, layout.pieces[run.doc]))
+                 for run in layout.local]  # fmt: skip
+        outs, local_graph = _forward_runs(local, scale)
+        for (run, _), piece in zip(local, outs, strict=True):
+            out[layout.rows(run)[0]] = piece
+        if spread:
+            assert coll is not None
+            got = sending.wait(around)
             for r, block in got.items():
                 runs = layout.run_for[r]
                 parts = _cut(block, [n for run in runs for n in (run.queries, run.end, run.end)])
@@ -248,17 +269,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
                     remote.append((r, run, _pieces(*inputs, run, layout.pieces[run.doc])))
             outs, remote_graph = _forward_runs([(run, ps) for _, run, ps in remote], scale)
             results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
-            for (r, _, _), out in zip(remote, outs, strict=True):
-                results[r].append(out)
+            for (r, _, _), piece in zip(remote, outs, strict=True):
+                results[r].append(piece)
             back = {r: sum(run.queries for run in runs) for r, runs in layout.sent.items()}
-            returned = around(lambda: _exchange(coll, results, back, width, q))
-        out = torch.empty_like(q)
-        local = [(run, _pieces(q[layout.rows(run)[0]], k[layout.rows(run)[1]],
-                               v[layout.rows(run)[1]], run, layout.pieces[run.doc]))
-                 for run in layout.local]  # fmt: skip
-        outs, local_graph = _forward_runs(local, scale)
-        for (run, _), piece in zip(local, outs, strict=True):
-            out[layout.rows(run)[0]] = piece
+            returned = _Exchange(coll, results, back, width, q).wait(around)
         for r, block in returned.items():
             runs = layout.sent[r]
             for run, piece in zip(runs, _cut(block, [run.queries for run in runs]), strict=True):
@@ -277,15 +291,25 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
     grad_out = grad_out.contiguous()
     partials: dict[int, Partials] = {}  # doc -> the covers of its runs
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if coll is not None and coll.size > 1:
+    spread = coll is not None and coll.size > 1
+    if spread:
+        assert coll is not None
         outgoing = {r: [grad_out[layout.rows(run)[0]] for run in runs]
                     for r, runs in layout.sent.items()}  # fmt: skip
         rows = {r: sum(run.queries for run in runs) for r, runs in layout.run_for.items()}
-        got = around(lambda: _exchange(coll, outgoing, rows, width, q))
-        grads = {}
-        for r, block in got.items():
-            runs = layout.run_for[r]
-            grads[r] = iter(_cut(block, [run.queries for run in runs]))
+        sending = _Exchange(coll, outgoing, rows, width, q)
+    # this rank's own runs while the others' gradients travel
+    local = [(run, pieces, grad_out[layout.rows(run)[0]]) for run, pieces in saved.local]
+    leaves = [len(layout.pieces[run.doc]) for run in layout.local]
+    for run, (gq, cover) in zip(layout.local, _backward_runs(local, saved.local_graph, leaves),
+                                strict=True):  # fmt: skip
+        dq[layout.rows(run)[0]] = gq
+        partials.setdefault(run.doc, []).extend(cover)
+    if spread:
+        assert coll is not None
+        got = sending.wait(around)
+        grads = {r: iter(_cut(block, [run.queries for run in layout.run_for[r]]))
+                 for r, block in got.items()}  # fmt: skip
         work = [(run, pieces, next(grads[r]).view(shape)) for r, run, pieces in saved.remote]
         results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
         leaves = [len(layout.pieces[run.doc]) for run, _, _ in work]
@@ -297,7 +321,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
         covers = {run: layout.cover(run) for runs in layout.sent.values() for run in runs}
         back = {r: sum(run.queries + 2 * sum(n for _, n in covers[run]) for run in runs)
                 for r, runs in layout.sent.items()}  # fmt: skip
-        returned = around(lambda: _exchange(coll, results, back, width, q))
+        returned = _Exchange(coll, results, back, width, q).wait(around)
         for r, block in returned.items():
             sizes = []
             for run in layout.sent[r]:
@@ -309,12 +333,6 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
                 partials.setdefault(run.doc, []).extend(
                     (node, (next(parts).view(shape), next(parts).view(shape)))
                     for node, _ in covers[run])  # fmt: skip
-    local = [(run, pieces, grad_out[layout.rows(run)[0]]) for run, pieces in saved.local]
-    leaves = [len(layout.pieces[run.doc]) for run in layout.local]
-    for run, (gq, cover) in zip(layout.local, _backward_runs(local, saved.local_graph, leaves),
-                                strict=True):  # fmt: skip
-        dq[layout.rows(run)[0]] = gq
-        partials.setdefault(run.doc, []).extend(cover)
     for doc, cover in partials.items():
         pieces = layout.pieces[doc]
         gk, gv = merge(cover, len(pieces), _add_prefix)

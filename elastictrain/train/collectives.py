@@ -35,11 +35,16 @@ class Collectives:
         group = dist.distributed_c10d._get_default_group()
         return cls(group, dist.get_rank(), dist.get_world_size())
 
+    def all_to_all_async(self, output: torch.Tensor, input: torch.Tensor,
+                         output_splits: list[int], input_splits: list[int]) -> dist.Work:
+        """Launch an all-to-all of ``input`` (cut by ``input_splits``) into ``output``; wait
+        for the returned work."""
+        return self.group.alltoall_base(output, input, output_splits, input_splits,
+                                        dist.AllToAllOptions())  # fmt: skip
+
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
                    input_splits: list[int]) -> None:  # fmt: skip
-        work = self.group.alltoall_base(output, input, output_splits, input_splits,
-                                        dist.AllToAllOptions())  # fmt: skip
-        self.wait(work)
+        self.wait(self.all_to_all_async(output, input, output_splits, input_splits))
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
         """``output`` holds every rank's ``input``, in rank order."""
