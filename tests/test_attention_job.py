@@ -50,6 +50,19 @@ def test_planned_attention_is_bit_identical_at_any_world_size(tmp_path, referenc
 
 @pytest.mark.contract
 @pytest.mark.timeout(240)
+def test_a_slower_rank_gets_less_attention_and_the_bits_stay(tmp_path, reference):
+    uneven = _train(tmp_path, 2, "--capacities", "3,1")  # rank 1 at a third of rank 0's pace
+    for key, value in reference["params"].items():
+        assert torch.equal(uneven["params"][key], value), key
+    plans = uneven["plans"]
+    assert all(p["speeds"] == [3.0, 1.0] for p in plans)  # the Job's capacities, as speeds
+    # rank 0 hosts 9 of the 12 micro-batches: in the rounds where rank 1 has none it still
+    # gets attention work, in proportion to its speed (as far as 192-token batches allow)
+    assert all(p["rounds"] == 9 and p["planned"] < p["naive"] for p in plans)
+
+
+@pytest.mark.contract
+@pytest.mark.timeout(240)
 def test_the_fast_reduction_with_planned_attention_stays_within_rounding(tmp_path, reference):
     fast = _train(tmp_path, 2, "--reduction", "fast")
     for key, value in reference["params"].items():

@@ -81,6 +81,7 @@ class RoundStats:
 
     rounds: int = 0
     ranks: int = 1  # the world the rounds were planned over
+    speeds: tuple[float, ...] = ()  # the speeds they were planned with (empty: equal)
     naive: list[float] = field(default_factory=list)  # each round's max/mean, unplanned
     planned: list[float] = field(default_factory=list)  # and planned
     moved_tokens: int = 0
@@ -91,6 +92,7 @@ class RoundStats:
         rounds, and the worst round), the tokens moved, the planning time."""
         mean = (lambda xs: sum(xs) / len(xs)) if self.planned else (lambda xs: 1.0)
         return {"step": step, "rounds": self.rounds, "ranks": self.ranks,
+                "speeds": [round(s, 4) for s in self.speeds],
                 "naive": round(mean(self.naive), 4), "planned": round(mean(self.planned), 4),
                 "worst_naive": round(max(self.naive, default=1.0), 4),
                 "worst_planned": round(max(self.planned, default=1.0), 4),
@@ -152,6 +154,7 @@ class AttentionRound:
         if self.stats is not None:
             self.stats.rounds += 1
             self.stats.ranks = self._size
+            self.stats.speeds = self.speeds or ()
             self.stats.naive.append(self.plan.naive_imbalance)
             self.stats.planned.append(self.plan.imbalance)
             self.stats.moved_tokens += self.plan.moved_tokens

@@ -108,7 +108,9 @@ def train(args) -> Job:
     job = Job(model, opt, PackedDocuments(), token_loss, global_batch=args.global_batch,
               micro_batch=args.micro_batch, steps=args.steps, scheduler=sched,
               reduction=args.reduction, collate_fn=collate,
-              attention=AttentionPolicy(min_task=16))  # fmt: skip
+              attention=AttentionPolicy(min_task=16),
+              capacities=[float(c) for c in args.capacities.split(",")] if args.capacities
+              else None)  # fmt: skip
     losses: dict[int, float] = {}
     plans: dict[int, dict] = {}
     record = {"node": os.environ.get("ETRAIN_NODE_ID", ""), "pid": os.getpid(),
@@ -137,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=12)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--reduction", default="deterministic")
+    p.add_argument("--capacities", default="", help="each rank's initial capacity, a,b,...")
     p.add_argument("--out", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--workers-dir", default=None, help="record each process's ranks here")
