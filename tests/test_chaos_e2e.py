@@ -20,7 +20,7 @@ repeat = 1
 timeout_s = 240
 [job]
 script = "{EXAMPLES / 'train_job.py'}"
-args = ["--steps", "90", "--step-sleep", "0.1", "--out", "{{run_dir}}/final.pt"]
+args = ["--steps", "90", "--step-sleep", "0.25", "--out", "{{run_dir}}/final.pt"]
 launch_args = ["--node-ttl", "3", "--hang-timeout", "2"]
 [[fault]]
 kind = "kill"
