@@ -144,17 +144,18 @@ def same_bits(torch) -> None:
     long = rand(9000)
     pieces += [Piece(long[6000:], long, long, 6000)]  # a tail: a call of its own
     grads = [rand(p.q.shape[0]) for p in pieces]
-    together = attend_pieces(pieces)
-    alone = [attend_pieces([p])[0] for p in pieces]
+    together, _ = attend_pieces(pieces)
+    alone = [attend_pieces([p])[0][0] for p in pieces]
     print("\na piece alone vs in a shared call: forward "
           f"{all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))}")
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
-        shared = list(grad_pieces(pieces, grads))
-        single = [next(grad_pieces([p], [gr])) for p, gr in zip(pieces, grads, strict=True)]
+        shared = list(grad_pieces(attend_pieces(pieces, keep=True)[1], grads))
+        single = [next(grad_pieces(attend_pieces([p], keep=True)[1], [gr]))
+                  for p, gr in zip(pieces, grads, strict=True)]  # fmt: skip
         same = [all(torch.equal(a[i], b[i]) for a, b in zip(shared, single, strict=True))
                 for i in range(3)]  # fmt: skip
-        again = list(grad_pieces(pieces, grads))
+        again = list(grad_pieces(attend_pieces(pieces, keep=True)[1], grads))
         repeat = [all(torch.equal(a[i], b[i]) for a, b in zip(shared, again, strict=True))
                   for i in range(3)]  # fmt: skip
         print(f"deterministic algorithms {deterministic}: dQ, dK, dV the same alone {same}; "

@@ -46,7 +46,7 @@ def test_long_tailed_batches_are_balanced_and_every_query_is_attended_once(ranks
     for seed in range(3):
         documents = packed_mix(ranks, tokens, seed)
         plan = plan_attention(documents, range(ranks))
-        _check_cover(documents, plan, 512)
+        _check_cover(documents, plan, 1024)
         assert plan.imbalance <= 1.05 < plan.naive_imbalance
 
 
@@ -55,7 +55,7 @@ def test_a_rank_at_half_speed_gets_half_the_work():
     speeds = [1.0] * 8
     speeds[3] = 0.5
     plan = plan_attention(documents, range(8), speeds)
-    _check_cover(documents, plan, 512)
+    _check_cover(documents, plan, 1024)
     assert plan.imbalance <= 1.05  # modelled time: work / speed
     others = sum(plan.loads[i] for i in range(8) if i != 3) / 7
     assert plan.loads[3] / others == pytest.approx(0.5, abs=0.03)
@@ -64,7 +64,7 @@ def test_a_rank_at_half_speed_gets_half_the_work():
 def test_one_document_longer_than_a_ranks_share_is_cut_into_tails():
     documents = [Document(200_000, 0)] + [Document(1000, r) for r in range(1, 4)]
     plan = plan_attention(documents, range(4))
-    _check_cover(documents, plan, 512)
+    _check_cover(documents, plan, 1024)
     assert plan.imbalance <= 1.05
     assert len([t for t in plan.tasks if t.doc == 0]) >= 4  # the long one runs everywhere
 
@@ -73,12 +73,12 @@ def test_tiny_documents_move_whole_and_a_world_of_survivors_is_planned():
     documents = pack([100] * 400 + [300] * 40 + [9000], 4, 13_000)
     survivors = [d for d in documents if d.owner != 2]  # rank 2 is gone: its world is 0, 1, 3
     plan = plan_attention(survivors, [0, 1, 3])
-    _check_cover(survivors, plan, 512)  # a tiny document is never cut
+    _check_cover(survivors, plan, 1024)  # a tiny document is never cut
     assert set(plan.by_runner) == {0, 1, 3} and plan.imbalance <= 1.05
     assert any(t.runner != t.owner and t.end - t.start < 512 for t in plan.tasks)
     single = plan_attention([Document(5000, 7)], [7])
     assert {t.runner for t in single.tasks} == {7} and single.imbalance == 1.0
-    _check_cover([Document(5000, 7)], single, 512)
+    _check_cover([Document(5000, 7)], single, 1024)
 
 
 def test_the_cuts_do_not_depend_on_the_world_or_the_speeds():
@@ -89,7 +89,7 @@ def test_the_cuts_do_not_depend_on_the_world_or_the_speeds():
     cuts = None
     for ranks, speeds in [(range(4), None), (range(4), [1, 0.5, 2, 1]), (range(6), None)]:
         plan = plan_attention(documents, ranks, speeds)
-        _check_cover(documents, plan, 512)
+        _check_cover(documents, plan, 1024)
         found = [(t.doc, t.start, t.end, t.piece) for t in plan.tasks]
         assert cuts is None or found == cuts
         cuts = found
@@ -104,8 +104,8 @@ def test_pieces_are_of_about_equal_work_and_none_below_the_floor():
     policy = AttentionPolicy()
     spans = cut_document(100_000, 100_000, policy)
     costs = [task_cost(s, e) for s, e in spans]
-    assert len(spans) > 64 and max(costs) / min(costs) < 1.5
-    assert all(e - s >= 512 for s, e in spans)
+    assert len(spans) > 32 and max(costs) / min(costs) < 1.5
+    assert all(e - s >= policy.min_task for s, e in spans)
     assert cut_document(900, 100_000, policy) == [(0, 900)]  # too short to cut
     assert len(cut_document(5_000, 1_000_000, policy)) == 1  # little work for its batch
 

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from elastictrain.errors import ConfigError
 
-DEFAULT_MIN_TASK = 512
+DEFAULT_MIN_TASK = 1024  # a piece runs alone: shorter ones leave a GPU idle
 DEFAULT_PIECES = 256
 
 
