@@ -5,10 +5,12 @@ it alone, on whichever rank the plan chose: the same inputs give the same bits a
 ``q``, ``k``, ``v`` are packed ``[tokens, heads, head_dim]`` (the varlen layout). On CPU each
 piece is one ``scaled_dot_product_attention`` call with its bottom-right causal mask. On a
 GPU, torch's varlen flash attention: the pieces that start their document (whole short
-documents, mostly) go together in one call, each as its own sequence (flash attention
-computes a sequence's rows apart from the others'), and every other piece is a call of its
-own (its prefix would have to be copied to share a call, and a piece is long enough to fill
-the GPU).
+documents, mostly) go together in one call, each as its own sequence, and every other piece
+is a call of its own (its prefix would have to be copied to share a call). Measured on an
+H100: a piece's forward, dK and dV are the same bits alone or in a shared call, its dQ is
+not (and flash attention's backward is not deterministic unless torch's deterministic
+algorithms are on); so under deterministic algorithms every piece is a call of its own, and
+the results are the same bits in any world on a GPU too.
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ def _flash(pieces: Sequence[Piece]) -> bool:
 
 def _groups(pieces: Sequence[Piece]) -> list[list[int]]:
     """Which pieces share a kernel call: on a GPU the ones at their document's start, in one
-    call; every other piece alone."""
-    if not pieces or not _flash(pieces):
+    call; every other piece alone. Under torch's deterministic algorithms every piece alone:
+    flash attention's dQ for a sequence depends on the other sequences of its call."""
+    if (not pieces or not _flash(pieces)
+            or torch.are_deterministic_algorithms_enabled()):  # fmt: skip
         return [[i] for i in range(len(pieces))]
     first = [i for i, p in enumerate(pieces) if p.start == 0]
     return ([first] if first else []) + [[i] for i, p in enumerate(pieces) if p.start != 0]
