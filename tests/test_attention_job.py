@@ -17,12 +17,12 @@ STEPS = 8
 
 
 def _train(tmp_path, world: int, *args: str) -> dict:
-    import attention_train
+    import job_train
 
     out = tmp_path / f"w{world}-{'-'.join(args) or 'default'}.pt"
     argv = ["--out", str(out), "--steps", str(STEPS), *args]
-    mp.start_processes(attention_train.run, args=(world, str(tmp_path / f"store-{out.stem}"),
-                                                  argv),
+    mp.start_processes(job_train.run, args=(world, str(tmp_path / f"store-{out.stem}"), argv,
+                                            "attention_train"),
                        nprocs=world, start_method="spawn")  # fmt: skip
     return torch.load(out)
 

@@ -1,11 +1,11 @@
 """A small long-context-style job: a transformer over packed documents whose attention goes
 through ``core_attention``, on the ``Job`` API with core-attention rounds.
 
-Each sample is one packed sequence of ``--context`` tokens holding documents of long-tailed
-lengths (its own ``cu_seqlens``): some samples are one long document, others many short ones,
-so the ranks' attention work differs and the rounds move it. Run by the tests as worker
-processes (``run(rank, world, ...)``) or under ``etrain launch``. Its results must not depend
-on the world size, bit for bit with the deterministic reduction.
+Each sample is one packed sequence of 192 tokens holding documents of long-tailed lengths
+(its own ``cu_seqlens``): some samples are one long document, others many short ones, so the
+ranks' attention work differs and the rounds move it. Run by the tests as worker processes
+(``job_train.run(..., "attention_train")``) or under ``etrain launch``. Its results must not
+depend on the world size, bit for bit with the deterministic reduction.
 """
 
 from __future__ import annotations
@@ -144,18 +144,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--workers-dir", default=None, help="record each process's ranks here")
     return p
-
-
-def run(rank: int, world: int, store_path: str, argv: list[str]) -> None:
-    """One worker of a test's world (a fresh process), on gloo through a file store."""
-    import torch.distributed as dist
-
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    train(parser().parse_args(argv))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -110,15 +110,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(rank: int, world: int, store_path: str, argv: list[str]) -> None:
-    """One worker of a test's world (a fresh process), on gloo through a file store."""
+def run(rank: int, world: int, store_path: str, argv: list[str], script: str = "job_train"
+        ) -> None:  # fmt: skip
+    """One worker of a test's world (a fresh process), on gloo through a file store, running
+    ``script``'s ``train(parser().parse_args(argv))`` (a module of tests/scripts)."""
+    import importlib
+
     import torch.distributed as dist
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    train(parser().parse_args(argv))
+    module = importlib.import_module(script)
+    module.train(module.parser().parse_args(argv))
     dist.destroy_process_group()
 
 
