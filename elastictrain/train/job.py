@@ -19,6 +19,12 @@ the same verdict from the same speeds, and a re-plan moves logical workers betwe
 the next step. The results do not change (with the deterministic reduction, not a bit).
 Re-plans need enough logical workers to be fine-grained: at least 16 per rank is a good rule.
 
+With ``attention=AttentionPolicy()`` a model that calls
+:func:`elastictrain.attention.core_attention` has its attention balanced over the ranks: the
+step's micro-batches run in rounds (every rank's ``i``-th together), each round's attention
+is planned over the current world in proportion to the capacities above, and the results
+stay bit-identical at any world size (:mod:`elastictrain.attention.rounds`).
+
 The step count, the learning-rate schedule and the global batch never depend on the world:
 step ``s`` always uses the same samples, split over the same logical workers
 (:mod:`elastictrain.train.data_plan`), and the gradient is summed over them in one fixed order
@@ -493,7 +499,7 @@ class Job:
         self.speed = self._clock.speed() if timed else 0.0
         factor = self._inplace.slowdown(step) if self._inplace is not None else 1.0
         attention = self._attention
-        speeds = self._capacities if attention is not None else None
+        capacities = self._capacities if attention is not None else None
         if attention is not None:
             attention.begin_step()
         if timed:
@@ -510,7 +516,7 @@ class Job:
                 # attention's collectives run inside the backward: buckets wait until after
                 if fast is not None and not direct and last and attention is None:
                     fast.arm(coll)
-                with (attention.round(coll, speeds) if attention is not None
+                with (attention.round(coll, capacities) if attention is not None
                       else contextlib.nullcontext()):  # fmt: skip
                     if factor > 1:
                         sum_mode = slowed(lambda: self._micro_batch(step, logical, micro, extras),  # noqa: B023
@@ -524,7 +530,7 @@ class Job:
         if attention is not None:  # the rounds of ranks that host more micro-batches
             rounds = max(e - s for s, e in blocks) * self.plan.micro_batches
             for _ in range(rounds - (end - start) * self.plan.micro_batches):
-                attention.serve(coll, speeds)
+                attention.serve(coll, capacities)
         if timed:
             self._clock.stop((end - start) * self.plan.per_worker)
         if direct:
