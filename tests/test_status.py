@@ -62,8 +62,10 @@ def _recorded_state():
                                           "first_step_s": 0.32}),
         Event("replan", "a", 95.0, "after step 20: rank 1's share off by 43%"),
     )  # fmt: skip
+    attention = Event("attention", "a", 96.0, "step 12: attention max/mean 3.21 -> 1.01",
+                      {"step": 12, "rounds": 4, "ranks": 4, "naive": 3.21, "planned": 1.01})
     return JobState("job", "127.0.0.1:2379", 7, {"a": _node("a", 12), "b": _node("b", 12)},
-                    ("a", "b", "c"), world, 11, events)  # fmt: skip
+                    ("a", "b", "c"), world, 11, events, attention=attention)  # fmt: skip
 
 
 @pytest.mark.unit
@@ -84,6 +86,8 @@ def test_the_view_shows_every_section_with_live_values(width):
     assert any("│ b │ fault" in line for line in text.splitlines())  # every column shown
     assert "re-plan" in text and "-10s" in text and "-6s" in text  # times before now
     assert "▁" in text and "█" in text  # the sparkline
+    assert "attention 3.21->1.01" in text  # the newest step's plan, in the header
+    assert state.to_json()["attention"]["details"]["planned"] == 1.01
     jsonschema.validate(state.to_json(), SCHEMA)
 
 
@@ -109,10 +113,14 @@ def test_the_reader_takes_every_record_and_skips_what_it_cannot_read(etcd_client
     etcd_client.put(keys.world, world.encode())
     etcd_client.put(keys.snapshot_committed, json.dumps({"step": 4}))
     etcd_client.put(keys.event("a", "w", 0), Event("fault", "a", 1.0, "kill").encode())
+    for step in range(3):  # one a step: only the newest is kept, apart from the others
+        plan = Event("attention", "a", 2.0 + step, "", {"step": step, "planned": 1.0})
+        etcd_client.put(keys.event("a", "w", 1 + step), plan.encode())
     state = read_job_state(etcd_client, job_id, "here")
     assert list(state.nodes) == ["a"] and state.skipped == 1 and state.registered == ("a",)
     assert (state.world.epoch, state.committed_step) == (2, 4)
     assert [e.kind for e in state.events] == ["fault"]
+    assert state.attention is not None and state.attention.details["step"] == 2
     jsonschema.validate(state.to_json(), SCHEMA)
 
 

@@ -261,6 +261,15 @@ def test_a_straggler_report_is_an_event_and_a_failed_straggler_is_recovered_in_p
     assert not _effects(effects, M.ProposeWorld)
 
 
+def test_a_steps_attention_plan_is_an_event():
+    m = _inplace()
+    plan = {"step": 9, "rounds": 4, "ranks": 4, "naive": 3.21, "planned": 1.01}
+    m, effects = M.step(m, M.WorkerReport(m.generation, 0, "attention", plan), 1.0)
+    assert m.verdict.action is M.Action.ATTENTION and m.verdict.details["planned"] == 1.01
+    assert "3.21 -> 1.01 over 4 round(s)" in m.verdict.reason
+    assert [type(e) for e in effects] == [M.Record]
+
+
 def test_a_world_that_names_a_spare_which_died_meanwhile_is_planned_again():
     m = _inplace(hot_spares=1)
     m, _ = M.step(m, M.WorkerAttached(m.generation, 2, "inplace"), 0.5)
