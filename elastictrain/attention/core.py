@@ -49,6 +49,15 @@ def _check(piece: Piece) -> None:
                           f"{piece.start + q_len} keys and values, got {kv_len}")  # fmt: skip
 
 
+def exact_by_default(device: torch.device) -> bool:
+    """Whether attention is computed exactly (every piece alone, the same bits in any plan)
+    unless told: on CPU, and on a GPU under torch's deterministic algorithms. Otherwise
+    flash attention's backward is not deterministic anyway, and a run of pieces is one
+    kernel call (a GPU wants long calls): the results are then within rounding of each
+    other in any plan."""
+    return device.type != "cuda" or torch.are_deterministic_algorithms_enabled()
+
+
 def _masked(piece: Piece, scale: float | None) -> torch.Tensor:
     q, k, v, start = piece
     q_len, kv_len = q.shape[0], k.shape[0]

@@ -24,13 +24,20 @@ empty tensors (:func:`attention_forward` and :func:`attention_backward`, called 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 import torch
 
-from elastictrain.attention.core import Graph, Piece, attend_pieces, grad_pieces
+from elastictrain.attention.core import (
+    Graph,
+    Piece,
+    attend_pieces,
+    exact_by_default,
+    grad_pieces,
+)
 from elastictrain.attention.plan import AttentionPlan, Task
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
@@ -59,8 +66,10 @@ class Layout:
     """One rank's part of a plan: its runs, who runs them, and the pieces of its documents.
     Built once per plan (every layer of a micro-batch uses the same)."""
 
-    def __init__(self, plan: AttentionPlan, rank: int, offsets: Mapping[int, int]) -> None:
+    def __init__(self, plan: AttentionPlan, rank: int, offsets: Mapping[int, int],
+                 exact: bool = True) -> None:  # fmt: skip
         self.rank = rank
+        self.exact = exact  # pieces alone and the tree; else a run is one kernel call
         self.ranks = plan.ranks
         self.offsets = dict(offsets)
         self.pieces: dict[int, list[Task]] = {}  # doc -> its pieces, for docs this rank touches
@@ -110,7 +119,10 @@ class Layout:
 
     def cover(self, run: Run) -> list[tuple[Node, int]]:
         """The nodes of the run's cover (its aligned subtrees of the document's pieces), each
-        with the rows of its key/value partial (the prefix of its last piece)."""
+        with the rows of its key/value partial (the prefix of its last piece). Not exact: the
+        run's one partial, named by its first piece."""
+        if not self.exact:
+            return [(Node(0, run.first), run.end)]
         pieces = self.pieces[run.doc]
         block = BlockSum(run.first, run.stop, len(pieces), lambda a, b: b)
         for i in range(run.first, run.stop):
@@ -128,9 +140,13 @@ def _add_prefix(left: tuple[torch.Tensor, torch.Tensor],
     return right
 
 
-def _pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: Run,
-            pieces: Sequence[Task]) -> list[Piece]:  # fmt: skip
-    """The kernel inputs of a run's pieces: ``q`` its queries, ``k``/``v`` its prefix."""
+def _pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: Run, layout: Layout
+            ) -> list[Piece]:  # fmt: skip
+    """The kernel inputs of a run's pieces: ``q`` its queries, ``k``/``v`` its prefix. Not
+    exact: the whole run as one piece."""
+    if not layout.exact:
+        return [Piece(q, k, v, run.start)]
+    pieces = layout.pieces[run.doc]
     return [Piece(q[t.start - run.start: t.end - run.start], k[: t.end], v[: t.end], t.start)
             for t in pieces[run.first: run.stop]]  # fmt: skip
 
@@ -152,11 +168,17 @@ def _forward_runs(work: list[tuple[Run, list[Piece]]], scale: float | None
 
 
 def _backward_runs(work: list[tuple[Run, list[Piece], torch.Tensor]], graph: Graph | None,
-                   leaves: Sequence[int]) -> list[tuple[torch.Tensor, Partials]]:  # fmt: skip
+                   leaves: Sequence[int], exact: bool = True
+                   ) -> list[tuple[torch.Tensor, Partials]]:  # fmt: skip
     """Each run's query gradients and its cover's key/value partials (``leaves``: the
-    number of pieces of each run's document); the partials are summed as they come."""
+    number of pieces of each run's document); the partials are summed as they come. Not
+    exact: a run is one piece, its partial the run's."""
     if graph is None:
         return []
+    if not exact:
+        found_runs = grad_pieces(graph, [g for _, _, g in work])
+        return [(gq, [(Node(0, run.first), (gk, gv))])
+                for (run, _, _), (gq, gk, gv) in zip(work, found_runs, strict=True)]
     grads = [g[p.start - pieces[0].start: p.start - pieces[0].start + p.q.shape[0]]
              for _, pieces, g in work for p in pieces]  # fmt: skip
     found = grad_pieces(graph, grads)
@@ -253,7 +275,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         # this rank's own runs while the others' inputs travel
         out = torch.empty_like(q)
         local = [(run, _pieces(q[layout.rows(run)[0]], k[layout.rows(run)[1]],
-                               v[layout.rows(run)[1]], run, layout.pieces[run.doc]))
+                               v[layout.rows(run)[1]], run, layout))
                  for run in layout.local]  # fmt: skip
         outs, local_graph = _forward_runs(local, scale)
         for (run, _), piece in zip(local, outs, strict=True):
@@ -266,7 +288,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
                 parts = _cut(block, [n for run in runs for n in (run.queries, run.end, run.end)])
                 for i, run in enumerate(runs):
                     inputs = [p.view(shape) for p in parts[3 * i: 3 * i + 3]]
-                    remote.append((r, run, _pieces(*inputs, run, layout.pieces[run.doc])))
+                    remote.append((r, run, _pieces(*inputs, run, layout)))
             outs, remote_graph = _forward_runs([(run, ps) for _, run, ps in remote], scale)
             results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
             for (r, _, _), piece in zip(remote, outs, strict=True):
@@ -301,7 +323,8 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
     # this rank's own runs while the others' gradients travel
     local = [(run, pieces, grad_out[layout.rows(run)[0]]) for run, pieces in saved.local]
     leaves = [len(layout.pieces[run.doc]) for run in layout.local]
-    for run, (gq, cover) in zip(layout.local, _backward_runs(local, saved.local_graph, leaves),
+    for run, (gq, cover) in zip(layout.local, _backward_runs(local, saved.local_graph, leaves,
+                                                             layout.exact),
                                 strict=True):  # fmt: skip
         dq[layout.rows(run)[0]] = gq
         partials.setdefault(run.doc, []).extend(cover)
@@ -314,7 +337,8 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
         results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
         leaves = [len(layout.pieces[run.doc]) for run, _, _ in work]
         for (r, _, _), (gq, cover) in zip(saved.remote,
-                                          _backward_runs(work, saved.remote_graph, leaves),
+                                          _backward_runs(work, saved.remote_graph, leaves,
+                                                         layout.exact),
                                           strict=True):  # fmt: skip
             results[r].append(gq)
             results[r].extend(x for _, pair in cover for x in pair)
@@ -335,7 +359,11 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
                     for node, _ in covers[run])  # fmt: skip
     for doc, cover in partials.items():
         pieces = layout.pieces[doc]
-        gk, gv = merge(cover, len(pieces), _add_prefix)
+        if layout.exact:
+            gk, gv = merge(cover, len(pieces), _add_prefix)
+        else:  # the runs' partials in the plan's order
+            ordered = [pair for _, pair in sorted(cover, key=lambda c: c[0].index)]
+            gk, gv = functools.reduce(_add_prefix, ordered)
         base = layout.offsets[doc]
         dk[base: base + pieces[-1].end] = gk
         dv[base: base + pieces[-1].end] = gv
@@ -363,13 +391,16 @@ class _Dispatched(torch.autograd.Function):
 def dispatched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          offsets: Mapping[int, int], plan: AttentionPlan,
                          coll: Collectives | None, scale: float | None = None,
-                         layout: Layout | None = None,
+                         exact: bool | None = None,
                          around: Exchange = _direct) -> torch.Tensor:  # fmt: skip
     """This rank's attention outputs (rows of its own documents), the tasks run where
     ``plan`` says. ``offsets``: document index -> its first row in ``q``/``k``/``v``.
-    ``coll`` None: a world of one (every task here)."""
+    ``coll`` None: a world of one (every task here). ``exact`` (default
+    :func:`exact_by_default`): every piece alone and the tree (the same bits in any plan);
+    else each run is one kernel call and its owner sums the runs in order."""
     size = coll.size if coll is not None else 1
     if tuple(plan.ranks) != tuple(range(size)):
         raise ConfigError(f"a plan over ranks {plan.ranks} in a group of {size}")
-    layout = layout or Layout(plan, coll.rank if coll is not None else 0, offsets)
+    exact = exact_by_default(q.device) if exact is None else exact
+    layout = Layout(plan, coll.rank if coll is not None else 0, offsets, exact)
     return _Dispatched.apply(q, k, v, layout, coll, scale, around, None)

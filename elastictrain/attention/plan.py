@@ -72,6 +72,10 @@ class AttentionPolicy:
     min_task: int = DEFAULT_MIN_TASK  # tokens: shorter query shards lose kernel efficiency
     pieces: int = DEFAULT_PIECES  # tasks of a document as long as its owner's whole batch
     tolerance: float = 0.01  # stop once max/mean of modelled time is within this
+    # every piece alone and its partials in the fixed tree (the same bits in any world), or
+    # a run of pieces as one kernel call (faster on a GPU, within rounding); None: exact on
+    # CPU and under torch's deterministic algorithms (``core.exact_by_default``)
+    exact: bool | None = None
 
     def __post_init__(self) -> None:
         if self.min_task < 1:

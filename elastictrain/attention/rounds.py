@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from elastictrain.attention.core import exact_by_default
 from elastictrain.attention.dispatch import (
     Exchange,
     Layout,
@@ -149,7 +150,9 @@ class AttentionRound:
                     offsets[len(documents)] = mine[i][1]
                 documents.append(Document(int(length), rank))
         self.plan = plan_attention(documents, range(self._size), self.speeds, self.policy)
-        self.layout = Layout(self.plan, self._rank, offsets)
+        exact = self.policy.exact
+        self.layout = Layout(self.plan, self._rank, offsets,
+                             exact_by_default(device) if exact is None else exact)
         self._bounds = bounds
         if self.stats is not None:
             self.stats.rounds += 1
