@@ -60,18 +60,19 @@ def main() -> int:
         q, k, v, cu_q, cu_k, max_q, max_k = batch
         varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))  # causal
 
-    def as_pieces(spans):
-        """What the dispatch runs: each piece alone, those that start a document in one call
-        (``attend_pieces``); the prefixes are views, not copies."""
+    def as_pieces(spans, shared: bool):
+        """What the dispatch runs (``attend_pieces``): exact, each piece alone, those that
+        start a document in one call (the prefixes are views, not copies); not exact, every
+        run in one call."""
         pieces = [Piece(base[0][s:e], base[1][:e], base[2][:e], s) for s, e in spans]
-        return lambda: attend_pieces(pieces)
+        return lambda: attend_pieces(pieces, shared=shared)
 
-    def timed(spans, pieces: bool = False) -> float:
+    def timed(spans, pieces: bool = False, shared: bool = False) -> float:
         """Seconds of one call over ``spans`` packed (the ideal), or of the pieces' calls."""
         if not spans:
             return 0.0
         if pieces:
-            call = as_pieces(spans)
+            call = as_pieces(spans, shared)
         else:
             batch = packed(spans)
             call = lambda: run(batch)  # noqa: E731
@@ -116,8 +117,9 @@ def main() -> int:
         # runs (a GPU's default: each run of pieces one call) and pieces alone (exact)
         for calls, spans_of in (("runs", _runs), ("pieces", _pieces)):
             every = spans_of(plan.tasks)
-            tasks_s = timed(every, pieces=True)
-            planned = [timed(spans_of(plan.by_runner[r]), pieces=True)
+            shared = calls == "runs"
+            tasks_s = timed(every, pieces=True, shared=shared)
+            planned = [timed(spans_of(plan.by_runner[r]), pieces=True, shared=shared)
                        for r in range(args.ranks)]  # fmt: skip
             ratio = whole_s / tasks_s
             planned_mm = max(planned) / statistics.mean(planned)

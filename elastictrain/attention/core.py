@@ -90,12 +90,16 @@ def _flash(pieces: Sequence[Piece]) -> bool:
     return pieces[0].q.is_cuda and pieces[0].q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _groups(pieces: Sequence[Piece]) -> list[list[int]]:
+def _groups(pieces: Sequence[Piece], shared: bool = False) -> list[list[int]]:
     """Which pieces share a kernel call: on a GPU the ones at their document's start, in one
     call; every other piece alone. Under torch's deterministic algorithms every piece alone:
-    flash attention's dQ for a sequence depends on the other sequences of its call."""
-    if (not pieces or not _flash(pieces)
-            or torch.are_deterministic_algorithms_enabled()):  # fmt: skip
+    flash attention's dQ for a sequence depends on the other sequences of its call.
+    ``shared``: all in one call (their prefixes copied together)."""
+    if not pieces or not _flash(pieces):
+        return [[i] for i in range(len(pieces))]
+    if shared:
+        return [list(range(len(pieces)))]
+    if torch.are_deterministic_algorithms_enabled():
         return [[i] for i in range(len(pieces))]
     first = [i for i, p in enumerate(pieces) if p.start == 0]
     return ([first] if first else []) + [[i] for i, p in enumerate(pieces) if p.start != 0]
@@ -120,14 +124,14 @@ class Graph:
     outs: list[list[torch.Tensor]]
 
 
-def attend_pieces(pieces: Sequence[Piece], scale: float | None = None, keep: bool = False
-                  ) -> tuple[list[torch.Tensor], Graph | None]:  # fmt: skip
+def attend_pieces(pieces: Sequence[Piece], scale: float | None = None, keep: bool = False,
+                  shared: bool = False) -> tuple[list[torch.Tensor], Graph | None]:
     """Each piece's outputs (``[q_len, heads, dim]``), in order, and with ``keep`` the graph
-    :func:`grad_pieces` takes."""
+    :func:`grad_pieces` takes. ``shared``: on a GPU, every piece in one call."""
     for piece in pieces:
         _check(piece)
     outs: list[torch.Tensor | None] = [None] * len(pieces)
-    groups = _groups(pieces)
+    groups = _groups(pieces, shared)
     graph = Graph(groups, [], []) if keep else None
     for group in groups:
         chosen = [pieces[i] for i in group]

@@ -151,14 +151,15 @@ def _pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: Run, layout:
             for t in pieces[run.first: run.stop]]  # fmt: skip
 
 
-def _forward_runs(work: list[tuple[Run, list[Piece]]], scale: float | None
+def _forward_runs(work: list[tuple[Run, list[Piece]]], scale: float | None, exact: bool
                   ) -> tuple[list[torch.Tensor], Graph | None]:  # fmt: skip
     """Each run's outputs (its queries' rows), every piece computed alone (some in a shared
-    kernel call: the same bits), and the graph its backward takes (None: no pieces)."""
+    kernel call: the same bits), and the graph its backward takes (None: no pieces). Not
+    exact: every run of ``work`` in one kernel call."""
     every = [p for _, pieces in work for p in pieces]
     if not every:
         return [], None
-    outs, graph = attend_pieces(every, scale, keep=True)
+    outs, graph = attend_pieces(every, scale, keep=True, shared=not exact)
     found, at = [], 0
     for _, pieces in work:
         mine = outs[at: at + len(pieces)]
@@ -277,7 +278,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         local = [(run, _pieces(q[layout.rows(run)[0]], k[layout.rows(run)[1]],
                                v[layout.rows(run)[1]], run, layout))
                  for run in layout.local]  # fmt: skip
-        outs, local_graph = _forward_runs(local, scale)
+        outs, local_graph = _forward_runs(local, scale, layout.exact)
         for (run, _), piece in zip(local, outs, strict=True):
             out[layout.rows(run)[0]] = piece
         if spread:
@@ -289,7 +290,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
                 for i, run in enumerate(runs):
                     inputs = [p.view(shape) for p in parts[3 * i: 3 * i + 3]]
                     remote.append((r, run, _pieces(*inputs, run, layout)))
-            outs, remote_graph = _forward_runs([(run, ps) for _, run, ps in remote], scale)
+            outs, remote_graph = _forward_runs([(run, ps) for _, run, ps in remote], scale,
+                                               layout.exact)  # fmt: skip
             results: dict[int, list[torch.Tensor]] = {r: [] for r in got}
             for (r, _, _), piece in zip(remote, outs, strict=True):
                 results[r].append(piece)
