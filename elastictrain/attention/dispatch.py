@@ -248,13 +248,14 @@ T = TypeVar("T")
 Exchange = Callable[[Callable[[], T]], T]  # runs a collective (a clock can leave it out)
 
 
-def _direct(exchange: Callable[[], T]) -> T:
+def direct(exchange: Callable[[], T]) -> T:
+    """An ``around`` that only runs the exchange."""
     return exchange()
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                       coll: Collectives | None, scale: float | None = None,
-                      around: Exchange = _direct) -> tuple[torch.Tensor, Saved]:  # fmt: skip
+                      around: Exchange = direct) -> tuple[torch.Tensor, Saved]:  # fmt: skip
     """This rank's outputs (its own documents' rows) and what the backward needs. ``around``
     wraps each exchange (a clock that leaves waiting out, say)."""
     heads, dim = q.shape[1], q.shape[2]
@@ -305,7 +306,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
 
 
 def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
-                       coll: Collectives | None, around: Exchange = _direct
+                       coll: Collectives | None, around: Exchange = direct
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """dQ, dK, dV of this rank's own rows; the key/value partials of each document summed in
     its pieces' fixed tree."""
@@ -372,7 +373,10 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, layout: Layout,
     return dq, dk, dv
 
 
-class _Dispatched(torch.autograd.Function):
+class DispatchedAttention(torch.autograd.Function):
+    """:func:`attention_forward` and :func:`attention_backward` as one autograd node; ``note``
+    (if any) is called as its backward begins (a round records the order of its calls)."""
+
     @staticmethod
     def forward(ctx, q, k, v, layout: Layout, coll: Collectives | None, scale,  # noqa: ANN001
                 around: Exchange, note: Callable[[], None] | None):  # fmt: skip
@@ -394,7 +398,7 @@ def dispatched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          offsets: Mapping[int, int], plan: AttentionPlan,
                          coll: Collectives | None, scale: float | None = None,
                          exact: bool | None = None,
-                         around: Exchange = _direct) -> torch.Tensor:  # fmt: skip
+                         around: Exchange = direct) -> torch.Tensor:  # fmt: skip
     """This rank's attention outputs (rows of its own documents), the tasks run where
     ``plan`` says. ``offsets``: document index -> its first row in ``q``/``k``/``v``.
     ``coll`` None: a world of one (every task here). ``exact`` (default
@@ -405,4 +409,4 @@ def dispatched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ConfigError(f"a plan over ranks {plan.ranks} in a group of {size}")
     exact = exact_by_default(q.device) if exact is None else exact
     layout = Layout(plan, coll.rank if coll is not None else 0, offsets, exact)
-    return _Dispatched.apply(q, k, v, layout, coll, scale, around, None)
+    return DispatchedAttention.apply(q, k, v, layout, coll, scale, around, None)

@@ -12,9 +12,10 @@ others, replaying the attention calls its own last micro-batch made (their shape
 order the forward and backward made them) with empty inputs.
 
 The plan's cuts do not depend on the world (see :mod:`elastictrain.attention.dispatch`), so
-attention's outputs and gradients are bit-identical in any world, before and after a
-recovery, and equal to what :func:`core_attention` computes outside a ``Job`` (every task on
-this process).
+in exact mode (CPU, or a GPU under deterministic algorithms) attention's outputs and
+gradients are bit-identical in any world, before and after a recovery, and equal to what
+:func:`core_attention` computes outside a ``Job`` (every task on this process); otherwise
+within rounding.
 
 Limits: a model must make the same attention calls for every micro-batch (no
 data-dependent layers), and must not recompute attention in its backward (activation
@@ -33,13 +34,13 @@ import torch
 
 from elastictrain.attention.core import exact_by_default
 from elastictrain.attention.dispatch import (
+    DispatchedAttention,
     Exchange,
     Layout,
     Saved,
-    _direct,
-    _Dispatched,
     attention_backward,
     attention_forward,
+    direct,
 )
 from elastictrain.attention.plan import AttentionPlan, AttentionPolicy, Document, plan_attention
 from elastictrain.errors import ConfigError
@@ -104,7 +105,7 @@ class AttentionRound:
     """One round: this rank's micro-batch (or none) with every other rank's, on ``coll``."""
 
     def __init__(self, coll: Collectives | None, speeds: Sequence[float] | None,
-                 policy: AttentionPolicy, around: Exchange = _direct,
+                 policy: AttentionPolicy, around: Exchange = direct,
                  stats: RoundStats | None = None) -> None:  # fmt: skip
         self.coll = coll
         self.speeds = tuple(speeds) if speeds is not None else None
@@ -176,9 +177,9 @@ class AttentionRound:
         assert self.layout is not None
         index = sum(1 for c in self.calls if c.kind == "forward")
         self.calls.append(Call("forward", index, q.shape[1], q.shape[2], q.dtype, scale))
-        return _Dispatched.apply(q.contiguous(), k.contiguous(), v.contiguous(), self.layout,
-                                 self.coll, scale, self.around,
-                                 lambda: self.calls.append(Call("backward", index)))  # fmt: skip
+        return DispatchedAttention.apply(
+            q.contiguous(), k.contiguous(), v.contiguous(), self.layout, self.coll, scale,
+            self.around, lambda: self.calls.append(Call("backward", index)))  # fmt: skip
 
     def replay(self, calls: Sequence[Call], device: torch.device) -> None:
         """Take part in a round where this rank has no micro-batch: ``calls`` (its own last
@@ -203,7 +204,7 @@ class AttentionRounds:
     """A ``Job``'s rounds: the policy, the calls to replay, the step's statistics."""
 
     def __init__(self, policy: AttentionPolicy, device: torch.device,
-                 around: Exchange = _direct) -> None:  # fmt: skip
+                 around: Exchange = direct) -> None:  # fmt: skip
         self.policy = policy
         self.device = device
         self.around = around
