@@ -6,7 +6,8 @@ it alone, on whichever rank the plan chose: the same inputs give the same bits a
 piece is one ``scaled_dot_product_attention`` call with its bottom-right causal mask. On a
 GPU, torch's varlen flash attention: the pieces that start their document (whole short
 documents, mostly) go together in one call, each as its own sequence, and every other piece
-is a call of its own (its prefix would have to be copied to share a call). Measured on an
+is a call of its own (its prefix would have to be copied to share a call); not exact
+(``shared``), every piece a rank computes goes into one call. Measured on an
 H100: a piece's forward, dK and dV are the same bits alone or in a shared call, its dQ is
 not (and flash attention's backward is not deterministic unless torch's deterministic
 algorithms are on); so under deterministic algorithms every piece is a call of its own, and

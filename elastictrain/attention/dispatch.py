@@ -42,6 +42,7 @@ from elastictrain.attention.plan import AttentionPlan, Task
 from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
 from elastictrain.train.tree import BlockSum, Node, merge
+from elastictrain.train.tree import cover as tree_cover
 
 Partials = list[tuple[Node, tuple[torch.Tensor, torch.Tensor]]]
 
@@ -124,11 +125,8 @@ class Layout:
         if not self.exact:
             return [(Node(0, run.first), run.end)]
         pieces = self.pieces[run.doc]
-        block = BlockSum(run.first, run.stop, len(pieces), lambda a, b: b)
-        for i in range(run.first, run.stop):
-            block.push(i)
         return [(node, pieces[node.span(len(pieces))[1] - 1].end)
-                for node, _ in block.partials()]  # fmt: skip
+                for node in tree_cover(run.first, run.stop, len(pieces))]  # fmt: skip
 
 
 def _add_prefix(left: tuple[torch.Tensor, torch.Tensor],
