@@ -3,15 +3,21 @@ documents, each rank's set of a planned 8-rank step timed in turn against its na
 and the drop-in ``core_attention`` against one varlen call over the whole documents, forward
 and backward.
 
-    python benchmarks/attention_gpu.py [--tokens 131072] [--ranks 8] [--seeds 2]
+    python benchmarks/attention_gpu.py [--tokens 131072] [--ranks 8] [--seeds 2] [--dump f.json]
+
+With ``--dump``, each rank's set is also timed forward and backward (runs mode), beside a few
+made-up sets, and every set's shape and times go to the file (what the plan's cost model is
+checked against).
 
 bf16, 16 heads x 128, torch's varlen attention (flash), causal. Whole documents: one call over
 the packed set (the ideal). Planned, two ways: *runs* (a GPU's default: each run of a
-document's consecutive pieces on one runner is one kernel call) and *pieces* (exact, under
-torch's deterministic algorithms: every piece a call of its own); the runs or pieces that
-start their document share one call. A task is a query range over its whole prefix,
+document's consecutive pieces on one runner is one sequence, and all of a rank's runs are one
+kernel call, their inputs gathered first) and *pieces* (exact, under torch's deterministic
+algorithms: every piece a call of its own, except that the pieces that start their document
+share one call). A task is a query range over its whole prefix,
 causality aligned bottom-right (checked against the whole document's rows). Work is counted
-in (query, key) pairs; the rate is pairs per second over every task of the step. Each rank's
+in (query, key) pairs; the rate is the step's pairs over the sum of the ranks' times (whole
+documents: each rank's own, as naive packing runs them). Each rank's
 set runs alone (the GPU one rank would have), median of 5 after 2 warm-ups, CUDA events.
 """
 
@@ -30,11 +36,20 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dump", help="write each timed set's shape and times (JSON) here")
+    p.add_argument("--dump-only", action="store_true", help="only the --dump part")
+    p.add_argument("--step", action="store_true",
+                   help="time forward and backward (runs only), and stop after the table")
+    p.add_argument("--query-cost", type=int, help="the plan's cost of a query row (pairs)")
+    p.add_argument("--key-cost", type=int, help="the plan's cost of a key/value row (pairs)")
     args = p.parse_args()
 
     import torch
 
-    from elastictrain.attention.core import Piece, attend_pieces
+    from elastictrain.attention.core import (
+        Piece,
+        attend_pieces,
+    )
     from elastictrain.attention.mixes import packed_mix
     from elastictrain.attention.plan import plan_attention, task_cost
 
@@ -43,6 +58,9 @@ def main() -> int:
         return 2
     from torch.nn.attention.varlen import varlen_attn
 
+    if args.dump_only:
+        cost_rows(args, torch)
+        return 0
     device = torch.device("cuda")
     base = [torch.randn(args.tokens, args.heads, args.dim, device=device, dtype=torch.bfloat16)
             for _ in range(3)]  # fmt: skip
@@ -58,36 +76,32 @@ def main() -> int:
 
     def run(batch) -> None:
         q, k, v, cu_q, cu_k, max_q, max_k = batch
-        varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))  # causal
+        inputs = [x.requires_grad_(args.step) for x in (q, k, v)]
+        out = varlen_attn(*inputs, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))  # causal
+        if args.step:
+            torch.autograd.grad(out, inputs, torch.ones_like(out))
 
-    def as_pieces(spans, shared: bool):
-        """What the dispatch runs (``attend_pieces``): exact, each piece alone, those that
-        start a document in one call (the prefixes are views, not copies); not exact, every
-        run in one call."""
+    def as_pieces(spans):
+        """What exact mode runs (``attend_pieces``): each piece alone, those that start a
+        document in one call (the prefixes are views, not copies)."""
         pieces = [Piece(base[0][s:e], base[1][:e], base[2][:e], s) for s, e in spans]
-        return lambda: attend_pieces(pieces, shared=shared)
+        return lambda: attend_pieces(pieces)
 
-    def timed(spans, pieces: bool = False, shared: bool = False) -> float:
-        """Seconds of one call over ``spans`` packed (the ideal), or of the pieces' calls."""
+    def as_runs(spans):
+        """What runs mode runs (``attend_packed``): the runs' queries and prefixes gathered
+        (an owner's own runs; a runner's arrive packed), one call per length class."""
+        return _runs_call(torch, base, spans, args.step)
+
+    def timed(spans, mode: str = "whole") -> float:
+        """Seconds of one call over ``spans`` packed (the ideal), or of the planned calls."""
         if not spans:
             return 0.0
-        if pieces:
-            call = as_pieces(spans, shared)
+        if mode != "whole":
+            call = as_runs(spans) if mode == "runs" else as_pieces(spans)
         else:
             batch = packed(spans)
             call = lambda: run(batch)  # noqa: E731
-        for _ in range(2):
-            call()
-        times = []
-        for _ in range(args.repeats):
-            begin = torch.cuda.Event(enable_timing=True)
-            finish = torch.cuda.Event(enable_timing=True)
-            begin.record()
-            call()
-            finish.record()
-            torch.cuda.synchronize()
-            times.append(begin.elapsed_time(finish) / 1000)
-        return statistics.median(times)
+        return _median_s(torch, call, args.repeats)
 
     # a query range over its prefix is causal aligned bottom-right: the same rows as the
     # whole document's call
@@ -107,20 +121,19 @@ def main() -> int:
     ok = True
     for seed in range(args.seeds):
         documents = packed_mix(args.ranks, args.tokens, seed)
-        plan = plan_attention(documents, range(args.ranks))
-        whole = [(0, d.length) for d in documents]
+        plan = plan_attention(documents, range(args.ranks), policy=_policy(args))
         pairs = sum(task_cost(0, d.length) for d in documents)
-        whole_s = timed(whole)
-        naive = [timed([(0, d.length) for d in documents if d.owner == r])
-                 for r in range(args.ranks)]  # fmt: skip
+        # each rank's whole documents (the naive packing), the better of two ways: one
+        # call, or by length class; the step's whole documents take their sum
+        naive = [min(timed(mine), timed(mine, "runs"))
+                 for mine in ([(0, d.length) for d in documents if d.owner == r]
+                              for r in range(args.ranks))]  # fmt: skip
+        whole_s = sum(naive)
         naive_mm = max(naive) / statistics.mean(naive)
         # runs (a GPU's default: each run of pieces one call) and pieces alone (exact)
-        for calls, spans_of in (("runs", _runs), ("pieces", _pieces)):
-            every = spans_of(plan.tasks)
-            shared = calls == "runs"
-            tasks_s = timed(every, pieces=True, shared=shared)
-            planned = [timed(spans_of(plan.by_runner[r]), pieces=True, shared=shared)
-                       for r in range(args.ranks)]  # fmt: skip
+        for calls, spans_of in (("runs", _runs), ("pieces", _pieces))[: 1 if args.step else 2]:
+            planned = [timed(spans_of(plan.by_runner[r]), calls) for r in range(args.ranks)]
+            tasks_s = sum(planned)
             ratio = whole_s / tasks_s
             planned_mm = max(planned) / statistics.mean(planned)
             if calls == "runs":
@@ -128,10 +141,74 @@ def main() -> int:
             print(f"| {seed} | {calls} | {pairs / whole_s:.3e} | {pairs / tasks_s:.3e} | "
                   f"{ratio:.3f} | {naive_mm:.2f} | {planned_mm:.3f} | {plan.imbalance:.3f} |")
     print("\ngoals (runs, the default on a GPU): planned vs whole >= 0.90; planned max/mean "
-          "measured <= 1.05")
+          f"measured <= 1.05 ({'forward and backward' if args.step else 'forward'})")
+    if args.step:
+        return 0 if ok else 1
     ok = dropin(args, torch, varlen_attn) and ok
     same_bits(torch)
+    if args.dump:
+        cost_rows(args, torch)
     return 0 if ok else 1
+
+
+def cost_rows(args, torch) -> None:
+    """Each rank's set (planned runs, and naive) and a few made-up sets, forward and
+    forward+backward as runs mode computes them (inputs gathered, one call), with their
+    shapes: what a cost model of the kernel is fitted to. Written to ``--dump`` as JSON."""
+    import json
+
+    from elastictrain.attention.mixes import packed_mix
+    from elastictrain.attention.plan import plan_attention
+
+    device = torch.device("cuda")
+    longest = max(args.tokens, 131072)
+    base = [torch.randn(longest, args.heads, args.dim, device=device, dtype=torch.bfloat16)
+            for _ in range(3)]  # fmt: skip
+
+    def timed(spans, backward: bool) -> float:
+        return _median_s(torch, _runs_call(torch, base, spans, backward), args.repeats) * 1e3
+
+    sets: list[tuple[str, list[tuple[int, int]]]] = [
+        ("tiny x2048", [(0, 64)] * 2048),
+        ("512 x256", [(0, 512)] * 256),
+        ("4K x32", [(0, 4096)] * 32),
+        ("one 128K", [(0, 131072)]),
+        ("tails 1K of 128K x16", [(131072 - 1024, 131072)] * 16),
+        ("tails 1K of 32K x64", [(32768 - 1024, 32768)] * 64),
+        ("one tail 4K of 128K", [(131072 - 4096, 131072)]),
+    ]
+    for seed in range(args.seeds):
+        documents = packed_mix(args.ranks, args.tokens, seed)
+        plan = plan_attention(documents, range(args.ranks), policy=_policy(args))
+        for r in range(args.ranks):
+            sets.append((f"{seed}/{r} planned", _runs(plan.by_runner[r])))
+            sets.append((f"{seed}/{r} naive",
+                         [(0, d.length) for d in documents if d.owner == r]))  # fmt: skip
+    rows = []
+    for name, spans in sets:
+        rows.append({"set": name, "spans": spans, "forward_ms": timed(spans, False),
+                     "step_ms": timed(spans, True)})  # fmt: skip
+        print(f"{name}: {len(spans)} sequences, forward {rows[-1]['forward_ms']:.2f} ms, "
+              f"forward+backward {rows[-1]['step_ms']:.2f} ms", flush=True)
+        with open(args.dump, "w") as out:  # each row as it comes: a cut-off run keeps them
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "heads": args.heads, "dim": args.dim, "tokens": args.tokens,
+                       "rows": rows}, out)  # fmt: skip
+    print("\neach rank's set of a planned step, forward+backward as runs mode computes it:\n")
+    print("| mix | naive max/mean fwd | planned fwd | naive fwd+bwd | planned fwd+bwd | "
+          "modelled planned |")
+    print("|--:|--:|--:|--:|--:|--:|")
+    for seed in range(args.seeds):
+        plan = plan_attention(packed_mix(args.ranks, args.tokens, seed), range(args.ranks),
+                              policy=_policy(args))
+        cells = []
+        for key in ("forward_ms", "step_ms"):
+            for kind in ("naive", "planned"):
+                times = [row[key] for row in rows if row["set"].startswith(f"{seed}/")
+                         and row["set"].endswith(kind)]  # fmt: skip
+                cells.append(max(times) / statistics.mean(times))
+        print(f"| {seed} | " + " | ".join(f"{c:.3f}" for c in cells)
+              + f" | {plan.imbalance:.3f} |")  # fmt: skip
 
 
 def same_bits(torch) -> None:
@@ -169,6 +246,55 @@ def same_bits(torch) -> None:
         print(f"deterministic algorithms {deterministic}: dQ, dK, dV the same alone {same}; "
               f"the same when run again {repeat}")
     torch.use_deterministic_algorithms(False)
+
+
+def _median_s(torch, call, repeats: int) -> float:
+    """Seconds of ``call`` on the GPU: the median of ``repeats`` after 2 warm-ups."""
+    for _ in range(2):
+        call()
+    times = []
+    for _ in range(repeats):
+        begin = torch.cuda.Event(enable_timing=True)
+        finish = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        call()
+        finish.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(finish) / 1000)
+    return statistics.median(times)
+
+
+def _runs_call(torch, base, spans, backward: bool):
+    """Runs mode on ``spans`` (query ranges over their prefixes of ``base``'s q, k, v), as a
+    ``Packing`` orders them (by length class): the inputs gathered, the kernel calls, and
+    with ``backward`` their gradients."""
+    from elastictrain.attention.core import Sequences, attend_packed, length_class
+
+    device = base[0].device
+    spans = sorted(spans, key=lambda span: -length_class(span[1]))
+    sequences = Sequences([e - s for s, e in spans], [s for s, _ in spans])
+    rows_q = torch.cat([torch.arange(s, e) for s, e in spans]).to(device)
+    rows_k = torch.cat([torch.arange(0, e) for _, e in spans]).to(device)
+    grad = torch.randn(sequences.queries, base[0].shape[1], base[0].shape[2], device=device,
+                       dtype=base[0].dtype)  # fmt: skip
+
+    def call():
+        inputs = [x.index_select(0, rows).requires_grad_(backward)
+                  for x, rows in zip(base, (rows_q, rows_k, rows_k), strict=True)]
+        out = attend_packed(*inputs, sequences)
+        if backward:
+            torch.autograd.grad(out, inputs, grad)
+
+    return call
+
+
+def _policy(args):
+    """The plan's policy: the defaults, with the row costs given."""
+    from elastictrain.attention.plan import AttentionPolicy
+
+    costs = {name: value for name, value in (("query_cost", args.query_cost),
+                                             ("key_cost", args.key_cost)) if value is not None}
+    return AttentionPolicy(**costs)
 
 
 def _pieces(tasks) -> list[tuple[int, int]]:

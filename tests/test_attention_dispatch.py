@@ -5,8 +5,9 @@ outputs and input gradients are bit-identical to its batch computed alone on one
 (:func:`core_attention` outside a round: the same pieces, every one here), for a document
 longer than a rank's share, many tiny ones and a single one. Through a ``Job``'s rounds, a
 two-layer model gives the same bits, with a rank that has no batch of its own in a round
-taking part by replaying its calls. Not exact (each run of pieces one kernel call, a GPU's
-default): the same outputs, and gradients within 1e-6 relative."""
+taking part by replaying its calls. Runs mode (each run of pieces one sequence, all of a
+rank's in one kernel call: a GPU's default), directly and through the rounds: the same
+outputs, and gradients within 1e-6 relative."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ pytestmark = [pytest.mark.contract, pytest.mark.timeout(180)]
 
 RANKS, HEADS, DIM = 4, 2, 8
 POLICY = AttentionPolicy(min_task=64)
+RUNS = AttentionPolicy(min_task=64, exact=False)
 # each rank's batch (document lengths) in a mix; a long one is longer than a rank's share
 MIXES = {
     "long": [[2600, 30], [5, 400], [1, 90], [64]],
@@ -106,19 +108,21 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         out = dispatched_attention(*inputs, offsets, plan, coll, exact=False)
         out.backward(grad)
         results[mix, "runs"] = (out.detach(), [x.grad for x in inputs], 0)
-    # rounds: round 0, every rank its batch; round 1, rank 3 has none and replays its calls
-    rounds = AttentionRounds(POLICY, torch.device("cpu"))
-    model = _TwoLayers()
-    for index in range(2):
-        model.zero_grad()
-        if rank == 3 and index == 1:
-            rounds.serve(coll, [1.0, 1.0, 0.5, 2.0])
-            continue
-        lengths = MIXES["long"][rank] if index == 0 else MIXES["tiny"][rank]
-        (x, *_), bounds = _batch(lengths, rank + 10 * index)
-        with rounds.round(coll, [1.0, 1.0, 0.5, 2.0]):
-            model(x.reshape(x.shape[0], -1), bounds).backward()
-        results["round", index] = [p.grad.clone() for p in model.parameters()]
+    # rounds: round 0, every rank its batch; round 1, rank 3 has none and replays its calls;
+    # exact, then runs
+    for mode, policy in (("round", POLICY), ("runs round", RUNS)):
+        rounds = AttentionRounds(policy, torch.device("cpu"))
+        model = _TwoLayers()
+        for index in range(2):
+            model.zero_grad()
+            if rank == 3 and index == 1:
+                rounds.serve(coll, [1.0, 1.0, 0.5, 2.0])
+                continue
+            lengths = MIXES["long"][rank] if index == 0 else MIXES["tiny"][rank]
+            (x, *_), bounds = _batch(lengths, rank + 10 * index)
+            with rounds.round(coll, [1.0, 1.0, 0.5, 2.0]):
+                model(x.reshape(x.shape[0], -1), bounds).backward()
+            results[mode, index] = [p.grad.clone() for p in model.parameters()]
     torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -162,3 +166,5 @@ def test_dispatched_tasks_equal_each_batch_alone_bit_for_bit(tmp_path, one_threa
             ref = _model_grads(MIXES[mix][rank], rank + 10 * index)
             for got, want in zip(result["round", index], ref, strict=True):
                 assert torch.equal(got, want), (rank, index)
+            for got, want in zip(result["runs round", index], ref, strict=True):
+                assert float((got - want).norm() / want.norm()) < 1e-6, (rank, index)

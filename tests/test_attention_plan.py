@@ -36,9 +36,18 @@ def _check_cover(documents, plan, floor):
         assert spans[0][0] == 0 and spans[-1][1] == doc.length
         # no gap, no overlap
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
-    assert sum(plan.loads) == sum(task_cost(0, d.length) for d in documents)
+    assert sum(plan.pairs) == sum(task_cost(0, d.length) for d in documents)
     runners = {r: sum(t.cost for t in ts) for r, ts in plan.by_runner.items()}
-    assert [runners[r] for r in plan.ranks] == list(plan.loads)
+    assert [runners[r] for r in plan.ranks] == list(plan.pairs)
+    # modelled work: the pairs, a cost per query and key row, and each run's prefix
+    policy = AttentionPolicy()
+    rows = policy.query_cost + policy.key_cost
+    for r, load in zip(plan.ranks, plan.loads, strict=True):
+        mine = plan.by_runner[r]
+        ends = {(t.doc, t.end) for t in mine}
+        prefixes = sum(t.start for t in mine if (t.doc, t.start) not in ends)  # runs' firsts
+        queries = sum(t.end - t.start for t in mine)
+        assert load == runners[r] + rows * queries + policy.key_cost * prefixes
 
 
 @pytest.mark.parametrize(("ranks", "tokens"), [(8, 128 * 1024), (64, 128 * 1024)])

@@ -65,3 +65,28 @@ def test_the_same_inputs_give_the_same_bits_and_bad_input_is_refused():
         core_attention(q, q[:10], q, [0, 1200])
     with pytest.raises(ConfigError, match="pieces"):
         AttentionPolicy(pieces=0)
+    with pytest.raises(ConfigError, match="row costs"):
+        AttentionPolicy(query_cost=-1)
+
+
+def test_packed_sequences_share_a_call_by_length_class_and_equal_each_task_alone():
+    """Runs mode's kernel input: sequences packed end to end (a tail's queries with its
+    whole prefix), one call per run of sequences of one length class."""
+    from elastictrain.attention.core import Sequences, attend_packed, task_attention
+
+    torch.manual_seed(1)
+    spans = [(0, 3000), (2000, 2600), (0, 40), (1500, 2600), (0, 7), (0, 5)]
+    sequences = Sequences([e - s for s, e in spans], [s for s, _ in spans])
+    # 3000 and 2600 keys share a class (2048..4095), 40 is alone, 7 and 5 share one
+    assert sequences.calls == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    docs = [torch.randn(3000, 2, 8) for _ in spans]
+    q = torch.cat([d[s:e] for d, (s, e) in zip(docs, spans, strict=True)])
+    kv = torch.cat([d[:e] for d, (_, e) in zip(docs, spans, strict=True)])
+    out = attend_packed(q, kv, kv, sequences)
+    alone = torch.cat([task_attention(d[s:e], d[:e], d[:e], s)
+                       for d, (s, e) in zip(docs, spans, strict=True)])  # fmt: skip
+    assert torch.equal(out, alone)
+    with pytest.raises(ConfigError, match="packed sequences"):
+        attend_packed(q[1:], kv, kv, sequences)
+    with pytest.raises(ConfigError, match="sequences need"):
+        Sequences([0], [3])

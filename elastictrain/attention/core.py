@@ -1,17 +1,18 @@
 """The kernel of core-attention tasks: causal attention of a query range over its whole
-key/value prefix. The pieces of a plan (:mod:`elastictrain.attention.plan`) each run through
-it alone, on whichever rank the plan chose: the same inputs give the same bits anywhere.
+key/value prefix, computed the same way wherever the plan puts it.
 
 ``q``, ``k``, ``v`` are packed ``[tokens, heads, head_dim]`` (the varlen layout). On CPU each
-piece is one ``scaled_dot_product_attention`` call with its bottom-right causal mask. On a
-GPU, torch's varlen flash attention: the pieces that start their document (whole short
-documents, mostly) go together in one call, each as its own sequence, and every other piece
-is a call of its own (its prefix would have to be copied to share a call); not exact
-(``shared``), every piece a rank computes goes into one call. Measured on an
-H100: a piece's forward, dK and dV are the same bits alone or in a shared call, its dQ is
-not (and flash attention's backward is not deterministic unless torch's deterministic
-algorithms are on); so under deterministic algorithms every piece is a call of its own, and
-the results are the same bits in any world on a GPU too.
+piece (or sequence) is one ``scaled_dot_product_attention`` call with its bottom-right causal
+mask. On a GPU, torch's varlen flash attention.
+
+Two ways in. :func:`attend_pieces` (exact mode) computes pieces with the same bits whatever
+else is computed: the pieces that start their document (whole short documents, mostly) go
+together in one call, each as its own sequence, and every other piece is a call of its own.
+Measured on an H100: a piece's forward, dK and dV are the same bits alone or in a shared call,
+its dQ is not (and flash attention's backward is not deterministic unless torch's
+deterministic algorithms are on); so under deterministic algorithms every piece is a call of
+its own, and the results are the same bits in any world on a GPU too. :func:`attend_packed`
+(runs mode) takes sequences already packed end to end and makes one call of them all.
 """
 
 from __future__ import annotations
@@ -88,18 +89,19 @@ def _varlen(pieces: Sequence[Piece], scale: float | None) -> torch.Tensor:
 
 
 def _flash(pieces: Sequence[Piece]) -> bool:
-    return pieces[0].q.is_cuda and pieces[0].q.dtype in (torch.float16, torch.bfloat16)
+    return _flash_tensor(pieces[0].q)
 
 
-def _groups(pieces: Sequence[Piece], shared: bool = False) -> list[list[int]]:
+def _flash_tensor(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _groups(pieces: Sequence[Piece]) -> list[list[int]]:
     """Which pieces share a kernel call: on a GPU the ones at their document's start, in one
     call; every other piece alone. Under torch's deterministic algorithms every piece alone:
-    flash attention's dQ for a sequence depends on the other sequences of its call.
-    ``shared``: all in one call (their prefixes copied together)."""
+    flash attention's dQ for a sequence depends on the other sequences of its call."""
     if not pieces or not _flash(pieces):
         return [[i] for i in range(len(pieces))]
-    if shared:
-        return [list(range(len(pieces)))]
     if torch.are_deterministic_algorithms_enabled():
         return [[i] for i in range(len(pieces))]
     first = [i for i, p in enumerate(pieces) if p.start == 0]
@@ -125,14 +127,14 @@ class Graph:
     outs: list[list[torch.Tensor]]
 
 
-def attend_pieces(pieces: Sequence[Piece], scale: float | None = None, keep: bool = False,
-                  shared: bool = False) -> tuple[list[torch.Tensor], Graph | None]:
+def attend_pieces(pieces: Sequence[Piece], scale: float | None = None, keep: bool = False
+                  ) -> tuple[list[torch.Tensor], Graph | None]:  # fmt: skip
     """Each piece's outputs (``[q_len, heads, dim]``), in order, and with ``keep`` the graph
-    :func:`grad_pieces` takes. ``shared``: on a GPU, every piece in one call."""
+    :func:`grad_pieces` takes."""
     for piece in pieces:
         _check(piece)
     outs: list[torch.Tensor | None] = [None] * len(pieces)
-    groups = _groups(pieces, shared)
+    groups = _groups(pieces)
     graph = Graph(groups, [], []) if keep else None
     for group in groups:
         chosen = [pieces[i] for i in group]
@@ -165,3 +167,78 @@ def grad_pieces(graph: Graph, grads: Sequence[torch.Tensor]
             for n, j in enumerate(group):
                 ready[j] = tuple(found[3 * n: 3 * n + 3])  # type: ignore[assignment]
         yield ready.pop(i)
+
+
+def length_class(kv_len: int) -> int:
+    """The kernel-call class of a sequence of ``kv_len`` keys: lengths within a factor of two
+    share one. A varlen kernel launches blocks for every sequence as if it were the call's
+    longest; measured on an H100, those idle blocks cost up to 10 % of a step whose call
+    mixes a 128K prefix with hundreds of short documents."""
+    return kv_len.bit_length()
+
+
+class Sequences:
+    """Sequences packed end to end, as :func:`attend_packed` takes them: sequence ``i`` has
+    ``q_lens[i]`` queries at positions ``starts[i] ..`` of its document, and the keys and
+    values ``[0, starts[i] + q_lens[i])`` of it. Consecutive sequences of one
+    :func:`length_class` share a kernel call (give them longest first, say, to make few
+    calls). Boundary tensors are made once per device (every layer reuses them)."""
+
+    def __init__(self, q_lens: Sequence[int], starts: Sequence[int]) -> None:
+        if len(q_lens) != len(starts) or any(n < 1 for n in q_lens) or min(starts, default=0) < 0:
+            raise ConfigError("sequences need one start >= 0 and >= 1 query each")
+        self.q_lens = tuple(q_lens)
+        self.kv_lens = tuple(s + n for s, n in zip(starts, q_lens, strict=True))
+        self.starts = tuple(starts)
+        self.queries = sum(self.q_lens)
+        self.keys = sum(self.kv_lens)
+        self.calls: list[tuple[int, int]] = []  # [first, stop) sequences of each kernel call
+        for i, n in enumerate(self.kv_lens):
+            if self.calls and length_class(n) == length_class(self.kv_lens[i - 1]):
+                self.calls[-1] = (self.calls[-1][0], i + 1)
+            else:
+                self.calls.append((i, i + 1))
+        self._bounds: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.q_lens)
+
+    def bounds(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per kernel call, ``cu_seqlens`` of its queries and of its keys, on ``device``."""
+        if device not in self._bounds:
+            found = []
+            for first, stop in self.calls:
+                cu = [torch.tensor([0, *lens[first:stop]], dtype=torch.int64).cumsum(0)
+                      .to(device, torch.int32) for lens in (self.q_lens, self.kv_lens)]  # fmt: skip
+                found.append((cu[0], cu[1]))
+            self._bounds[device] = found
+        return self._bounds[device]
+
+
+def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: Sequences,
+                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """The outputs of every sequence of ``sequences`` (``q``: their queries packed, ``k``
+    and ``v``: their prefixes packed), packed like ``q``; differentiable. On a GPU one kernel
+    call per length class (``sequences.calls``); on CPU one masked call per sequence."""
+    if q.shape[0] != sequences.queries or k.shape[0] != sequences.keys or v.shape != k.shape:
+        raise ConfigError(f"packed sequences of {sequences.queries} queries and "
+                          f"{sequences.keys} keys, got {q.shape[0]} and {k.shape[0]}")  # fmt: skip
+    if not len(sequences):
+        return q.clone()
+    if _flash_tensor(q):
+        from torch.nn.attention.varlen import varlen_attn
+
+        sizes_q = [sum(sequences.q_lens[a:b]) for a, b in sequences.calls]
+        sizes_k = [sum(sequences.kv_lens[a:b]) for a, b in sequences.calls]
+        parts = zip(q.split(sizes_q), k.split(sizes_k), v.split(sizes_k),
+                    sequences.bounds(q.device), sequences.calls, strict=True)  # fmt: skip
+        outs = [varlen_attn(qc, kc, vc, cu_q, cu_k, max(sequences.q_lens[a:b]),
+                            max(sequences.kv_lens[a:b]), scale=scale, window_size=(-1, 0))
+                for qc, kc, vc, (cu_q, cu_k), (a, b) in parts]  # fmt: skip
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+    outs, at_q, at_k = [], 0, 0
+    for n, m, start in zip(sequences.q_lens, sequences.kv_lens, sequences.starts, strict=True):
+        outs.append(_masked(Piece(q[at_q: at_q + n], k[at_k: at_k + m], v[at_k: at_k + m],
+                                  start), scale))  # fmt: skip
+        at_q, at_k = at_q + n, at_k + m
+    return torch.cat(outs) if len(outs) > 1 else outs[0]

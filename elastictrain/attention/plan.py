@@ -16,7 +16,12 @@ A plan is two decisions, made apart:
   pieces of equal work, as many as its share of a ``pieces``-way cut of a document as long as
   its owner's batch, none shorter than ``min_task`` tokens unless the document is.
 - **Placement** (:func:`plan_attention`) puts those tasks on the ranks, in proportion to their
-  speeds: every task starts on its owner (the naive packing); while a rank is over its
+  speeds. A rank's modelled work is its (query, key) pairs plus a cost per row: each query
+  row of a task, each key/value row of its document's prefix that the rank holds
+  (:func:`work`; a run of tails moved to another rank brings its whole prefix there).
+  Measured on an H100 (``benchmarks/attention_gpu.py --dump``), a step's attention time
+  follows this within 5 %, where the pairs alone are 15 % off for ranks of many short
+  documents. Placement: every task starts on its owner (the naive packing); while a rank is over its
   target, it gives the task that best fills the gap to the rank furthest under its target,
   preferring tails of long documents (their queries see the longest prefixes: the most work
   per byte sent). A move is made only if it lowers the larger of the two loads.
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -34,6 +39,11 @@ from elastictrain.errors import ConfigError
 
 DEFAULT_MIN_TASK = 1024  # a piece runs alone: shorter ones leave a GPU idle
 DEFAULT_PIECES = 256
+# what a row costs beyond its pairs, in pairs: fitted to forward+backward times of varlen
+# flash attention on an H100 (bf16, 16 heads x 128): 86 ms per 1e9 pairs, 29.5 ms per 1e6
+# query rows, 15 ms per 1e6 key/value rows
+DEFAULT_QUERY_COST = 320
+DEFAULT_KEY_COST = 160
 
 
 def task_cost(start: int, end: int) -> int:
@@ -72,6 +82,8 @@ class AttentionPolicy:
     min_task: int = DEFAULT_MIN_TASK  # tokens: shorter query shards lose kernel efficiency
     pieces: int = DEFAULT_PIECES  # tasks of a document as long as its owner's whole batch
     tolerance: float = 0.01  # stop once max/mean of modelled time is within this
+    query_cost: int = DEFAULT_QUERY_COST  # pairs a query row costs beyond its own pairs
+    key_cost: int = DEFAULT_KEY_COST  # and a key/value row of a prefix a rank holds
     # every piece alone and its partials in the fixed tree (the same bits in any world), or
     # a run of pieces as one kernel call (faster on a GPU, within rounding); None: exact on
     # CPU and under torch's deterministic algorithms (``core.exact_by_default``)
@@ -84,16 +96,26 @@ class AttentionPolicy:
             raise ConfigError(f"pieces {self.pieces}: must be >= 1")
         if not 0 <= self.tolerance < 1:
             raise ConfigError(f"tolerance {self.tolerance}: must be in [0, 1)")
+        if self.query_cost < 0 or self.key_cost < 0:
+            raise ConfigError(f"row costs {self.query_cost}, {self.key_cost}: must be >= 0")
 
+
+def work(start: int, end: int, policy: AttentionPolicy) -> int:
+    """Modelled work of queries ``[start, end)`` of a run that holds its prefix up to
+    ``start`` already (the owner's, or the next piece of a run): its pairs, and each of its
+    query rows with the key/value row at its position. A run that starts at ``start`` on a
+    rank that does not hold the prefix adds ``key_cost * start``."""
+    return task_cost(start, end) + (policy.query_cost + policy.key_cost) * (end - start)
 
 @dataclass(frozen=True)
 class AttentionPlan:
     tasks: tuple[Task, ...]  # by (document, start): the order every merge follows
     ranks: tuple[int, ...]
-    loads: tuple[int, ...]  # (query, key) pairs each rank computes, in ``ranks`` order
+    loads: tuple[int, ...]  # modelled work each rank does (:func:`work`), in ``ranks`` order
     naive_imbalance: float  # max/mean of modelled time with every document on its owner
     imbalance: float  # the same, planned
     moved_tokens: int = 0  # rows sent: queries and outputs, keys and values of the prefixes
+    pairs: tuple[int, ...] = ()  # (query, key) pairs each rank computes
     reason: str = ""
     by_runner: dict[int, tuple[Task, ...]] = field(default_factory=dict, compare=False)
 
@@ -127,12 +149,13 @@ def _imbalance(loads: Sequence[float], speeds: Sequence[float]) -> float:
 
 
 def _shed(kept: list[tuple[int, int, int, int]], pieces: list[list[tuple[int, int]]],
-          suffix: list[list[int]], work: float, limit: float
-          ) -> tuple[int, int, int] | None:  # fmt: skip
+          suffix: list[list[int]], work: float, limit: float,
+          extra: Callable[[int, int, int], int]) -> tuple[int, int, int] | None:
     """From ``kept`` (a heap of (-end, doc, first, stop): a document's pieces ``[first,
-    stop)`` still on their owner), take the tail of pieces that moves about ``work`` pairs
-    and less than ``limit`` (the larger of the two loads goes down), from the range with the
-    longest prefix that allows it. Returns (doc, first, stop) of the pieces taken, or None."""
+    stop)`` still on their owner), take the tail of pieces that moves about ``work`` and
+    less than ``limit`` (the larger of the two loads goes down; the receiver also pays
+    ``extra(doc, cut, stop)`` for the prefix), from the range with the longest prefix that
+    allows it. Returns (doc, first, stop) of the pieces taken, or None."""
     skipped = []
     found = None
     while kept and found is None:
@@ -144,7 +167,7 @@ def _shed(kept: list[tuple[int, int, int, int]], pieces: list[list[tuple[int, in
         cut = stop - 1
         while cut > first and costs[cut - 1] - beyond <= work:
             cut -= 1
-        if costs[cut] - beyond >= limit:
+        if costs[cut] - beyond + extra(doc, cut, stop) >= limit:
             skipped.append(item)
             continue
         found = (doc, cut, stop)
@@ -178,9 +201,9 @@ def plan_attention(documents: Sequence[Document], ranks: Sequence[int],
     suffix = []  # per document: the work of its pieces from each one to its end
     for spans in pieces:
         if len(spans) == 1:
-            suffix.append([task_cost(0, spans[0][1])])
+            suffix.append([work(0, spans[0][1], policy)])
             continue
-        costs = [task_cost(start, end) for start, end in spans]
+        costs = [work(start, end, policy) for start, end in spans]
         for i in range(len(costs) - 2, -1, -1):
             costs[i] += costs[i + 1]
         suffix.append(costs)
@@ -195,6 +218,15 @@ def plan_attention(documents: Sequence[Document], ranks: Sequence[int],
     runner = [[index[d.owner]] * len(spans) for d, spans in zip(documents, pieces, strict=True)]
     moves = 0
     stuck: set[int] = set()  # ranks with nothing that fits any more
+    under = 0
+
+    def extra(doc: int, cut: int, stop: int) -> int:
+        """The prefix a run of pieces [cut, stop) brings to ``under``; none if it joins the
+        run of that document already there (the prefix is held)."""
+        if stop < len(runner[doc]) and runner[doc][stop] == under:
+            return policy.key_cost * (pieces[doc][cut][0] - pieces[doc][stop][0])
+        return policy.key_cost * pieces[doc][cut][0]
+
     for _ in range(8 * (len(documents) + len(ranks)) + 16):
         if _imbalance(loads, speeds) <= 1 + policy.tolerance:
             break
@@ -204,18 +236,19 @@ def plan_attention(documents: Sequence[Document], ranks: Sequence[int],
             break
         over = max(candidates, key=lambda i: gap[i] / speeds[i])
         under = min(range(len(ranks)), key=lambda i: gap[i] / speeds[i])
-        work = min(gap[over], -gap[under])
-        if work <= 0:
+        want = min(gap[over], -gap[under])
+        if want <= 0:
             break
-        taken = _shed(kept[over], pieces, suffix, work, gap[over] - gap[under])
+        taken = _shed(kept[over], pieces, suffix, want, gap[over] - gap[under], extra)
         if taken is None:
             stuck.add(over)
             continue
         doc, first, stop = taken
         cost = suffix[doc][first] - (suffix[doc][stop] if stop < len(suffix[doc]) else 0)
+        added = cost + extra(doc, first, stop)
         runner[doc][first:stop] = [under] * (stop - first)
         loads[over] -= cost
-        loads[under] += cost
+        loads[under] += added
         moves += 1
     tasks = tuple(Task(doc, start, end, documents[doc].owner, ranks[runner[doc][i]], i)
                   for doc, spans in enumerate(pieces)
@@ -223,8 +256,10 @@ def plan_attention(documents: Sequence[Document], ranks: Sequence[int],
     by_runner: dict[int, list[Task]] = {r: [] for r in ranks}
     sent: dict[tuple[int, int], int] = {}  # (document, runner) -> the longest prefix sent
     queries = 0
+    pairs = dict.fromkeys(ranks, 0)
     for task in tasks:
         by_runner[task.runner].append(task)
+        pairs[task.runner] += task.cost
         if task.runner != task.owner:
             key = (task.doc, task.runner)
             sent[key] = max(sent.get(key, 0), task.end)
@@ -233,7 +268,7 @@ def plan_attention(documents: Sequence[Document], ranks: Sequence[int],
     after = _imbalance(loads, speeds)
     return AttentionPlan(
         tasks=tasks, ranks=ranks, loads=tuple(loads), naive_imbalance=naive,
-        imbalance=after, moved_tokens=moved_tokens,
+        imbalance=after, moved_tokens=moved_tokens, pairs=tuple(pairs[r] for r in ranks),
         reason=f"{moves} move(s) of {len(tasks)} task(s): max/mean {naive:.2f} -> {after:.2f}",
         by_runner={r: tuple(ts) for r, ts in by_runner.items()},
     )  # fmt: skip

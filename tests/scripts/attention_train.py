@@ -108,7 +108,9 @@ def train(args) -> Job:
     job = Job(model, opt, PackedDocuments(), token_loss, global_batch=args.global_batch,
               micro_batch=args.micro_batch, steps=args.steps, scheduler=sched,
               reduction=args.reduction, collate_fn=collate,
-              attention=AttentionPolicy(min_task=16),
+              # documents of tens of tokens: balance their pairs (the row costs model a
+              # GPU kernel's, and would outweigh them)
+              attention=AttentionPolicy(min_task=16, query_cost=0, key_cost=0),
               capacities=[float(c) for c in args.capacities.split(",")] if args.capacities
               else None)  # fmt: skip
     losses: dict[int, float] = {}
