@@ -3,15 +3,21 @@
 1. Two agents (two `etrain launch` processes, one etcd, 2 workers each): from process start to
    the last worker's first line (agent start + rendezvous + worker spawn); beside it the same
    for two `torchrun` processes on torch's c10d rendezvous, measured in the same run.
-2. N simulated agents (threads that only rendezvous, each with its own etcd connection) against
-   one etcd: the time for all of them to complete one round.
+2. N simulated agents (threads that only rendezvous, each with its own etcd client or store
+   client) against one etcd: the time for all of them to complete one round, for our join
+   (one key per node; the short waits of a process share its one watch stream), torch's
+   dynamic rendezvous on our etcd backend, and torch's dynamic rendezvous on a TCPStore
+   (torch's own c10d backend). Each round runs in a process of its own, stopped after --cap
+   seconds.
 
-    python benchmarks/rendezvous_bench.py [--repeats 3] [--agents 64]
+    python benchmarks/rendezvous_bench.py [--repeats 3] [--agents 64 256 1000] [--cap 120]
+                                          [--skip-pair] [--backends join etcd-v3 c10d]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -94,8 +100,12 @@ def bench_two_agents(etcd: str, repeats: int) -> list[dict]:
 
 
 def bench_simulated(etcd: str, agents: int, backend: str) -> dict:
-    """One round of ``agents`` threads; ``backend`` is ``etcd-v3`` (ours) or ``c10d`` (torch's,
-    on a TCPStore, for comparison). Returns the round time and the compare-and-set count."""
+    """One round of ``agents`` threads; ``backend`` is ``join`` (ours: one key per node),
+    ``etcd-v3`` (torch's dynamic rendezvous on our etcd backend) or ``c10d`` (torch's dynamic
+    rendezvous on a TCPStore, for comparison). Returns the round time and the writes of the
+    join's state (the dynamic rendezvous' set_state calls; the join's etcd writes)."""
+    if backend == "join":
+        return _bench_join(etcd, agents)
     import torch.distributed as dist
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
@@ -126,10 +136,52 @@ def bench_simulated(etcd: str, agents: int, backend: str) -> dict:
 
     handlers = [make(i) for i in range(agents)]
     sets = _count_sets(handlers)
+    round_s = _one_round(handlers)
+    for h in handlers:
+        h._stop_heartbeats()
+    for c in closers:
+        if isinstance(c, EtcdClient):
+            c.close()
+    return {"backend": backend, "agents": agents, "round": round_s, "sets": sets[0]}
+
+
+def _bench_join(etcd: str, agents: int) -> dict:
+    from elastictrain.coord.etcd import EtcdClient
+    from elastictrain.coord.keys import JobKeys
+    from elastictrain.rendezvous.join import EtcdJoinHandler, JoinPolicy
+
+    job = f"sim-{uuid.uuid4().hex[:8]}-{agents}"
+    policy = JoinPolicy(min_nodes=agents, max_nodes=agents, last_call_s=1, join_timeout_s=600)
+    writes = [0]
+    clients = []
+    for _ in range(agents):
+        client = EtcdClient.from_spec(etcd, timeout=30)
+        for name in ("put", "create_with"):
+            original = getattr(client, name)
+
+            def counted(*a, _original=original, **k):
+                writes[0] += 1
+                return _original(*a, **k)
+
+            setattr(client, name, counted)
+        clients.append(client)
+    handlers = [EtcdJoinHandler(c, JobKeys(job), policy, node_id=f"sim{i}", local_addr="127.0.0.1",
+                                lease_ttl=60) for i, c in enumerate(clients)]  # fmt: skip
+    round_s = _one_round(handlers)
+    for h in handlers:
+        h.shutdown()
+    for c in clients:
+        c.close()
+    return {"backend": "join", "agents": agents, "round": round_s, "sets": writes[0]}
+
+
+def _one_round(handlers) -> float:
+    """Seconds from a common start until every handler's next_rendezvous has returned (the
+    ranks checked)."""
     ranks: list[int] = []
     done_at: list[float] = []
     errors: list[BaseException] = []
-    gate = threading.Barrier(agents + 1)
+    gate = threading.Barrier(len(handlers) + 1)
 
     def join(h) -> None:
         gate.wait()
@@ -140,7 +192,7 @@ def bench_simulated(etcd: str, agents: int, backend: str) -> dict:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=join, args=(h,)) for h in handlers]
+    threads = [threading.Thread(target=join, args=(h,), daemon=True) for h in handlers]
     for t in threads:
         t.start()
     gate.wait()
@@ -149,13 +201,8 @@ def bench_simulated(etcd: str, agents: int, backend: str) -> dict:
         t.join()
     if errors:
         raise RuntimeError(f"{len(errors)} simulated agents failed: {errors[0]!r}")
-    assert sorted(ranks) == list(range(agents)), "ranks are not 0..N-1"
-    for h in handlers:
-        h._stop_heartbeats()
-    for c in closers:
-        if isinstance(c, EtcdClient):
-            c.close()
-    return {"backend": backend, "agents": agents, "round": max(done_at) - t0, "sets": sets[0]}
+    assert sorted(ranks) == list(range(len(handlers))), "ranks are not 0..N-1"
+    return max(done_at) - t0
 
 
 def _count_sets(handlers) -> list[int]:
@@ -173,34 +220,66 @@ def _count_sets(handlers) -> list[int]:
     return count
 
 
+NAMES = {"join": "join (ours)", "etcd-v3": "torch dynamic, our etcd",
+         "c10d": "torch dynamic, TCPStore"}
+
+
+def _simulated_row(etcd: str, agents: int, backend: str, cap_s: float) -> dict | None:
+    """One simulated round in a process of its own (a round past ``cap_s`` is stopped:
+    None)."""
+    cmd = [sys.executable, __file__, "--one", backend, str(agents), "--etcd", etcd]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=cap_s, check=True)
+    except subprocess.TimeoutExpired:
+        return None
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"{backend} x {agents} failed: {exc.stderr[-2000:]}") from exc
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--agents", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--agents", type=int, nargs="+", default=[64, 256, 1000])
+    parser.add_argument("--backends", nargs="+", default=["join", "etcd-v3", "c10d"])
+    parser.add_argument("--cap", type=float, default=120.0,
+                        help="seconds a simulated round may take before it is stopped")
+    parser.add_argument("--skip-pair", action="store_true", help="only the simulated rounds")
+    parser.add_argument("--one", nargs=2, metavar=("BACKEND", "AGENTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--etcd", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(bench_simulated(args.etcd, int(args.one[1]), args.one[0])))
+        return 0
     print(
         f"# rendezvous benchmarks  {datetime.now():%Y-%m-%d %H:%M}  host {socket.gethostname()} "
         f"({os.cpu_count()} cores)"
     )
     with EmbeddedEtcd() as etcd:
-        rows = bench_two_agents(etcd.endpoint, args.repeats)
-        print("\n## 2 agents x 2 workers: process start -> last worker started (s)")
-        print(f"| {'system':<26} | {'median':>7} | {'min':>7} | {'max':>7} | runs |")
-        print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|{'-' * 9}|------|")
-        for system in dict.fromkeys(r["system"] for r in rows):
-            vals = [r["total"] for r in rows if r["system"] == system]
-            print(
-                f"| {system:<26} | {statistics.median(vals):7.2f} | {min(vals):7.2f} | "
-                f"{max(vals):7.2f} | {len(vals):4d} |"
-            )
-        print("\n## simulated agents (threads in one process, own connection each): one round")
-        print("| agents | backend              | round (s) | set_state calls |")
-        print("|-------:|----------------------|----------:|----------------:|")
+        if not args.skip_pair:
+            rows = bench_two_agents(etcd.endpoint, args.repeats)
+            print("\n## 2 agents x 2 workers: process start -> last worker started (s)")
+            print(f"| {'system':<26} | {'median':>7} | {'min':>7} | {'max':>7} | runs |")
+            print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|{'-' * 9}|------|")
+            for system in dict.fromkeys(r["system"] for r in rows):
+                vals = [r["total"] for r in rows if r["system"] == system]
+                print(
+                    f"| {system:<26} | {statistics.median(vals):7.2f} | {min(vals):7.2f} | "
+                    f"{max(vals):7.2f} | {len(vals):4d} |"
+                )
+        print("\n## simulated agents (threads in one process, own etcd connection or store "
+              "client each): one round")
+        print("| agents | rendezvous | round (s) | writes of the join's state |")
+        print("|-------:|---|----------:|---:|")
         for n in args.agents:
-            for backend in ("etcd-v3", "c10d"):
-                r = bench_simulated(etcd.endpoint, n, backend)
-                name = "etcd-v3 (ours)" if backend == "etcd-v3" else "c10d TCPStore (torch)"
-                print(f"| {n:6d} | {name:<20} | {r['round']:9.2f} | {r['sets']:15d} |")
+            for backend in args.backends:
+                r = _simulated_row(etcd.endpoint, n, backend, args.cap)
+                if r is None:
+                    print(f"| {n} | {NAMES[backend]} | > {args.cap:.0f} (stopped) | |",
+                          flush=True)
+                else:
+                    print(f"| {n} | {NAMES[backend]} | {r['round']:.2f} | {r['sets']} |",
+                          flush=True)
     return 0
 
 

@@ -63,3 +63,37 @@ def test_parse_endpoints():
     for bad in ("a", "a:x", "a:0", ":1"):
         with pytest.raises(ConfigError):
             parse_endpoints(bad)
+
+
+@pytest.mark.timeout(60)
+def test_many_key_watches_share_one_stream_and_a_restart_tells_each_of_them():
+    """``watch_keys``: 300 watches created at once on the process's one stream, each sees its
+    own key (a put before the watch existed too: it starts at a revision); a cancelled one
+    sees nothing; when etcd restarts, every live one is told (None) to read again."""
+    with EmbeddedEtcd() as server:
+        client = EtcdClient.from_spec(server.endpoint, timeout=15)
+        start = client.revision() + 1
+        client.put("/k/0", b"early")
+        seen: dict[int, list] = {i: [] for i in range(300)}
+        done = threading.Semaphore(0)
+
+        def watcher(i):
+            def on_events(events):
+                seen[i].append(None if events is None else [(e.key, e.value) for e in events])
+                done.release()
+            return on_events
+
+        cancels = [client.watch_keys([f"/k/{i}"], watcher(i), start) for i in range(300)]
+        cancels[299]()
+        for i in range(1, 300):
+            client.put(f"/k/{i}", str(i))
+        for _ in range(299):
+            assert done.acquire(timeout=20)
+        assert seen[0] == [[("/k/0", b"early")]]
+        assert all(seen[i] == [[(f"/k/{i}", str(i).encode())]] for i in range(1, 299))
+        assert seen[299] == []
+        server.restart()
+        for _ in range(299):
+            assert done.acquire(timeout=20)
+        assert all(seen[i][-1] is None for i in range(299))
+        client.close()

@@ -46,6 +46,37 @@ class JobKeys:
     def store_prefix(self) -> str:
         return f"{self.root}store/"
 
+    # -- the join (:mod:`elastictrain.rendezvous.join`) -----------------------------------------
+
+    @property
+    def join_prefix(self) -> str:
+        return f"{self.root}join/"
+
+    @property
+    def join_last(self) -> str:
+        """The number of the newest round that formed (or was closed)."""
+        return f"{self.join_prefix}last"
+
+    @property
+    def join_closed(self) -> str:
+        """Set once: the job takes no more rounds."""
+        return f"{self.join_prefix}closed"
+
+    def join_nodes(self, round_number: int) -> str:
+        """Each joiner's key in a round, leased: the prefix."""
+        return f"{self.join_prefix}{round_number:010d}/nodes/"
+
+    def join_node(self, round_number: int, node_id: str) -> str:
+        return f"{self.join_nodes(round_number)}{validate_name('node id', node_id)}"
+
+    def join_result(self, round_number: int) -> str:
+        """Written once per round by its closer (or by closing the job): who is in it."""
+        return f"{self.join_prefix}{round_number:010d}/result"
+
+    def join_store(self, round_number: int) -> str:
+        """The c10d store of a round's agents."""
+        return f"{self.join_prefix}{round_number:010d}/store/"
+
     @property
     def control_prefix(self) -> str:
         """Low-traffic keys every agent watches: restart requests, the outcome, round progress."""
