@@ -3,6 +3,7 @@ real handlers on real etcd, one thread per node."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -58,11 +59,19 @@ def test_a_result_round_trips_and_a_bad_one_reads_as_closed():
         assert decode_result(raw) == ((), True, None)
 
 
+@contextlib.contextmanager
 def _handlers(endpoint, job_id, names, policy, **kwargs):
+    """One handler per name, each with its own client; shut down and closed after."""
     clients = [EtcdClient.from_spec(endpoint, timeout=5.0) for _ in names]
     handlers = [EtcdJoinHandler(c, JobKeys(job_id), policy, node_id=n, local_addr="127.0.0.1",
                                 **kwargs) for c, n in zip(clients, names, strict=True)]
-    return clients, handlers
+    try:
+        yield clients, handlers
+    finally:
+        for h in handlers:
+            h.shutdown()
+        for c in clients:
+            c.close()
 
 
 def _join_all(handlers, gap_s: float = 0.0, results: dict | None = None,
@@ -97,8 +106,7 @@ def _join_all(handlers, gap_s: float = 0.0, results: dict | None = None,
 def test_nodes_form_a_round_in_join_order_and_a_latecomer_waits_for_the_next(etcd_endpoint,
                                                                            job_id):
     policy = JoinPolicy(min_nodes=2, max_nodes=3, last_call_s=0.5, join_timeout_s=20)
-    clients, handlers = _handlers(etcd_endpoint, job_id, ["n0", "n1", "n2", "n3"], policy)
-    try:
+    with _handlers(etcd_endpoint, job_id, ["n0", "n1", "n2", "n3"], policy) as (clients, handlers):
         masters: dict = {}
         found = _join_all(handlers[:3], gap_s=0.05, masters=masters)
         assert found == {"n0": (0, 3, 0), "n1": (1, 3, 0), "n2": (2, 3, 0)}  # max: at once
@@ -126,20 +134,15 @@ def test_nodes_form_a_round_in_join_order_and_a_latecomer_waits_for_the_next(etc
         formed = sorted(v for v in again.values() if isinstance(v, tuple))
         assert formed == [(1, 3, 1), (2, 3, 1)]
         assert sum(isinstance(v, RendezvousClosedError) for v in again.values()) == 1
-    finally:
-        for h in handlers:
-            h.shutdown()
-        for c in clients:
-            c.close()
 
 
 @pytest.mark.contract
 @pytest.mark.timeout(60)
 def test_a_closer_that_dies_is_replaced_and_a_closed_job_ends_the_wait(etcd_endpoint, job_id):
     policy = JoinPolicy(min_nodes=3, max_nodes=3, last_call_s=0.0, join_timeout_s=20)
-    clients, handlers = _handlers(etcd_endpoint, job_id, ["a", "b", "c"], policy, lease_ttl=2)
-    keys = JobKeys(job_id)
-    try:
+    nodes = _handlers(etcd_endpoint, job_id, ["a", "b", "c"], policy, lease_ttl=2)
+    with nodes as (clients, handlers):
+        keys = JobKeys(job_id)
         # "a" joins first (the closer) and dies: its lease ends, its key goes
         dead = clients[0]
         lease = dead.grant_lease(2)
@@ -165,22 +168,13 @@ def test_a_closer_that_dies_is_replaced_and_a_closed_job_ends_the_wait(etcd_endp
         assert handlers[2].is_closed()
         with pytest.raises(RendezvousClosedError):
             handlers[2].next_rendezvous()
-    finally:
-        for h in handlers:
-            h.shutdown()
-        for c in clients:
-            c.close()
 
 
 @pytest.mark.contract
 @pytest.mark.timeout(30)
 def test_too_few_nodes_time_out_and_leave_no_key(etcd_endpoint, etcd_client, job_id):
     policy = JoinPolicy(min_nodes=2, max_nodes=2, join_timeout_s=1.0)
-    clients, handlers = _handlers(etcd_endpoint, job_id, ["lonely"], policy)
-    try:
+    with _handlers(etcd_endpoint, job_id, ["lonely"], policy) as (clients, handlers):
         with pytest.raises(RendezvousTimeoutError):
             handlers[0].next_rendezvous()
         assert etcd_client.count_prefix(JobKeys(job_id).join_nodes(0)) == 0
-    finally:
-        handlers[0].shutdown()
-        clients[0].close()
