@@ -280,8 +280,11 @@ class SnapshotCoordinator:
     # -- called from the agent --------------------------------------------------------------------
 
     def on_committed(self, value: bytes) -> None:
+        """``ctl/snapshot`` moved to ``value``; an older or repeated value changes nothing."""
         decoded = json.loads(value)
         step = int(decoded["step"])
+        if self.store.committed is not None and step <= self.store.committed:
+            return
         self.committed_nodes = tuple(decoded.get("nodes", ()))
         self.store.mark_committed(step)
         self.chunks.mark_committed(step)
@@ -350,7 +353,19 @@ class SnapshotCoordinator:
         return dropped
 
     def new_round(self) -> None:
-        """Steps after the committed one belong to the old round: drop them."""
+        """Steps after the committed one belong to the old round: drop them.
+
+        The committed step is read from etcd first: a node that was cut off from etcd may have
+        missed the commit of a step it holds records of, and dropping them would leave that
+        step, which the others restore, without this node's part."""
+        try:
+            current = self._client.get(self._keys.snapshot_committed)
+        except CoordinationUnavailableError as exc:
+            logger.warning("the committed snapshot step is unknown (%s): dropping the steps "
+                           "after the last one seen committed", exc)  # fmt: skip
+        else:
+            if current is not None:
+                self.on_committed(current.value)
         self.store.drop_uncommitted()
         self.chunks.drop_uncommitted()
         self._announced.clear()

@@ -201,6 +201,44 @@ def test_interrupted_snapshot_never_commits_nor_shadows(etcd_client, job_id):
             coord.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_new_round_keeps_a_step_committed_while_the_node_was_cut_off(etcd_client, job_id):
+    """b never saw ``ctl/snapshot`` reach step 2 (its watch was cut off): its new round must
+    still keep its records of step 2, which a restores from."""
+    keys = JobKeys(job_id)
+    nodes = {
+        name: SnapshotCoordinator(
+            etcd_client, keys, name, SnapshotStore(prefix=f"etrain-{job_id}-cut-{name}"),
+            lambda rank=rank: RoundView(("a", "b"), {}, frozenset({rank})),
+            scheme=ErasureScheme(1, 0),
+        )
+        for rank, name in enumerate(("a", "b"))
+    }  # fmt: skip
+
+    def committed() -> int | None:
+        kv = etcd_client.get(keys.snapshot_committed)
+        return None if kv is None else json.loads(kv.value)["step"]
+
+    try:
+        for step in (1, 2):
+            for rank, coord in enumerate(nodes.values()):
+                coord.begin(rank, step, 16).segment.tensor()[:16] = step
+                coord.end(rank, step, ShardedRecordMeta(rank, 2, step, 0, 16).encode())
+            wait_until(lambda s=step: committed() == s, 10, f"step {step} committed")
+            nodes["a"].on_committed(etcd_client.get(keys.snapshot_committed).value)
+            if step == 1:
+                nodes["b"].on_committed(etcd_client.get(keys.snapshot_committed).value)
+        assert nodes["b"].store.committed == 1  # the commit of step 2 never reached b
+        for coord in nodes.values():
+            coord.new_round()
+        assert nodes["b"].store.committed == 2
+        assert nodes["b"].store.get(1, 2) is not None  # kept: a restores step 2 from it
+        assert nodes["b"].store.get(1, 1) is None  # older than the committed step: freed
+    finally:
+        for coord in nodes.values():
+            coord.close()
+
+
 @pytest.fixture
 def cluster(tmp_path, runtime_dir):
     c = Cluster(tmp_path)
