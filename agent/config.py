@@ -62,24 +62,18 @@ def parse_nnodes(text: str) -> tuple[int, int]:
 
 @dataclass
 class RendezvousConfig:
-    """Timeouts (seconds) handed to torch's ``DynamicRendezvousHandler``."""
+    """Timeouts (seconds) of the join (:class:`~elastictrain.rendezvous.join.JoinPolicy`)."""
 
     join_timeout: int = constants.DEFAULT_JOIN_TIMEOUT_S
     last_call_timeout: int = constants.DEFAULT_LAST_CALL_TIMEOUT_S
-    close_timeout: int = constants.DEFAULT_CLOSE_TIMEOUT_S
-    keep_alive_interval: int = constants.DEFAULT_KEEP_ALIVE_INTERVAL_S
-    keep_alive_max_attempt: int = constants.DEFAULT_KEEP_ALIVE_MAX_ATTEMPT
 
     def __post_init__(self) -> None:
-        for name in ("join_timeout", "close_timeout", "keep_alive_interval"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"rendezvous {name} must be >= 1 s, got {getattr(self, name)}")
+        if self.join_timeout < 1:
+            raise ConfigError(f"rendezvous join_timeout must be >= 1 s, got {self.join_timeout}")
         if self.last_call_timeout < 0:
             raise ConfigError(
                 f"rendezvous last_call_timeout must be >= 0, got {self.last_call_timeout}"
             )
-        if self.keep_alive_max_attempt < 1:
-            raise ConfigError("rendezvous keep_alive_max_attempt must be >= 1")
 
 
 @dataclass

@@ -2,16 +2,17 @@
 
 Two lanes run the machine's coordination effects off the thread that watches the workers:
 
-- the **rendezvous lane**: torch's ``DynamicRendezvousHandler`` (the next round and its round
-  data, membership polls, closing the rendezvous, the job's outcome);
-- the **write lane**: short writes (the restart compare-and-set, round-done marks, evictions
-  of lost nodes, registering again).
+- the **rendezvous lane**: the join (:class:`~elastictrain.rendezvous.join.EtcdJoinHandler`:
+  the next round and its round data, membership polls, closing the job, its outcome);
+- the **write lane**: short writes (the restart compare-and-set, round-done marks,
+  registering again).
 
 Each lane runs its effects in order on one thread; what comes of them, and what the watches
 on ``ctl/`` and ``nodes/`` see, is posted as an observation. An etcd error is an observation
 too (``CoordinationFailed`` / ``RendezvousFailed``), never an exception that ends the agent.
 
-Per round (one rendezvous): torch's handler on etcd forms the group; each agent publishes a
+Per round (one rendezvous): the join forms the group (each agent's key in it lives under the
+agent's registration lease, so a lost node leaves it with its lease); each agent publishes a
 :class:`NodeSlot` in the round's store; group rank 0 starts a **fresh** TCPStore for the
 workers of this round and publishes its address together with the job's restart counter.
 Nothing of a previous attempt is ever read by the next one.
@@ -36,19 +37,15 @@ import torch.distributed as dist
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
     RendezvousError,
-    RendezvousParameters,
     RendezvousTimeoutError,
 )
 
-from elastictrain import safe_pickle
 from elastictrain.coord.etcd import EtcdClient, LeaseKeeper, PrefixWatch, WatchEvent
 from elastictrain.coord.keys import JobKeys
 from elastictrain.coord.nodes import NodeRecord, list_nodes
-from elastictrain.errors import ConfigError, CoordinationUnavailableError, SnapshotFormatError
+from elastictrain.errors import ConfigError, CoordinationUnavailableError
 from elastictrain.events import Event
-from elastictrain.rendezvous.backend import EtcdV3RendezvousBackend
-from elastictrain.rendezvous.eviction import evict_nodes
-from elastictrain.rendezvous.registration import create_handler
+from elastictrain.rendezvous.join import EtcdJoinHandler, JoinPolicy
 
 from . import machine as M
 from .config import AgentConfig
@@ -61,16 +58,6 @@ _ROUND_DATA_TIMEOUT = timedelta(seconds=60)
 EVENT_BACKLOG = 10_000  # events kept while etcd is away
 _EVENT_PUT_TIMEOUT_S = 2.0
 
-
-def _rendezvous_closed(state_kv) -> bool:
-    """torch's rendezvous state (its own pickled format in etcd) says the job is closed; an
-    unreadable state is as good as closed."""
-    if state_kv is None:
-        return False
-    try:
-        return bool(safe_pickle.loads(state_kv.value, profile="rendezvous").closed)
-    except (SnapshotFormatError, AttributeError):
-        return True
 
 Post = Callable[[M.Observation], None]
 
@@ -122,8 +109,7 @@ class JobCoordinator:
         self._post = post
         self._lease: LeaseKeeper | None = None
         self._watches: list[PrefixWatch] = []
-        self._handler = None
-        self._backend: EtcdV3RendezvousBackend | None = None
+        self._handler: EtcdJoinHandler | None = None
         self._tcp_store: dist.TCPStore | None = None  # this round's, when we host it
         self._rendezvous = Lane("agent-rdzv")
         self._writes = Lane("agent-etcd")
@@ -144,8 +130,8 @@ class JobCoordinator:
         """A job id whose previous run ended (closed or failed) and has no live agent starts
         afresh; one that ended with live agents is refused."""
         outcome = self.client.get(self.keys.outcome)
-        state_kv = self.client.get(self.keys.rendezvous_state)
-        if outcome is None and not _rendezvous_closed(state_kv):
+        closed = self.client.get(self.keys.join_closed)
+        if outcome is None and closed is None:
             return
         live = list_nodes(self.client, self.keys)
         if live:
@@ -154,10 +140,9 @@ class JobCoordinator:
                 f"{', '.join(n.node_id for n in live)} are still registered; "
                 "wait for them to exit or use another --job-id"
             )
-        guard = state_kv.mod_revision if state_kv is not None else 0
-        if self.client.delete_prefix_if_unchanged(
-            self.keys.root, self.keys.rendezvous_state, guard
-        ):
+        guard_key, guard = ((self.keys.join_closed, closed.mod_revision) if closed is not None
+                            else (self.keys.outcome, outcome.mod_revision))  # fmt: skip
+        if self.client.delete_prefix_if_unchanged(self.keys.root, guard_key, guard):
             logger.info("job id %s was used by a finished run; starting afresh", self.config.job_id)
 
     def check_job_ca(self, fingerprint: str) -> None:
@@ -219,6 +204,12 @@ class JobCoordinator:
     def lease(self) -> LeaseKeeper | None:
         return self._lease
 
+    def _lease_id(self) -> int:
+        """The lease this node's keys live under (the join's too): the current one."""
+        if self._lease is None:
+            raise CoordinationUnavailableError("this agent is not registered")
+        return self._lease.lease_id
+
     def start(self) -> None:
         """Watch ``ctl/`` and ``nodes/`` and build the rendezvous handler. What the keys hold
         now is posted first; the watches replay from just after."""
@@ -230,23 +221,13 @@ class JobCoordinator:
             self.client.watch_prefix(self.keys.nodes_prefix, self._on_nodes, revision + 1),
         ]
         rdzv = cfg.rendezvous
-        params = RendezvousParameters(
-            backend="etcd-v3",
-            endpoint=cfg.etcd,
-            run_id=cfg.job_id,
-            min_nodes=cfg.min_nodes,
-            max_nodes=cfg.max_nodes,
-            local_addr=f"{cfg.local_addr}/{cfg.node_id}",
-            join_timeout=rdzv.join_timeout,
-            last_call_timeout=rdzv.last_call_timeout,
-            close_timeout=rdzv.close_timeout,
-            keep_alive_interval=rdzv.keep_alive_interval,
-            keep_alive_max_attempt=rdzv.keep_alive_max_attempt,
-        )
-        # Never share torch's per-agent TCPStore across attempts: we host a fresh one per round.
-        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-        self._handler = create_handler(params, client=self.client)
-        self._backend = EtcdV3RendezvousBackend(self.client, self.keys.rendezvous_state)
+        policy = JoinPolicy(min_nodes=cfg.min_nodes, max_nodes=cfg.max_nodes,
+                            last_call_s=rdzv.last_call_timeout,
+                            join_timeout_s=rdzv.join_timeout)  # fmt: skip
+        self._handler = EtcdJoinHandler(
+            self.client, self.keys, policy, node_id=cfg.node_id, local_addr=cfg.local_addr,
+            lease_ttl=cfg.node_ttl, lease=self._lease_id,
+        )  # fmt: skip
 
     # -- effects ----------------------------------------------------------------------------
 
@@ -270,8 +251,6 @@ class JobCoordinator:
             self._writes.submit(self._write(effect, self._mark_done), effect.delay)
         elif isinstance(effect, M.LeaveRound):
             self._writes.submit(self._write(effect, self._leave_round))
-        elif isinstance(effect, M.EvictNodes):
-            self._writes.submit(self._write(effect, self._evict))
         elif isinstance(effect, M.Register):
             self._writes.submit(self._write(effect, self._register_again), effect.delay)
         else:
@@ -384,7 +363,7 @@ class JobCoordinator:
         restart = self.client.get(self.keys.restart_signal)
         done_kvs, _ = self.client.get_prefix(f"{self.keys.rounds_prefix}{world.round_id}/done/")
         ended = (self.client.get(self.keys.outcome) is not None
-                 or _rendezvous_closed(self.client.get(self.keys.rendezvous_state)))
+                 or self.client.get(self.keys.join_closed) is not None)
         ok, reason = joinable(
             world, me=self.config.node_id,
             restart_revision=restart.mod_revision if restart else 0,
@@ -526,10 +505,6 @@ class JobCoordinator:
     def _leave_round(self, effect: M.LeaveRound) -> None:
         self.client.put(self.keys.round_left(effect.round_id), b"1")
 
-    def _evict(self, effect: M.EvictNodes) -> None:
-        if self._backend is not None:
-            evict_nodes(self._backend, effect.nodes, self.config.min_nodes)
-
     def _register_again(self, effect: M.Register) -> None:
         logger.warning("agent %s: registering again with a new lease", self.config.node_id)
         self._register(first=False)
@@ -600,9 +575,6 @@ class JobCoordinator:
         self._status.close()
         self._tcp_store = None
         if self._handler is not None:
-            try:
-                self._handler._stop_heartbeats()  # no further writes to the state
-            except Exception:
-                logger.debug("stopping rendezvous heartbeats failed", exc_info=True)
+            self._handler.shutdown()
         if self._lease is not None:
             self._lease.close(revoke=True)

@@ -212,13 +212,6 @@ class LeaveRound:
 
 
 @dataclass(frozen=True)
-class EvictNodes:
-    """Drop lost nodes from the rendezvous state now (their lease is gone)."""
-
-    nodes: frozenset[str]
-
-
-@dataclass(frozen=True)
 class CheckPeers:
     """Ask ``nodes``' agents whether they reach etcd (after one more keepalive of our own)."""
 
@@ -244,7 +237,7 @@ class Exit:
 Effect = (
     Record | StartWorkers | JoinWorld | StartSpares | KillWorker | StopWorkers | PushWorld
     | PushFault | ProposeWorld | PublishWorld | Rendezvous | PollMembership | RequestRestart
-    | FailJob | CloseRendezvous | MarkRoundDone | LeaveRound | EvictNodes | Register | Exit
+    | FailJob | CloseRendezvous | MarkRoundDone | LeaveRound | Register | Exit
     | CheckPeers
 )  # fmt: skip
 

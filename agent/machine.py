@@ -35,7 +35,6 @@ from .effects import (
     CheckPeers,
     CloseRendezvous,
     Effect,
-    EvictNodes,
     Exit,
     FailJob,
     FaultPlan,
@@ -92,7 +91,7 @@ from .world import Member, World, initial_world, plan_next_world
 
 __all__ = [  # the observations and effects, for ``machine.X`` in executors and tests
     "Action", "AgentMachine", "Beat", "CheckPeers", "CloseRendezvous", "CoordinationFailed",
-    "CoordinationSucceeded", "Effect", "EvictNodes", "Exit", "FailJob", "FaultPlan", "JobFailed",
+    "CoordinationSucceeded", "Effect", "Exit", "FailJob", "FaultPlan", "JobFailed",
     "JoinWorld", "KillWorker", "LeaseConfirmed", "LeaseLost", "LeaseUnconfirmed", "LeaveRound",
     "MarkRoundDone", "NodesJoined", "NodesListed", "NodesLost", "NodesWaiting", "Observation",
     "PeerDone", "PeersOnEtcd", "Phase",
@@ -747,7 +746,7 @@ def _on_nodes_lost(m: AgentMachine, obs: NodesLost, now: float):
         return m, []
     m = _verdict(m, Action.NODE_LOST, f"node(s) {', '.join(sorted(lost))} lost their lease",
                  {"lost": sorted(lost)})  # fmt: skip
-    effects: list[Effect] = [_announce(m), EvictNodes(lost)]
+    effects: list[Effect] = [_announce(m)]
     if not (m.phase.has_workers and m.round is not None and lost & _participants(m)):
         return m, effects
     if m.inplace and m.world is not None:

@@ -5,13 +5,13 @@
    for two `torchrun` processes on torch's c10d rendezvous, measured in the same run.
 2. N simulated agents (threads that only rendezvous, each with its own etcd client or store
    client) against one etcd: the time for all of them to complete one round, for our join
-   (one key per node; the short waits of a process share its one watch stream), torch's
-   dynamic rendezvous on our etcd backend, and torch's dynamic rendezvous on a TCPStore
-   (torch's own c10d backend). Each round runs in a process of its own, stopped after --cap
-   seconds.
+   (one key per node; the short waits of a process share its one watch stream) and torch's
+   dynamic rendezvous on a TCPStore (torch's own c10d backend). Our agents ran torch's dynamic
+   rendezvous on an etcd backend before the join: its rows in RESULTS.md are from then. Each
+   round runs in a process of its own, stopped after --cap seconds.
 
     python benchmarks/rendezvous_bench.py [--repeats 3] [--agents 64 256 1000] [--cap 120]
-                                          [--skip-pair] [--backends join etcd-v3 c10d]
+                                          [--skip-pair] [--backends join c10d]
 """
 
 from __future__ import annotations
@@ -100,10 +100,10 @@ def bench_two_agents(etcd: str, repeats: int) -> list[dict]:
 
 
 def bench_simulated(etcd: str, agents: int, backend: str) -> dict:
-    """One round of ``agents`` threads; ``backend`` is ``join`` (ours: one key per node),
-    ``etcd-v3`` (torch's dynamic rendezvous on our etcd backend) or ``c10d`` (torch's dynamic
-    rendezvous on a TCPStore, for comparison). Returns the round time and the writes of the
-    join's state (the dynamic rendezvous' set_state calls; the join's etcd writes)."""
+    """One round of ``agents`` threads; ``backend`` is ``join`` (ours: one key per node) or
+    ``c10d`` (torch's dynamic rendezvous on a TCPStore, for comparison). Returns the round
+    time and the writes of the join's state (the dynamic rendezvous' set_state calls; the
+    join's etcd writes)."""
     if backend == "join":
         return _bench_join(etcd, agents)
     import torch.distributed as dist
@@ -111,37 +111,25 @@ def bench_simulated(etcd: str, agents: int, backend: str) -> dict:
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 
-    from elastictrain.coord.etcd import EtcdClient
-    from elastictrain.rendezvous.registration import create_handler
-
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     job = f"sim-{uuid.uuid4().hex[:8]}-{agents}"
     closers = []
-    server = None
-    if backend == "c10d":
-        server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
     def make(i: int):
         params = RendezvousParameters(
             backend=backend, endpoint=etcd, run_id=job, min_nodes=agents, max_nodes=agents,
             local_addr=f"sim{i}", join_timeout=600, last_call_timeout=1,
         )  # fmt: skip
-        if backend == "c10d":
-            store = dist.TCPStore("127.0.0.1", server.port, is_master=False)
-            closers.append(store)
-            return dr.create_handler(store, C10dRendezvousBackend(store, job), params)
-        client = EtcdClient.from_spec(etcd, timeout=30)
-        closers.append(client)
-        return create_handler(params, client=client)
+        store = dist.TCPStore("127.0.0.1", server.port, is_master=False)
+        closers.append(store)
+        return dr.create_handler(store, C10dRendezvousBackend(store, job), params)
 
     handlers = [make(i) for i in range(agents)]
     sets = _count_sets(handlers)
     round_s = _one_round(handlers)
     for h in handlers:
         h._stop_heartbeats()
-    for c in closers:
-        if isinstance(c, EtcdClient):
-            c.close()
     return {"backend": backend, "agents": agents, "round": round_s, "sets": sets[0]}
 
 
@@ -220,7 +208,7 @@ def _count_sets(handlers) -> list[int]:
     return count
 
 
-NAMES = {"join": "join (ours)", "etcd-v3": "torch dynamic, our etcd",
+NAMES = {"join": "join (ours)",
          "c10d": "torch dynamic, TCPStore"}
 
 
@@ -241,7 +229,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--agents", type=int, nargs="+", default=[64, 256, 1000])
-    parser.add_argument("--backends", nargs="+", default=["join", "etcd-v3", "c10d"])
+    parser.add_argument("--backends", nargs="+", default=["join", "c10d"])
     parser.add_argument("--cap", type=float, default=120.0,
                         help="seconds a simulated round may take before it is stopped")
     parser.add_argument("--skip-pair", action="store_true", help="only the simulated rounds")

@@ -69,8 +69,8 @@ def add_parser(sub) -> None:
         "--rdzv_conf",
         dest="rdzv_conf",
         default="",
-        help="k=v,... : join_timeout, last_call_timeout, close_timeout, keep_alive_interval, "
-        "keep_alive_max_attempt",
+        help="k=v,... : join_timeout, last_call_timeout (torchrun's heartbeat keys are "
+        "accepted and have no use: a node's join key lives under its lease)",
     )
     p.add_argument("--standalone", action="store_true", help="single node on a private etcd")
     p.add_argument(
@@ -237,6 +237,11 @@ def _nproc(value: str) -> int:
     raise ConfigError(f"--nproc-per-node {value!r}: expected a positive integer or auto/cpu/gpu")
 
 
+# torchrun's --rdzv-conf keys that the join has no use for (heartbeats, its store's host)
+TORCHRUN_ONLY_RDZV_KEYS = ("close_timeout", "keep_alive_interval", "keep_alive_max_attempt",
+                           "read_timeout", "is_host", "use_libuv", "timeout")
+
+
 def _rdzv_conf(text: str):
     from elastictrain.agent.config import RendezvousConfig
 
@@ -245,6 +250,8 @@ def _rdzv_conf(text: str):
     values: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, raw = item.partition("=")
+        if sep and key in TORCHRUN_ONLY_RDZV_KEYS:
+            continue
         if not sep or key not in RendezvousConfig.__dataclass_fields__:
             known = ", ".join(RendezvousConfig.__dataclass_fields__)
             raise ConfigError(f"--rdzv-conf {item!r}: expected key=value with key one of {known}")

@@ -29,10 +29,7 @@ DEFAULT_NODE_TTL_S = 5
 # Rendezvous defaults (seconds).
 DEFAULT_JOIN_TIMEOUT_S = 600
 DEFAULT_LAST_CALL_TIMEOUT_S = 2
-DEFAULT_CLOSE_TIMEOUT_S = 30
-# Rendezvous heartbeats are only a fallback: a lost node is evicted when its lease expires.
-DEFAULT_KEEP_ALIVE_INTERVAL_S = 5
-DEFAULT_KEEP_ALIVE_MAX_ATTEMPT = 3
+# No heartbeats: a node's join key lives under its lease and goes with it.
 
 # How often the agent checks its workers and the rendezvous (seconds).
 DEFAULT_MONITOR_INTERVAL_S = 0.1

@@ -8,8 +8,7 @@ only ever read by :func:`loads`, whose unpickler resolves no global outside a fi
 pickled: they are persistent references, either to a stream entry (the skeleton of a layout) or
 to raw bytes kept inline with their dtype and shape (the small per-rank blob). Writers check
 their bytes with the same reader, so a state that could not be read back is refused when it is
-taken, not when it is needed. torch's rendezvous state (its handler's own pickle, in etcd) is
-checked with the ``rendezvous`` profile before torch reads it.
+taken, not when it is needed.
 """
 
 from __future__ import annotations
@@ -45,16 +44,7 @@ _DCP = frozenset({
                  "_MEM_FORMAT_ENCODING")
 }) | {("elastictrain.snapshot.dcp_storage", "ItemLocation")}  # fmt: skip
 
-# torch's rendezvous state, as its handler keeps it in etcd.
-_RENDEZVOUS = frozenset({
-    ("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "_RendezvousState"),
-    ("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "_NodeDesc"),
-    ("datetime", "datetime"), ("datetime", "timedelta"), ("datetime", "timezone"),
-})  # fmt: skip
-
-PROFILES: dict[str, frozenset[tuple[str, str]]] = {
-    "state": _BASE, "dcp": _BASE | _DCP, "rendezvous": _BASE | _RENDEZVOUS,
-}  # fmt: skip
+PROFILES: dict[str, frozenset[tuple[str, str]]] = {"state": _BASE, "dcp": _BASE | _DCP}
 
 _TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)
 _INLINE_TENSOR = "tensor"

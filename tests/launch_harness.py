@@ -70,7 +70,7 @@ class Cluster:
         argv = [sys.executable, "-m", "elastictrain.cli.main", "launch",
                 "--nnodes", nnodes, "--nproc-per-node", str(nproc),
                 "--max-restarts", str(max_restarts), "--job-id", job_id, "--node-id", name,
-                "--node-ttl", "3", "--rdzv-conf", "last_call_timeout=1,keep_alive_max_attempt=3",
+                "--node-ttl", "3", "--rdzv-conf", "last_call_timeout=1",
                 *(["--etcd", etcd] if etcd else []), *(extra or []),
                 str(script), *(script_args or [])]  # fmt: skip
         return self.start(name, argv, env)

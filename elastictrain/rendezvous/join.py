@@ -3,17 +3,23 @@
 torch's dynamic rendezvous keeps one shared state that every joiner rewrites by
 compare-and-set: N joiners make O(N^2) attempts. Here a round is a directory:
 
-- a joiner puts ``join/<round>/nodes/<node>`` under its lease (one write);
+- a joiner puts ``join/<round>/nodes/<node>`` under its lease (one write): its address and
+  a free port of its host, offered for the workers' store should it be rank 0;
 - the joiner with the oldest key (the lowest create revision) is the round's **closer**. It
   alone watches the round's node keys, and :func:`decide_close` (pure) tells it when to
-  write ``join/<round>/result``: the members in join order (their group ranks), rank 0's
-  address for the workers' store, created once, in one transaction with ``join/last``. Every
+  write ``join/<round>/result``: the members (the first ``max_nodes`` to join) ranked by node
+  id, so a node keeps its group rank across rounds, and rank 0's offered address, created
+  once, in one transaction with ``join/last``. Every
   other joiner watches the result alone, and every ``lease_ttl / 2`` while it waits reads
   which key was created just before its own: when none is left (the closer died, and its
   lease ended), it is the closer now. One watch per joiner, on a key written once;
 - a joiner that finds the round formed without it joins the next one. The keys under the
-  next round are the nodes waiting (:meth:`EtcdJoinHandler.num_nodes_waiting`); a closed job
-  (:meth:`EtcdJoinHandler.set_closed`) writes its closed key and closes the open round.
+  next round are the nodes waiting (:meth:`EtcdJoinHandler.num_nodes_waiting`, none while
+  the running round has ``max_nodes``, as torch's redundancy list); a closed job
+  (:meth:`EtcdJoinHandler.set_closed`) writes its closed key and closes the open round;
+- the next round closes only once a member of the running one has come back to it (a
+  restart), or none of its members is left: nodes waiting never form a world of their own
+  beside a running one.
 
 :class:`EtcdJoinHandler` is a torch ``RendezvousHandler``; each round's agents get a c10d
 store on etcd under the round (``join/<round>/store/``).
@@ -29,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
@@ -45,12 +51,12 @@ from torch.distributed.elastic.utils.distributed import get_free_port
 
 from elastictrain.coord.etcd import EtcdClient, LeaseKeeper, WatchEvent
 from elastictrain.coord.keys import JobKeys, validate_name
-from elastictrain.errors import ConfigError
-from elastictrain.rendezvous.backend import BACKEND_NAME
+from elastictrain.errors import ConfigError, CoordinationUnavailableError
 from elastictrain.rendezvous.store import EtcdStore
 
 logger = logging.getLogger(__name__)
 
+BACKEND_NAME = "etcd-v3"
 RESULT_VERSION = 1
 
 
@@ -77,31 +83,38 @@ class JoinPolicy:
 class Joiner(NamedTuple):
     node: str
     revision: int  # when its key was created: the join order
+    offer: tuple[str, int] | None = None  # its address and free port, for rank 0's store
 
 
 @dataclass(frozen=True)
 class CloseVerdict:
     close: bool
-    members: tuple[str, ...] = ()  # in join order: their group ranks
+    members: tuple[str, ...] = ()  # by node id: their group ranks
     wait_s: float | None = None  # look again after this long (None: at the next change)
     quorum_since: float | None = None  # when the count reached min_nodes (carried along)
     reason: str = ""
 
 
 def decide_close(joined: Sequence[Joiner], policy: JoinPolicy, now: float,
-                 quorum_since: float | None) -> CloseVerdict:  # fmt: skip
+                 quorum_since: float | None,
+                 running: Collection[str] = ()) -> CloseVerdict:  # fmt: skip
     """Whether the closer closes the round now, given who has joined (pure). ``quorum_since``
-    is what the previous verdict returned (None at first)."""
+    is what the previous verdict returned (None at first); ``running``: the members of the
+    previous round still alive in it. Until one of them has joined this round, it stays
+    open (they run; whoever joined waits for their restart)."""
     order = tuple(j.node for j in sorted(joined, key=lambda j: j.revision))
+    if running and not set(running) & set(order):
+        return CloseVerdict(False, reason=f"{len(order)} node(s) wait; the running round's "
+                                          f"{len(running)} node(s) have not come back")  # fmt: skip
     if len(order) >= policy.max_nodes:
-        return CloseVerdict(True, order[: policy.max_nodes],
+        return CloseVerdict(True, tuple(sorted(order[: policy.max_nodes])),
                             reason=f"{policy.max_nodes} nodes, the most a round takes")
     if len(order) < policy.min_nodes:
         return CloseVerdict(False, reason=f"{len(order)} of at least {policy.min_nodes} nodes")
     since = now if quorum_since is None else quorum_since
     left = since + policy.last_call_s - now
     if left <= 0:
-        return CloseVerdict(True, order, quorum_since=since,
+        return CloseVerdict(True, tuple(sorted(order)), quorum_since=since,
                             reason=f"{len(order)} nodes at the end of the last call")
     return CloseVerdict(False, wait_s=left, quorum_since=since,
                         reason=f"{len(order)} nodes; the last call ends in {left:.1f} s")
@@ -110,7 +123,7 @@ def decide_close(joined: Sequence[Joiner], policy: JoinPolicy, now: float,
 def encode_result(round_number: int, members: Sequence[str], closed: bool = False,
                   master: tuple[str, int] | None = None) -> bytes:  # fmt: skip
     """A round's result: its members in rank order, and rank 0's address and a free port of
-    it for the workers' store (torch's ``MASTER_ADDR``/``MASTER_PORT``)."""
+    its host for the workers' store (torch's ``MASTER_ADDR``/``MASTER_PORT``)."""
     return json.dumps({"version": RESULT_VERSION, "round": round_number,
                        "members": list(members), "closed": closed,
                        "master": list(master) if master else None}).encode()  # fmt: skip
@@ -141,6 +154,17 @@ def decode_result(raw: bytes) -> Result:
         return Result((), True, None)
 
 
+def _offer(raw: bytes) -> tuple[str, int] | None:
+    """A joiner's offered address and port; None if its key does not hold one."""
+    try:
+        value = json.loads(raw)
+        addr, port = str(value["addr"]), int(value["port"])
+    except (ValueError, KeyError, TypeError) as exc:
+        logger.warning("a joiner's key is unreadable (%s)", exc)
+        return None
+    return (addr, port) if addr and 0 < port < 65536 else None
+
+
 class _Round:
     """What one joiner sees of one round while it waits: its result, and (as the closer)
     every joiner. Fed by watches; read under the condition."""
@@ -149,7 +173,8 @@ class _Round:
         self.changed = threading.Condition()
         self.result: bytes | None = None
         self.broken = False  # the result's watch broke: read it again
-        self.joined: dict[str, int] = {}  # closer only: node -> create revision
+        self.joined: dict[str, Joiner] = {}  # closer only: node -> its key
+        self.running: set[str] = set()  # closer only: the previous round's members left in it
         self.cancels: list[Callable[[], None]] = []
 
     def on_result(self, events: list[WatchEvent] | None) -> None:
@@ -169,12 +194,17 @@ class _Round:
 
 class EtcdJoinHandler(RendezvousHandler):
     """Rounds of a job formed through :mod:`this module <elastictrain.rendezvous.join>`.
-    ``node_id`` names this joiner (default: host, process, a random suffix)."""
+    ``node_id`` names this joiner (default: host, process, a random suffix). Its keys live
+    under ``lease`` (the id of a lease its owner keeps, ``lease_ttl`` long), else under one
+    of its own. With ``close_on_shutdown`` (torchrun's use) :meth:`shutdown` closes the job;
+    with ``owns_client`` it closes the client too."""
 
     def __init__(self, client: EtcdClient, keys: JobKeys, policy: JoinPolicy,
                  node_id: str | None = None, local_addr: str | None = None,
                  lease_ttl: int = 10, store_timeout: timedelta = timedelta(seconds=300),
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic,
+                 lease: Callable[[], int] | None = None, close_on_shutdown: bool = False,
+                 owns_client: bool = False) -> None:  # fmt: skip
         self._client = client
         self._keys = keys
         self.policy = policy
@@ -185,7 +215,11 @@ class EtcdJoinHandler(RendezvousHandler):
         self._store_timeout = store_timeout
         self._clock = clock
         self._keeper: LeaseKeeper | None = None
+        self._owned_lease = lease
+        self._close_on_shutdown = close_on_shutdown
+        self._owns_client = owns_client
         self.round_number: int | None = None  # the round this handler last formed
+        self.round_size = 0  # how many nodes it formed with
 
     # -- torch's RendezvousHandler ---------------------------------------------------------------
 
@@ -210,14 +244,26 @@ class EtcdJoinHandler(RendezvousHandler):
                                  {self._keys.join_last: str(number)})  # fmt: skip
 
     def num_nodes_waiting(self) -> int:
-        """Nodes that have joined the round after the newest formed one."""
+        """Nodes that have joined the round after the newest formed one; none while this
+        node's round has ``max_nodes`` (they could not be taken in)."""
+        if self.round_size >= self.policy.max_nodes:
+            return 0
         return self._client.count_prefix(self._keys.join_nodes(self._read_state()[1]))
 
     def shutdown(self) -> bool:
+        closed = True
+        if self._close_on_shutdown:
+            try:
+                self.set_closed()
+            except CoordinationUnavailableError as exc:
+                logger.warning("closing the job's rounds failed: %s", exc)
+                closed = False
         if self._keeper is not None:
             self._keeper.close()
             self._keeper = None
-        return True
+        if self._owns_client:
+            self._client.close()
+        return closed
 
     def next_rendezvous(self) -> RendezvousInfo:
         """Join the open round and wait until it forms with this node (a round that forms
@@ -232,7 +278,7 @@ class EtcdJoinHandler(RendezvousHandler):
             result = self._join(number, lease, deadline, read_at)
             if result is None:
                 continue  # formed without this node: the next round
-            self.round_number = number
+            self.round_number, self.round_size = number, len(result.members)
             rank = result.members.index(self.node_id)
             store = EtcdStore(self._client, self._keys.join_store(number), self._store_timeout)
             addr, port = result.master or (self._local_addr or socket.getfqdn(), 0)
@@ -243,6 +289,8 @@ class EtcdJoinHandler(RendezvousHandler):
     # -- the protocol --------------------------------------------------------------------------
 
     def _lease(self) -> int:
+        if self._owned_lease is not None:
+            return self._owned_lease()
         if self._keeper is None or self._keeper.lost:
             self._keeper = LeaseKeeper(self._client, self._lease_ttl)
         return self._keeper.lease_id
@@ -266,8 +314,8 @@ class EtcdJoinHandler(RendezvousHandler):
             # from the read on: a result written before our key is seen too
             state.cancels.append(self._client.watch_keys([keys.join_result(number)],
                                                          state.on_result, read_at + 1))
-            revision = self._client.put(mine, json.dumps({"addr": self._local_addr}),
-                                        lease=lease)  # fmt: skip
+            offer = {"addr": self._local_addr or socket.getfqdn(), "port": get_free_port()}
+            revision = self._client.put(mine, json.dumps(offer), lease=lease)
             check_s = max(self._lease_ttl / 2, 0.5)  # a dead closer's key goes after its TTL
             while True:
                 if state.broken:  # read again what a broken watch may have missed
@@ -316,35 +364,73 @@ class EtcdJoinHandler(RendezvousHandler):
         before, _ = self._client.created_before(self._keys.join_nodes(number), revision)
         return before is None
 
+    def _follow_running(self, previous: int, state: _Round) -> None:
+        """Keep ``state.running``: the members of round ``previous`` whose keys are left in
+        it (a member's key goes when its lease ends)."""
+        kv = self._client.get(self._keys.join_result(previous))
+        members = set(decode_result(kv.value).members) if kv is not None else set()
+        if not members:
+            return
+        prefix = self._keys.join_nodes(previous)
+
+        def read() -> int:
+            kvs, at = self._client.get_prefix(prefix)
+            with state.changed:
+                state.running = {kv.key[len(prefix):] for kv in kvs} & members
+                state.changed.notify_all()
+            return at
+
+        def on_running(events: list[WatchEvent]) -> None:
+            if not events:  # compacted away: read again
+                read()
+                return
+            with state.changed:
+                for event in events:
+                    if event.deleted:
+                        state.running.discard(event.key[len(prefix):])
+                state.changed.notify_all()
+
+        at = read()
+        state.cancels.append(self._client.watch_prefix(prefix, on_running, at + 1).cancel)
+
     def _close_when_due(self, number: int, state: _Round, deadline: float) -> None:
         """As the closer: follow every joiner and write the result when the verdict says."""
         prefix = self._keys.join_nodes(number)
+
+        def joiner(key: str, revision: int, value: bytes) -> Joiner:
+            return Joiner(key[len(prefix):], revision, _offer(value))
 
         def on_nodes(events: list[WatchEvent]) -> None:
             with state.changed:
                 if not events:  # compacted away: read again
                     state.joined.clear()
                     kvs, _ = self._client.get_prefix(prefix)
-                    state.joined.update({kv.key[len(prefix):]: kv.create_revision for kv in kvs})
+                    state.joined.update({j.node: j for j in (
+                        joiner(kv.key, kv.create_revision, kv.value) for kv in kvs)})
                 for event in events:
                     node = event.key[len(prefix):]
                     if event.deleted:
                         state.joined.pop(node, None)
-                    else:
-                        state.joined.setdefault(node, event.mod_revision)
+                    elif node not in state.joined:
+                        state.joined[node] = joiner(event.key, event.mod_revision, event.value)
                 state.changed.notify_all()
 
         kvs, read_at = self._client.get_prefix(prefix)
         with state.changed:
-            state.joined.update({kv.key[len(prefix):]: kv.create_revision for kv in kvs})
+            state.joined.update({j.node: j for j in (
+                joiner(kv.key, kv.create_revision, kv.value) for kv in kvs)})
         state.cancels.append(self._client.watch_prefix(prefix, on_nodes, read_at + 1).cancel)
+        if number > 0:
+            self._follow_running(number - 1, state)
         quorum_since: float | None = None
         while True:
             with state.changed:
                 if state.result is not None:
                     return
-                joined = [Joiner(node, rev) for node, rev in state.joined.items()]
-                verdict = decide_close(joined, self.policy, self._clock(), quorum_since)
+                joined = list(state.joined.values())
+                verdict = decide_close(joined, self.policy, self._clock(), quorum_since,
+                                       state.running)  # fmt: skip
+                offers = {j.node: j.offer for j in joined}
                 quorum_since = verdict.quorum_since
                 if not verdict.close:
                     left = deadline - self._clock()
@@ -354,9 +440,8 @@ class EtcdJoinHandler(RendezvousHandler):
                     state.changed.wait(min(wait, 1.0))
                     continue
             logger.info("closing round %d: %s", number, verdict.reason)
-            # the closer is the oldest joiner, rank 0: the workers' store will be on it
-            value = encode_result(number, verdict.members,
-                                  master=(self._local_addr or socket.getfqdn(), get_free_port()))
+            # the workers' store will be on rank 0's host, at the port it offered
+            value = encode_result(number, verdict.members, master=offers.get(verdict.members[0]))
             created, current = self._client.create_with(self._keys.join_result(number), value,
                                                         {self._keys.join_last: str(number)})
             with state.changed:
