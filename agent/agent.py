@@ -12,6 +12,7 @@ coordinator's lanes. gRPC threads only read the status or signal a worker.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -41,6 +42,8 @@ from . import machine as M
 from .chaos import BALLAST_NAME, ChaosExecutor
 from .config import AgentConfig
 from .coordination import JobCoordinator
+from .metrics import AgentCounters, render_metrics
+from .metrics_server import MetricsServer
 from .mirrors import MirrorBoard
 from .plan import RoundPlan, WorkerAssignment, assign_worker_ranks, worker_env
 from .server import start_server
@@ -125,6 +128,8 @@ class Agent:
         self._exit_code: int | None = None
         self.snapshots: SnapshotCoordinator | None = None
         self.failure_report = ""
+        self.counters = AgentCounters()  # verdicts by kind, recovery durations (metrics)
+        self.metrics: MetricsServer | None = None
 
     # -- views for gRPC ------------------------------------------------------------------------
 
@@ -224,7 +229,15 @@ class Agent:
         return code
 
     def _on_signal(self, signum: int, frame) -> None:
-        self.post(M.Stopped(signal.Signals(signum).name))
+        """SIGTERM (a preemption notice, Slurm's --signal, a preStop hook) drains this node:
+        the job goes on without it. SIGINT stops it now."""
+        name = signal.Signals(signum).name
+        self.post(M.DrainRequested(name) if signum == signal.SIGTERM else M.Stopped(name))
+
+    def _on_snapshot_committed(self, value: bytes) -> None:
+        assert self.snapshots is not None
+        self.snapshots.on_committed(value)
+        self.post(M.SnapshotCommitted(int(json.loads(value)["step"])))
 
     def _setup(self) -> None:
         cfg = self.config
@@ -270,11 +283,14 @@ class Agent:
             disk_dir=cfg.snapshot_dir,
             disk_every=cfg.snapshot_disk_every,
         )
-        self._coordinator.on_snapshot_committed = self.snapshots.on_committed
+        self._coordinator.on_snapshot_committed = self._on_snapshot_committed
         self._coordinator.register(self.endpoint, self.hostname)
         self._status_out = StatusPublisher(self._coordinator.put_status,
                                            constants.STATUS_INTERVAL_S)  # fmt: skip
         self._coordinator.start()
+        if cfg.metrics_port is not None:
+            self.metrics = MetricsServer(cfg.local_addr, cfg.metrics_port, self._metrics_text)
+            logger.info("metrics at http://%s:%d/metrics", cfg.local_addr, self.metrics.port)
         logger.info(
             "agent %s of job %s registered (gRPC %s, etcd %s)",
             cfg.node_id,
@@ -295,6 +311,7 @@ class Agent:
             faults=tuple(cfg.faults),
             incarnation=self.incarnation,
             node_ttl=cfg.node_ttl,
+            drain_timeout=cfg.drain_timeout,
         )
         self._apply(effects)
         while self._exit_code is None:
@@ -372,9 +389,10 @@ class Agent:
                 threading.Thread(target=self._check_peers, args=(effect.nodes,),
                                  name="agent-check-peers", daemon=True).start()  # fmt: skip
             elif isinstance(effect, M.StopWorkers):
-                self._workers.stop(0.0 if effect.fence else self.config.stop_grace)
+                grace = self.config.stop_grace if effect.grace is None else effect.grace
+                self._workers.stop(0.0 if effect.fence else grace)
             elif isinstance(effect, M.PushWorld):
-                self._push_world(effect.world)
+                self._push_world(effect.world, effect.leaving)
             elif isinstance(effect, M.PushFault):
                 fault = effect.fault
                 message = {"type": P.FAULT, "kind": fault.kind, "step": fault.step,
@@ -392,7 +410,8 @@ class Agent:
                 self._coordinator.apply(effect)
 
     def _record(self, verdict: M.Verdict) -> None:
-        """Log a verdict and store it as the job's event."""
+        """Log a verdict, count it and store it as the job's event."""
+        self.counters.count(verdict.action.value, verdict.details)
         level = (logging.WARNING if verdict.action is M.Action.RETRY
                  else logging.DEBUG if verdict.action is M.Action.ATTENTION  # every step
                  else logging.INFO)  # fmt: skip
@@ -534,11 +553,15 @@ class Agent:
             envs.append((slot, None, env))
         self._workers.start(envs)
 
-    def _push_world(self, world: World) -> None:
-        """Every local worker of ``world`` hears its rank (survivors abort and re-form)."""
+    def _push_world(self, world: World, leaving: tuple[int, ...] = ()) -> None:
+        """Every local worker of ``world`` hears its rank (survivors abort and re-form), and
+        each ``leaving`` one that it holds none."""
         assert self._sessions is not None
         self._world = world
         self._refresh_endpoints(world)
+        for slot in leaving:
+            self._sessions.push(WorkerKey(self._generation, slot),
+                                self._world_message(world, slot))  # fmt: skip
         for slot, rank in world.slots_on(self.config.node_id, self.incarnation).items():
             self._workers.set_assignment(slot, self._assignment_in(world, slot))
             if not self._sessions.push(WorkerKey(self._generation, slot),
@@ -563,7 +586,7 @@ class Agent:
         return {"type": P.WORLD, "round_id": world.round_id, "epoch": world.epoch,
                 "rank": -1 if rank is None else rank, "world_size": world.size,
                 "store": world.store_prefix, "etcd": self.config.etcd,
-                "job_id": self.config.job_id}  # fmt: skip
+                "job_id": self.config.job_id, "after_step": world.after_step}  # fmt: skip
 
     # -- session requests (from the session server's pool) ---------------------------------------
 
@@ -667,8 +690,14 @@ class Agent:
             self._coordinator.close()
         if self._server is not None:
             self._server.stop(grace=0.5)
+        if self.metrics is not None:
+            self.metrics.close()
         if self._client is not None:
             self._client.close()
+
+    def _metrics_text(self) -> str:
+        latest = self._status_out.latest if self._status_out is not None else None
+        return render_metrics(self.config.job_id, latest, self.counters.copy())
 
 
 def print_failure_report(report: str) -> None:

@@ -97,6 +97,8 @@ class AgentConfig:
     monitor_interval: float = constants.DEFAULT_MONITOR_INTERVAL_S
     membership_poll_interval: float = 1.0
     stop_grace: float = constants.DEFAULT_STOP_GRACE_S
+    drain_timeout: float = constants.DEFAULT_DRAIN_TIMEOUT_S  # SIGTERM / etrain drain
+    metrics_port: int | None = None  # Prometheus endpoint (None: none; 0: any free port)
     coordination_timeout: float = constants.DEFAULT_COORDINATION_TIMEOUT_S
     hang_timeout: float = constants.DEFAULT_HANG_TIMEOUT_S  # 0: never declare a hang
     log_dir: str | None = None
@@ -149,3 +151,7 @@ class AgentConfig:
             )
         if self.stop_grace < 0:
             raise ConfigError(f"stop grace must be >= 0 s, got {self.stop_grace}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port}: not a port (0-65535)")
+        if not 0 < self.drain_timeout < float("inf"):
+            raise ConfigError(f"--drain-timeout must be > 0 s, got {self.drain_timeout}")

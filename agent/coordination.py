@@ -170,6 +170,8 @@ class JobCoordinator:
 
     def _register(self, first: bool) -> None:
         cfg = self.config
+        if first:  # a drain asked of an earlier agent of this node id is not for this one
+            self.client.delete(self.keys.drain(cfg.node_id))
         lease = self._new_lease()
         record = NodeRecord(
             node_id=cfg.node_id,
@@ -480,8 +482,8 @@ class JobCoordinator:
                 if stored is not None:
                     current = stored
             if current.epoch >= proposal.epoch:
-                proposal = plan_next_world(current, effect.lost, effect.spares,
-                                           effect.joining).world  # fmt: skip
+                proposal = plan_next_world(current, effect.lost, effect.spares, effect.joining,
+                                           effect.world.after_step).world  # fmt: skip
                 if proposal is None:
                     return  # another agent already took them out
             written, _ = self.client.compare_and_swap(self.keys.world, proposal.encode(), revision)
@@ -540,6 +542,12 @@ class JobCoordinator:
                 self._post(M.WorldChanged(World.decode(event.value)))
             except WorldFormatError as exc:
                 logger.warning("ignoring the world record: %s", exc)
+        elif event.key == keys.drain(self.config.node_id) and not event.deleted:
+            try:
+                by = str(json.loads(event.value).get("by", "etrain drain"))
+            except (ValueError, AttributeError):
+                by = "etrain drain"
+            self._post(M.DrainRequested(by))
         elif event.key == keys.snapshot_committed and not event.deleted:
             if self.on_snapshot_committed is not None:
                 self.on_snapshot_committed(event.value)

@@ -42,6 +42,9 @@ class Action(enum.Enum):
     RECOVERED = "recovered"  # a worker re-formed in place (with its durations)
     ATTENTION = "attention"  # a step's core-attention plan: imbalance before and after
     STOP = "stop"  # a signal asked the agent to stop
+    DRAIN = "drain"  # asked to leave (SIGTERM, ``etrain drain``): the job goes on without us
+    DRAINED = "drained"  # our ranks left the world at a step boundary, their state committed
+    DRAIN_TIMEOUT = "drain_timeout"  # the drain did not end within --drain-timeout
     CHECK_PEERS = "check_peers"  # our lease is unconfirmed: do the other nodes reach etcd?
     RIDE_OUT = "ride_out"  # etcd is away for every node: nobody can take our ranks, go on
     ETCD_BACK = "etcd_back"  # a keepalive got through again
@@ -105,18 +108,22 @@ class KillWorker:
 
 @dataclass(frozen=True)
 class StopWorkers:
-    """Stop every local worker: SIGTERM, then SIGKILL after the stop grace (``fence``: SIGKILL
-    at once, so no worker of this node runs once its lease may have run out)."""
+    """Stop every local worker: SIGTERM, then SIGKILL after the stop grace (``grace``: after
+    that many seconds instead; ``fence``: SIGKILL at once, so no worker of this node runs once
+    its lease may have run out)."""
 
     fence: bool = False
+    grace: float | None = None
 
 
 @dataclass(frozen=True)
 class PushWorld:
     """Tell every local worker of ``world`` its rank in it (the survivors abort the step in
-    flight and re-form in place; a spare named in it takes its rank)."""
+    flight and re-form in place; a spare named in it takes its rank), and the ``leaving``
+    slots (a drain) that they hold none: they leave at its step boundary."""
 
     world: World
+    leaving: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from .effects import (
 from .observations import (
     CoordinationFailed,
     CoordinationSucceeded,
+    DrainRequested,
     JobFailed,
     LeaseConfirmed,
     LeaseLost,
@@ -75,6 +76,7 @@ from .observations import (
     RendezvousFailed,
     RestartRequested,
     RoundFormed,
+    SnapshotCommitted,
     Stopped,
     Tick,
     WorkerAttached,
@@ -91,13 +93,15 @@ from .world import Member, World, initial_world, plan_next_world
 
 __all__ = [  # the observations and effects, for ``machine.X`` in executors and tests
     "Action", "AgentMachine", "Beat", "CheckPeers", "CloseRendezvous", "CoordinationFailed",
-    "CoordinationSucceeded", "Effect", "Exit", "FailJob", "FaultPlan", "JobFailed",
+    "CoordinationSucceeded", "DrainRequested", "Effect", "Exit", "FailJob", "FaultPlan",
+    "JobFailed",
     "JoinWorld", "KillWorker", "LeaseConfirmed", "LeaseLost", "LeaseUnconfirmed", "LeaveRound",
     "MarkRoundDone", "NodesJoined", "NodesListed", "NodesLost", "NodesWaiting", "Observation",
     "PeerDone", "PeersOnEtcd", "Phase",
     "PollMembership", "ProposeWorld", "PublishWorld", "PushFault", "PushWorld", "Record",
     "Register", "Registered", "Rendezvous", "RendezvousClosed", "RendezvousFailed",
-    "RequestRestart", "RestartRequested", "RoundFormed", "StartSpares", "StartWorkers",
+    "RequestRestart", "RestartRequested", "RoundFormed", "SnapshotCommitted", "StartSpares",
+    "StartWorkers",
     "StopWorkers", "Stopped", "Tick", "Verdict", "WorkerAttached", "WorkerExited",
     "WorkerFinishing", "WorkerHeartbeat", "WorkerLost", "WorkerReport", "WorldChanged",
     "WorldFound", "start", "step",
@@ -153,6 +157,7 @@ class AgentMachine:
     node_ttl: float = 5.0  # this node's lease TTL (seconds)
     hang_timeout: float = 0.0  # 0: hangs are not detected
     hot_spares: int = 0  # idle spares to keep on this node while the job runs in place
+    drain_timeout: float = 30.0  # how long a drain may take (then the workers are killed)
     faults: tuple[FaultPlan, ...] = ()  # planned faults not handed to a worker yet
     phase: Phase = Phase.RENDEZVOUS
     round: RoundPlan | None = None
@@ -181,6 +186,10 @@ class AgentMachine:
     exit_code: int | None = None
     report: str = ""
     verdict: Verdict | None = None  # the last one
+    drain_deadline: float | None = None  # draining until then (None: not draining)
+    drain_step: int = -1  # our ranks leave the world after this many steps (-1: not yet)
+    leaving: frozenset[int] = frozenset()  # our slots that leave the world at drain_step
+    committed_step: int = -1  # the newest committed snapshot step seen
 
     @property
     def inplace(self) -> bool:
@@ -222,6 +231,7 @@ def start(
     faults: tuple[FaultPlan, ...] = (),
     incarnation: str = "",
     node_ttl: float = 5.0,
+    drain_timeout: float = 30.0,
 ) -> tuple[AgentMachine, list[Effect]]:
     """A new agent's machine, and its first effect: join the rendezvous."""
     machine = AgentMachine(
@@ -234,6 +244,7 @@ def start(
         hang_timeout=hang_timeout,
         hot_spares=hot_spares,
         faults=faults,
+        drain_timeout=drain_timeout,
     )
     return machine, [Rendezvous()]
 
@@ -323,6 +334,8 @@ def _rank_text(m: AgentMachine, slot: int) -> tuple[str, int | None]:
 def _on_round_formed(m: AgentMachine, obs: RoundFormed, now: float):
     if m.phase is not Phase.RENDEZVOUS:
         return m, []
+    if m.drain_deadline is not None:  # the job re-formed while we drained: take no part
+        return _drained_between_rounds(m)
     plan = obs.plan
     reason = (
         f"round formed: group rank {plan.group_rank} of {len(plan.slots)} "
@@ -347,6 +360,8 @@ def _on_world_found(m: AgentMachine, obs: WorldFound, now: float):
     as spares; once all are ready, the world grows by them."""
     if m.phase is not Phase.RENDEZVOUS:
         return m, []
+    if m.drain_deadline is not None:
+        return _drained_between_rounds(m)
     world, plan = obs.world, obs.plan
     if world.slots_on(m.node_id, None):  # this node's earlier workers are still in it: not yet
         m = _verdict(m, Action.RETRY, f"world epoch {world.epoch} still names this node's "
@@ -440,6 +455,8 @@ def _on_worker_exited(m: AgentMachine, obs: WorkerExited, now: float):
     if not _current(m, obs) or m.phase is not Phase.RUNNING:
         return m, []
     m = replace(m, exited={**m.exited, obs.slot: obs.exit_code})
+    if obs.slot in m.leaving:  # drained out of the world: expected
+        return _drain_done(m, now)
     if m.modes.get(obs.slot) == MODE_INPLACE:
         if obs.exit_code != 0 or obs.slot not in m.finishing:
             return _lose_in_place(m, [obs.slot], f"exited with code {obs.exit_code}", now,
@@ -534,8 +551,11 @@ def _on_world_changed(m: AgentMachine, obs: WorldChanged, now: float):
                  f"epoch {world.epoch}: {world.size} rank(s) on {', '.join(world.nodes)}",
                  {"epoch": world.epoch, "world_size": world.size,
                   "ranks": sorted(mine.values())})  # fmt: skip
-    effects: list[Effect] = [_announce(m), PushWorld(world)]
+    leaving = tuple(sorted(s for s in m.leaving if s not in m.exited and s not in mine))
+    effects: list[Effect] = [_announce(m), PushWorld(world, leaving)]
     for slot in range(m.next_slot):  # a worker left out of the world must not linger
+        if slot in m.leaving:  # drained: it finishes its steps to the boundary, then exits
+            continue
         if slot not in mine and slot not in m.exited and slot not in spares:
             effects.append(KillWorker(slot, f"slot {slot} is not in world epoch {world.epoch}"))
     if taken and mine:  # a spare took a rank: the next one starts now, before it is needed
@@ -733,6 +753,8 @@ def _on_tick(m: AgentMachine, obs: Tick, now: float):
         m = replace(m, next_membership_poll=now + m.membership_poll_interval)
         effects.append(PollMembership())
     m, more = _check_etcd(m, now)
+    effects += more
+    m, more = _drain_done(m, now)
     return m, effects + more
 
 
@@ -777,13 +799,15 @@ def _on_peer_done(m: AgentMachine, obs: PeerDone, now: float):
     nodes = nodes | {obs.node} if obs.done else nodes - {obs.node}
     m = replace(m, done={**m.done, obs.round_id: nodes})
     memberless = m.world is not None and not m.members_here()  # out of it, or not joined yet
+    if m.drain_deadline is not None:  # leaving: the drain's own end decides
+        return m, []
     if m.phase is Phase.DONE_WAITING or (m.phase is Phase.RUNNING and memberless):
         return _finish_if_all_done(m)
     return m, []
 
 
 def _on_nodes_waiting(m: AgentMachine, obs: NodesWaiting, now: float):
-    if m.phase is Phase.RUNNING and obs.count > 0:
+    if m.phase is Phase.RUNNING and obs.count > 0 and m.drain_deadline is None:
         left = m.round.round_id if m.round is not None else None
         m, effects = _rejoin(m, f"{obs.count} node(s) waiting to join", now,
                              details={"waiting": obs.count})  # fmt: skip
@@ -901,6 +925,87 @@ def _on_stopped(m: AgentMachine, obs: Stopped, now: float):
     return _fail(m, Action.STOP, f"stopped by signal {obs.signal_name}", flush=False)
 
 
+# -- draining ------------------------------------------------------------------------------------
+
+# A planned world change takes effect this many steps after the newest one our workers
+# reported: time for the record to reach every rank before it is due (one that comes later
+# than that still works, as an unplanned change: the step in flight is given up).
+DRAIN_STEP_MARGIN = 2
+
+
+def _on_drain_requested(m: AgentMachine, obs: DrainRequested, now: float):
+    """Leave the job, which goes on without this node. In place, with ranks on other nodes:
+    propose the world without ours after a step boundary a little ahead; our workers finish
+    their steps up to it (their snapshots of it complete) and exit, the others re-form there
+    keeping their processes, and we exit once a step at or after it is committed. Otherwise
+    (a plain script, or no other node holds ranks): SIGTERM to the workers, SIGKILL after
+    the drain timeout, as a lost node (a plain job restarts without us)."""
+    if m.drain_deadline is not None:
+        return m, []
+    deadline = now + m.drain_timeout
+    details = {"by": obs.by, "drain_timeout_s": m.drain_timeout}
+    if not m.phase.has_workers:
+        m = _verdict(m, Action.DRAINED, f"asked to leave by {obs.by}: no workers run here",
+                     details, phase=Phase.SUCCEEDED, exit_code=EXIT_OK)  # fmt: skip
+        return m, [_announce(m), StopWorkers(), Exit(EXIT_OK)]
+    mine = m.members_here()
+    others = [] if m.world is None else [x for x in m.world.members if x.node != m.node_id]
+    if not (m.inplace and mine and others):
+        alone = bool(mine) and not others if m.world is not None else False
+        code = EXIT_FAILED if alone else EXIT_OK
+        why = "no other node holds ranks" if alone else "the workers do not recover in place"
+        m = _verdict(m, Action.DRAIN, f"asked to leave by {obs.by} ({why}): stopping the "
+                     f"workers (SIGKILL after {m.drain_timeout:g} s)", details,
+                     phase=Phase.FAILED if alone else Phase.SUCCEEDED,
+                     exit_code=code)  # fmt: skip
+        return m, [_announce(m), StopWorkers(grace=m.drain_timeout), Exit(code)]
+    assert m.world is not None
+    steps = [m.beats[s].step for s in mine if s in m.beats and m.beats[s].step >= 0]
+    after = max(steps) + DRAIN_STEP_MARGIN if steps else -1
+    leaving = frozenset(m.member(s) for s in mine)
+    change = plan_next_world(m.world, leaving, (), (), after)
+    assert change.world is not None  # our members are in the world
+    m = replace(m, drain_deadline=deadline, drain_step=after, leaving=frozenset(mine))
+    m = _verdict(m, Action.DRAIN, f"asked to leave by {obs.by}: proposing {change.reason}",
+                 {**details, "after_step": after, "ranks": sorted(mine.values()),
+                  "epoch": change.world.epoch})  # fmt: skip
+    return m, [_announce(m), ProposeWorld(change.world, m.world, leaving, ())]
+
+
+def _drain_done(m: AgentMachine, now: float):
+    """While draining in place: done once our leaving workers have exited and a step at or
+    after the one they left at is committed (their state is held by the others); at the
+    deadline, the rest are killed and we leave anyway."""
+    if m.drain_deadline is None or m.phase.is_terminal or not m.leaving:
+        return m, []
+    gone = all(s in m.exited for s in m.leaving)
+    if gone and m.committed_step >= max(m.drain_step, 0):
+        m = _verdict(m, Action.DRAINED, f"left the world after step {m.drain_step}; step "
+                     f"{m.committed_step} is committed without this node",
+                     {"after_step": m.drain_step, "committed_step": m.committed_step},
+                     phase=Phase.SUCCEEDED, exit_code=EXIT_OK)  # fmt: skip
+        return m, [_announce(m), StopWorkers(), Exit(EXIT_OK)]
+    if now >= m.drain_deadline:
+        left = sorted(s for s in m.leaving if s not in m.exited)
+        m = _verdict(m, Action.DRAIN_TIMEOUT, f"the drain did not end in {m.drain_timeout:g} s "
+                     f"(slots still running: {left}; committed step {m.committed_step})",
+                     {"slots": left, "committed_step": m.committed_step},
+                     phase=Phase.FAILED, exit_code=EXIT_FAILED)  # fmt: skip
+        return m, [_announce(m), StopWorkers(fence=True), Exit(EXIT_FAILED)]
+    return m, []
+
+
+def _drained_between_rounds(m: AgentMachine):
+    m = _verdict(m, Action.DRAINED, "the job re-formed while this node drained: it takes no "
+                 "part", phase=Phase.SUCCEEDED, exit_code=EXIT_OK)  # fmt: skip
+    return m, [_announce(m), StopWorkers(), Exit(EXIT_OK)]
+
+
+def _on_snapshot_committed(m: AgentMachine, obs: SnapshotCommitted, now: float):
+    m = replace(m, committed_step=max(m.committed_step, obs.step))
+    return _drain_done(m, now)
+
+
 _HANDLERS = {
     RoundFormed: _on_round_formed,
     WorldFound: _on_world_found,
@@ -928,5 +1033,7 @@ _HANDLERS = {
     CoordinationFailed: _on_coordination_failed,
     CoordinationSucceeded: _on_coordination_succeeded,
     Stopped: _on_stopped,
+    DrainRequested: _on_drain_requested,
+    SnapshotCommitted: _on_snapshot_committed,
     Tick: _on_tick,
 }

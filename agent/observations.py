@@ -206,6 +206,21 @@ class Stopped:
 
 
 @dataclass(frozen=True)
+class DrainRequested:
+    """Leave the job, which goes on without this node (SIGTERM: a preemption notice, a
+    preStop hook; or ``etrain drain``)."""
+
+    by: str
+
+
+@dataclass(frozen=True)
+class SnapshotCommitted:
+    """``ctl/snapshot`` moved to ``step``: every rank's state of that step is held."""
+
+    step: int
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed."""
 
@@ -216,5 +231,5 @@ Observation = (
     | RestartRequested | JobFailed | NodesLost | NodesJoined | NodesListed | PeerDone
     | NodesWaiting | LeaseLost | LeaseUnconfirmed | LeaseConfirmed | PeersOnEtcd | Registered
     | CoordinationFailed | CoordinationSucceeded
-    | Stopped | Tick
+    | Stopped | DrainRequested | SnapshotCommitted | Tick
 )  # fmt: skip

@@ -51,6 +51,7 @@ class StatusPublisher:
         self._interval = interval
         self._next = 0.0
         self._last: NodeStatus | None = None
+        self.latest: NodeStatus | None = None  # the newest built (for the metrics endpoint)
 
     def offer(self, build: Callable[[], NodeStatus], now: float) -> None:
         """Called often (each turn of the agent's loop); ``now``: ``time.monotonic()``."""
@@ -58,6 +59,7 @@ class StatusPublisher:
             return
         self._next = now + self._interval
         status = build()
+        self.latest = status
         if status.same_as(self._last):
             return
         self._last = status

@@ -125,6 +125,26 @@ class WorkerExit:
     failure: ProcessFailure | None  # with the error file's traceback, when it failed
 
 
+# torch's process context installs handlers that raise on these (a traceback): the agent's
+# own stay (SIGTERM drains, SIGINT stops), the others keep their defaults
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+@contextlib.contextmanager
+def _own_signal_handlers():
+    """Put back the process's signal handlers after torch's ``start_processes`` set its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(sig, handler)
+
+
 class WorkerGroup:
     """This node's worker processes, each in a process context of its own, so one worker's
     exit never takes the others down (torch's context stops them all on a failure; the
@@ -162,13 +182,14 @@ class WorkerGroup:
         for slot, assignment, env in workers:
             if slot in self._contexts:
                 raise RuntimeError(f"worker slot {slot} is already running")
-            context = start_processes(
-                name=self.name,
-                entrypoint=command[0],
-                args={0: tuple(command[1:])},
-                envs={0: env},
-                logs_specs=WorkerLogs(self._run_dir, self._redirects, self._tee, slot),
-            )
+            with _own_signal_handlers():
+                context = start_processes(
+                    name=self.name,
+                    entrypoint=command[0],
+                    args={0: tuple(command[1:])},
+                    envs={0: env},
+                    logs_specs=WorkerLogs(self._run_dir, self._redirects, self._tee, slot),
+                )
             self._contexts[slot] = context
             with self._lock:
                 self._workers[slot] = WorkerInfo(slot, assignment, context.pids()[0])

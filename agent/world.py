@@ -21,8 +21,9 @@ from elastictrain.errors import ElasticTrainError
 
 from .plan import RoundPlan
 
-WORLD_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # version 1: members without their incarnation
+WORLD_VERSION = 3
+# version 1: members without their incarnation; version 2: no after_step (every change now)
+_READABLE_VERSIONS = (1, 2, 3)
 
 
 class WorldFormatError(ElasticTrainError):
@@ -42,6 +43,9 @@ class World:
     epoch: int
     members: tuple[Member, ...]
     restart_revision: int = 0  # the restart key's revision when the round began (its era)
+    # -1: the ranks re-form now (the step in flight is given up); n >= 0: a planned change
+    # (a drain): they finish their steps up to n, then re-form, and no finished step is lost
+    after_step: int = -1
 
     @property
     def size(self) -> int:
@@ -73,7 +77,8 @@ class World:
     def encode(self) -> bytes:
         record = {"version": WORLD_VERSION, "round_id": self.round_id, "epoch": self.epoch,
                   "members": [[m.node, m.slot, m.incarnation] for m in self.members],
-                  "restart_revision": self.restart_revision}  # fmt: skip
+                  "restart_revision": self.restart_revision,
+                  "after_step": self.after_step}  # fmt: skip
         return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
@@ -84,8 +89,11 @@ class World:
                 raise WorldFormatError(f"world version {record.get('version')!r} is not one of "
                                        f"{_READABLE_VERSIONS}")  # fmt: skip
             members = tuple(_member(entry) for entry in record["members"])
+            after_step = int(record.get("after_step", -1))
+            if after_step < -1:
+                raise ValueError(f"after_step {after_step}")
             return cls(str(record["round_id"]), int(record["epoch"]), members,
-                       int(record.get("restart_revision", 0)))  # fmt: skip
+                       int(record.get("restart_revision", 0)), after_step)  # fmt: skip
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
                 AttributeError, OverflowError, RecursionError) as exc:  # fmt: skip
             raise WorldFormatError(f"malformed world record: {exc}") from exc
@@ -134,11 +142,12 @@ class WorldChange:
 
 
 def plan_next_world(current: World, lost: Collection[Member], spares: Sequence[Member] = (),
-                    joining: Sequence[Member] = ()) -> WorldChange:  # fmt: skip
+                    joining: Sequence[Member] = (),
+                    after_step: int = -1) -> WorldChange:  # fmt: skip
     """The next world without the ``lost`` members and with the ``joining`` ones: each lost
     rank goes to the next idle spare (one that is not a member already), else the world
     shrinks and the ranks after it move down; joining members get the ranks after the last.
-    The survivors keep their order."""
+    The survivors keep their order. ``after_step``: see :attr:`World.after_step`."""
     gone = [m for m in current.members if m in set(lost)]
     new = [j for j in dict.fromkeys(joining) if j not in current.members and j not in set(lost)]
     if not gone and not new:
@@ -162,5 +171,8 @@ def plan_next_world(current: World, lost: Collection[Member], spares: Sequence[M
         members += new
         parts.append(f"ranks {first}..{len(members) - 1} join from "
                      f"{', '.join(dict.fromkeys(j.node for j in new))}")  # fmt: skip
-    world = World(current.round_id, current.epoch + 1, tuple(members), current.restart_revision)
-    return WorldChange(world, f"epoch {world.epoch}, {world.size} rank(s): {'; '.join(parts)}")
+    world = World(current.round_id, current.epoch + 1, tuple(members), current.restart_revision,
+                  after_step)  # fmt: skip
+    when = f" after step {after_step}" if after_step >= 0 else ""
+    return WorldChange(world, f"epoch {world.epoch}{when}, {world.size} rank(s): "
+                              f"{'; '.join(parts)}")  # fmt: skip

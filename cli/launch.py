@@ -148,6 +148,24 @@ def add_parser(sub) -> None:
         "(default 300; 0: never)",
     )
     p.add_argument(
+        "--metrics-port",
+        dest="metrics_port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://LOCAL_ADDR:PORT/metrics (0: any free port, "
+        "logged; default: none)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM (or `etrain drain`) this node leaves the job at a step boundary and the "
+        "job goes on; past this many seconds its workers are killed (default 30)",
+    )
+    p.add_argument(
         "--hot-spares",
         dest="hot_spares",
         type=int,
@@ -416,6 +434,10 @@ def run(args) -> int:
         extra["monitor_interval"] = args.monitor_interval
     if args.hang_timeout is not None:
         extra["hang_timeout"] = args.hang_timeout
+    if args.drain_timeout is not None:
+        extra["drain_timeout"] = args.drain_timeout
+    if args.metrics_port is not None:
+        extra["metrics_port"] = args.metrics_port
     try:
         config = AgentConfig(
             entrypoint=entrypoint,

@@ -30,11 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    from elastictrain.cli import chaos, credentials, launch, snapshot, status
+    from elastictrain.cli import chaos, credentials, drain, launch, snapshot, status
 
     launch.add_parser(sub)
     status.add_parser(sub)
     chaos.add_parser(sub)
+    drain.add_parser(sub)
     snapshot.add_parser(sub)
     credentials.add_parser(sub)
     return parser

@@ -53,6 +53,9 @@ DEFAULT_COORDINATION_TIMEOUT_S = 60.0
 
 # Grace between SIGTERM and SIGKILL when workers are stopped for a restart (seconds).
 DEFAULT_STOP_GRACE_S = 3.0
+# How long a drained node (SIGTERM, ``etrain drain``) may take to leave; torchrun SIGKILLs its
+# workers 30 s after a SIGTERM, hard-coded.
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 def runtime_dir() -> str:

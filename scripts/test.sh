@@ -29,5 +29,5 @@ rc=0
 echo "== pytest: unit and contract tiers"
 run_pytest -m "not e2e" -n "${ETRAIN_TEST_PROCS:-2}" || rc=$?
 echo "== pytest: end-to-end tier"
-run_pytest -m e2e || rc=$?
+run_pytest -m e2e --durations=20 || rc=$?
 exit "$rc"

@@ -57,6 +57,12 @@ def _assert_clean_error(done: subprocess.CompletedProcess, needle: str, code: in
         (["chaos", "disk-full", "--node", "a", "--for", "2", "--max-bytes", "-1",
           "--etcd", "127.0.0.1:1"], "--max-bytes -1"),
         (["chaos", "kill", "--rank", "0", "--agent", "a"], "not allowed with argument"),
+        (["launch", "--metrics-port", "70000", "--etcd", "127.0.0.1:1", __file__],
+         "--metrics-port 70000"),
+        (["launch", "--drain-timeout", "0", "--etcd", "127.0.0.1:1", __file__],
+         "--drain-timeout must be > 0"),
+        (["drain", "--node", "a", "--wait", "-1", "--etcd", "127.0.0.1:1"], "--wait -1"),
+        (["drain", "--node", "../a", "--etcd", "127.0.0.1:1"], "node id"),
         (["chaos", "run", "/nonexistent/scenario.toml"], "cannot read it"),
         (["chaos", "run", "--repeat", "0", __file__], "not TOML"),
         (["launch", "--fault", "slow:rank=1:step=2", __file__], "a slowdown needs a factor"),
@@ -95,7 +101,7 @@ def test_unreachable_etcd(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_unknown_job(etcd_endpoint, runtime_dir):
-    for args in (["status", "--once"], ["chaos", "kill", "--rank", "0"]):
+    for args in (["status", "--once"], ["chaos", "kill", "--rank", "0"], ["drain", "--node", "a"]):
         done = _run(*args, "--etcd", etcd_endpoint, "--job-id", "no-such-job")
         _assert_clean_error(done, "no agent of job 'no-such-job' is registered", code=2)
     done = _run("status", "--once", "--job-id", "no-such-local-job")

@@ -276,7 +276,7 @@ def test_a_join_timeout_is_final():
 
 def test_a_signal_stops_the_agent_without_waiting_for_etcd():
     d = _running("a", "b")
-    effects = d.feed(M.Stopped("SIGTERM"))
+    effects = d.feed(M.Stopped("SIGINT"))
     assert _kinds(effects) == [M.StopWorkers, M.Exit]
     assert effects[-1] == M.Exit(M.EXIT_FAILED, "", flush=False)
     assert d.action is M.Action.STOP

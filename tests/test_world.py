@@ -302,3 +302,76 @@ def test_a_joining_worker_that_dies_before_attaching_does_not_hold_the_join():
     m, effects = M.step(m, M.WorkerExited(m.generation, 1, 1), 0.6)
     (grow,) = _effects(effects, M.ProposeWorld)
     assert grow.world.members[-1] == Member("b", 0) and grow.world.size == 3
+
+
+def test_a_planned_world_round_trips_and_plans_its_step():
+    world = initial_world(_plan(2, 2))
+    change = plan_next_world(world, [Member("b", 0), Member("b", 1)], after_step=9)
+    assert change.world.after_step == 9 and "after step 9" in change.reason
+    assert World.decode(change.world.encode()) == change.world
+    assert World.decode(world.encode()).after_step == -1  # a change now
+    old = b'{"version":2,"round_id":"r1","epoch":0,"members":[["a",0,""]]}'
+    assert World.decode(old).after_step == -1
+    with pytest.raises(WorldFormatError):
+        World.decode(old.replace(b'"version":2', b'"version":3,"after_step":-5'))
+
+
+def _beat(m: M.AgentMachine, slot: int, step: int) -> M.AgentMachine:
+    m, _ = M.step(m, M.WorkerHeartbeat(m.generation, slot, step, True), 0.5)
+    return m
+
+
+def test_a_drained_node_leaves_the_world_at_a_step_boundary_ahead():
+    m = _inplace(me=1)
+    m = _beat(_beat(m, 0, 6), 1, 7)
+    m, effects = M.step(m, M.DrainRequested("SIGTERM"), 1.0)
+    (propose,) = _effects(effects, M.ProposeWorld)
+    # two steps past the newest one its workers reported; nobody else's rank moves
+    assert propose.world.after_step == 7 + M.DRAIN_STEP_MARGIN
+    assert propose.world.members == (Member("a", 0), Member("a", 1))
+    assert propose.spares == () and not _effects(effects, M.StopWorkers)
+    assert m.verdict.action is M.Action.DRAIN and m.verdict.details["ranks"] == [2, 3]
+    assert M.step(m, M.DrainRequested("etrain drain"), 1.1)[1] == []  # once
+    # the world changes: its workers are not killed, they finish their steps and exit
+    m, effects = M.step(m, M.WorldChanged(propose.world), 1.2)
+    assert not _effects(effects, M.KillWorker) and m.members_here() == {}
+    assert _effects(effects, M.PushWorld)[0].leaving == (0, 1)  # told they hold no rank
+    m, effects = M.step(m, M.WorkerFinishing(m.generation, 0), 2.0)
+    m, effects = M.step(m, M.WorkerExited(m.generation, 0, 0), 2.0)
+    m, effects = M.step(m, M.WorkerExited(m.generation, 1, 0), 2.0)
+    assert effects == [] and not m.phase.is_terminal  # its last step is not committed yet
+    m, effects = M.step(m, M.SnapshotCommitted(8), 2.1)
+    assert effects == []
+    m, effects = M.step(m, M.SnapshotCommitted(9), 2.2)
+    assert m.verdict.action is M.Action.DRAINED and m.exit_code == 0
+    assert _effects(effects, M.Exit) == [M.Exit(0)]
+
+
+def test_a_drain_that_does_not_end_in_time_kills_the_workers():
+    m, _ = M.start("b", max_restarts=1, membership_poll_interval=1.0, coordination_timeout=60.0,
+                   drain_timeout=5.0)  # fmt: skip
+    m, _ = M.step(m, M.RoundFormed(_plan(2, 2, me=1)), 0.0)
+    for slot in (0, 1):
+        m, _ = M.step(m, M.WorkerAttached(m.generation, slot, "inplace"), 0.0)
+    m, _ = M.step(m, M.DrainRequested("SIGTERM"), 1.0)
+    m, effects = M.step(m, M.Tick(), 5.9)
+    assert not m.phase.is_terminal
+    m, effects = M.step(m, M.Tick(), 6.0)
+    assert m.verdict.action is M.Action.DRAIN_TIMEOUT and m.exit_code == 1
+    assert _effects(effects, M.StopWorkers) == [M.StopWorkers(fence=True)]
+
+
+def test_a_drain_without_in_place_workers_stops_them_with_the_grace():
+    m, _ = M.start("b", max_restarts=1, membership_poll_interval=1.0, coordination_timeout=60.0,
+                   drain_timeout=7.0)  # fmt: skip
+    m, _ = M.step(m, M.RoundFormed(_plan(2, 2, me=1)), 0.0)
+    m, effects = M.step(m, M.DrainRequested("SIGTERM"), 1.0)
+    assert m.verdict.action is M.Action.DRAIN and m.exit_code == 0  # the others go on
+    assert _effects(effects, M.StopWorkers) == [M.StopWorkers(grace=7.0)]
+    assert _effects(effects, M.Exit) == [M.Exit(0)]
+    alone = _inplace(sizes=(2,))
+    alone, effects = M.step(alone, M.DrainRequested("SIGTERM"), 1.0)
+    assert alone.exit_code == 1 and "no other node" in alone.verdict.reason
+    idle, _ = M.start("c", max_restarts=1, membership_poll_interval=1.0, coordination_timeout=60.0)
+    idle, effects = M.step(idle, M.DrainRequested("etrain drain"), 1.0)
+    assert idle.verdict.action is M.Action.DRAINED and idle.exit_code == 0

@@ -99,6 +99,10 @@ class JobKeys:
         """Set when a round's nodes leave it for a rendezvous: nobody joins it in place."""
         return f"{self.rounds_prefix}{round_id}/left"
 
+    def drain(self, node_id: str) -> str:
+        """``{"by": ...}``: the node is asked to leave the job (``etrain drain``)."""
+        return f"{self.control_prefix}drain/{validate_name('node id', node_id)}"
+
     @property
     def snapshot_committed(self) -> str:
         """``{"step": s, ...}``: the newest snapshot every node has stored."""

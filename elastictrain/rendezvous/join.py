@@ -218,6 +218,7 @@ class EtcdJoinHandler(RendezvousHandler):
         self._owned_lease = lease
         self._close_on_shutdown = close_on_shutdown
         self._owns_client = owns_client
+        self._shut_down = False
         self.round_number: int | None = None  # the round this handler last formed
         self.round_size = 0  # how many nodes it formed with
 
@@ -251,6 +252,10 @@ class EtcdJoinHandler(RendezvousHandler):
         return self._client.count_prefix(self._keys.join_nodes(self._read_state()[1]))
 
     def shutdown(self) -> bool:
+        """Stop (idempotent); see the class for what else it does."""
+        if self._shut_down:
+            return True
+        self._shut_down = True
         closed = True
         if self._close_on_shutdown:
             try:

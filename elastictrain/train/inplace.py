@@ -5,7 +5,11 @@ The agent pushes a ``world`` message whenever the round's world changes (a rank 
 taking it, the world shrinking or growing). From then on, every collective of the older epoch
 is abandoned: its wait (in slices of :data:`WAIT_SLICE`) sees the newer epoch and raises
 :class:`WorldChanged`, and a collective that fails by itself (a dead peer closes its
-connection) raises :class:`CollectiveFailed`. The group of the new epoch meets in the job's
+connection) raises :class:`CollectiveFailed`. A planned world (one with an ``after_step``, a
+node draining) is due only once this worker has done that many steps: until then its steps
+go on in the old group, so every rank re-forms at the same step boundary and none is lost; a
+worker that holds no rank in it has left the job (:class:`WorldLeft`). The group of the new
+epoch meets in the job's
 etcd store under a prefix of its own (no node hosts it); a wait there for a peer that never
 comes is given up as soon as a still newer world arrives. The old group is aborted, never
 destroyed.
@@ -53,6 +57,10 @@ class NoWorldError(ElasticTrainError):
     """The agent gave this worker no world to join in time."""
 
 
+class WorldLeft(ElasticTrainError):
+    """This worker held a rank, and the newest world has none for it: its node was drained."""
+
+
 @dataclass(frozen=True)
 class WorldView:
     """This worker's place in one epoch of the world (``rank`` -1: not a member)."""
@@ -65,12 +73,14 @@ class WorldView:
     etcd: str
     job_id: str
     received: float  # time.monotonic() when it arrived
+    after_step: int = -1  # due once this many steps are done (-1: at once)
 
     @classmethod
     def of(cls, message: dict[str, Any]) -> WorldView:
         return cls(str(message["round_id"]), int(message["epoch"]), int(message["rank"]),
                    int(message["world_size"]), str(message["store"]), str(message["etcd"]),
-                   str(message["job_id"]), time.monotonic())  # fmt: skip
+                   str(message["job_id"]), time.monotonic(),
+                   int(message.get("after_step", -1)))  # fmt: skip
 
     def newer_than(self, other: WorldView | None) -> bool:
         """(A worker process lives in one round: epochs order its worlds.)"""
@@ -92,6 +102,7 @@ class InPlaceWorld:
         self._store: dist.Store | None = None  # the current group's
         self._abandoned: list[tuple[dist.ProcessGroup, dist.Store | None]] = []
         self._client = None
+        self.steps_done = -1  # set by the Job before each step: when a planned world is due
         session.on_push(self._on_push)
         if os.environ.get(ENV_SPARE) != "1":  # a spare says so once it is warm (ready)
             session.attach(P.MODE_INPLACE)
@@ -119,7 +130,7 @@ class InPlaceWorld:
                 if view.newer_than(self._latest):
                     self._latest = view
                     self._lock.notify_all()
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and self._due(view):
                 self._abort_group()  # NCCL: pending collectives fail now
         elif kind == P.FAULT:
             with self._lock:
@@ -139,8 +150,12 @@ class InPlaceWorld:
             return self._latest
 
     def changed_since(self, view: WorldView) -> bool:
+        """A world newer than ``view`` is due: now, or (planned) at the steps done."""
         latest = self.latest()
-        return latest is not None and latest.newer_than(view)
+        return latest is not None and latest.newer_than(view) and self._due(latest)
+
+    def _due(self, view: WorldView) -> bool:
+        return view.after_step < 0 or self.steps_done >= view.after_step
 
     @property
     def is_spare(self) -> bool:
@@ -152,7 +167,8 @@ class InPlaceWorld:
                    idle: Callable[[], object] | None = None) -> WorldView:  # fmt: skip
         """The first world newer than ``after`` in which this worker holds a rank. A worker
         that never held one (a hot spare) waits as long as its session lasts, calling
-        ``idle`` every :data:`IDLE_EVERY_S` meanwhile."""
+        ``idle`` every :data:`IDLE_EVERY_S` meanwhile. One that held a rank in ``after`` and
+        holds none in the newest world raises :class:`WorldLeft`."""
         deadline = time.monotonic() + timeout if after is not None else float("inf")
         next_idle = time.monotonic() + IDLE_EVERY_S
         with self._lock:
@@ -169,6 +185,9 @@ class InPlaceWorld:
                 latest = self._latest
                 if latest is not None and latest.rank >= 0 and latest.newer_than(after):
                     return latest
+                if (latest is not None and latest.newer_than(after) and after is not None
+                        and after.rank >= 0):  # fmt: skip
+                    raise WorldLeft(f"world epoch {latest.epoch} has no rank for this worker")
                 if self.session.closed.is_set():
                     raise NoWorldError("the session with the agent closed")
                 remaining = deadline - time.monotonic()

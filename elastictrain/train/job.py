@@ -53,7 +53,13 @@ from elastictrain.errors import ConfigError
 from elastictrain.train.collectives import Collectives
 from elastictrain.train.data_plan import DataPlan, plan_hosting
 from elastictrain.train.heal import share_state
-from elastictrain.train.inplace import CollectiveFailed, InPlaceWorld, WorldChanged, WorldView
+from elastictrain.train.inplace import (
+    CollectiveFailed,
+    InPlaceWorld,
+    WorldChanged,
+    WorldLeft,
+    WorldView,
+)
 from elastictrain.train.reduction import EXTRAS, DeterministicReducer, FastReducer
 from elastictrain.train.resume import ResumePlan, plan_resume
 from elastictrain.train.stragglers import (
@@ -174,6 +180,7 @@ class Job:
         self.loss: float | None = None
         self.step = 0  # optimizer steps done
         self.recoveries: list[dict[str, Any]] = []  # in-place recoveries of this process
+        self.left_after: int | None = None  # drained: the steps it did before it left
         self._warmed = False  # a hot spare built its optimizer state ahead of time
         self._inplace = InPlaceWorld.attach(self.device)
         self._view: WorldView | None = None
@@ -225,6 +232,19 @@ class Job:
     # -- the loop ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[int]:
+        """The steps, in place or not. A worker whose node is drained leaves at the step
+        boundary the drain planned: the loop ends early and :attr:`rank` is -1."""
+        try:
+            yield from self._steps()
+        except WorldLeft as exc:
+            logger.info("rank %d: left the world after %d steps (%s)", self.rank, self.step,
+                        exc)  # fmt: skip
+            self.left_after = self.step
+            self.rank = -1
+            self._progress(self.step, active=False)
+            self._snapshots.wait()  # its last step's snapshot is whole before it exits
+
+    def _steps(self) -> Iterator[int]:
         first_after_recovery: float | None = None
         if self._inplace is not None:
             if os.environ.get(ENV_SPARE) == "1":
@@ -248,6 +268,7 @@ class Job:
         while self.step < self.steps:
             step = self.step
             if self._inplace is not None:
+                self._inplace.steps_done = step
                 self._inplace.fire_faults(step)
                 self._snapshots.poll_mirror(self.device)
                 if self._inplace.changed_since(self._view):
