@@ -22,7 +22,7 @@ from elastictrain.coord.keys import JobKeys
 from elastictrain.events import read_events
 
 JOB_SCRIPT = SCRIPTS / "job_train.py"
-STEPS = 30
+STEPS = 60
 # divisible over 6, 4 and 2 ranks; no straggler re-plans (this machine's noise)
 SHAPE = ["--global-batch", "24", "--micro-batch", "2", "--logical-workers", "12",
          "--fail-after", "-1"]
@@ -75,9 +75,8 @@ def test_drained_nodes_leave_at_a_step_boundary_and_no_step_is_lost(
     assert drained.returncode == 0, drained.stdout + drained.stderr
     assert "node c left: left the world after step" in drained.stdout
     assert c.wait(10) == 0, c.text()
-    after_c = _committed(etcd_client, job_id)
-    _wait_for(lambda: _committed(etcd_client, job_id) >= after_c + 3, 120, "3 more steps")
-    os.kill(b.popen.pid, signal.SIGTERM)  # a preemption notice
+    assert a.popen.poll() is None and b.popen.poll() is None, "the job ended early"
+    os.kill(b.popen.pid, signal.SIGTERM)  # a preemption notice, while the job trains on
     assert b.wait(90) == 0, b.text()
     assert a.wait(200) == 0, a.text()
 
