@@ -9,10 +9,9 @@ connection) raises :class:`CollectiveFailed`. A planned world (one with an ``aft
 node draining) is due only once this worker has done that many steps: until then its steps
 go on in the old group, so every rank re-forms at the same step boundary and none is lost; a
 worker that holds no rank in it has left the job (:class:`WorldLeft`). The group of the new
-epoch meets in the job's
-etcd store under a prefix of its own (no node hosts it); a wait there for a peer that never
-comes is given up as soon as a still newer world arrives. The old group is aborted, never
-destroyed.
+epoch meets in the job's etcd store under a prefix of its own (no node hosts it); a wait there
+for a peer that never comes is given up as soon as a still newer world arrives. The old group
+is aborted, never destroyed.
 """
 
 from __future__ import annotations
