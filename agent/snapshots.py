@@ -196,6 +196,10 @@ class SnapshotCoordinator:
         self.committed_nodes: tuple[str, ...] = ()
         self._announced: set[int] = set()
         self._recover_lock = threading.Lock()
+        # Done marks go to etcd under this lock, only for steps of the current round; a new
+        # round or a truncation withdraws them under it (see :meth:`new_round`).
+        self._mark_lock = threading.Lock()
+        self._round = 0  # counts new rounds and truncations
         self._truncated_epoch = 0
         self.disk_root = str(Path(disk_dir) / node_id) if disk_dir else None
         self.disk_error = ""  # the last disk-tier write's failure ("": none)
@@ -338,10 +342,11 @@ class SnapshotCoordinator:
         """A world re-formed in place at ``after_step``: steps after it belong to a discarded
         future (some ranks of the old world may have written them) and must not mix with the
         new world's. Done once per epoch, whichever local worker asks first."""
-        with self._recover_lock:
+        with self._recover_lock, self._mark_lock:
             if epoch <= self._truncated_epoch:
                 return []
             self._truncated_epoch = epoch
+            self._round += 1
             dropped = self.store.drop_after(after_step)
             self.chunks.drop_after(after_step)
             self._announced = {s for s in self._announced if s <= after_step}
@@ -353,22 +358,38 @@ class SnapshotCoordinator:
         return dropped
 
     def new_round(self) -> None:
-        """Steps after the committed one belong to the old round: drop them.
+        """Steps after the committed one belong to the old round: drop them, and make sure no
+        late commit can still need them.
 
-        The committed step is read from etcd first: a node that was cut off from etcd may have
-        missed the commit of a step it holds records of, and dropping them would leave that
-        step, which the others restore, without this node's part."""
-        try:
-            current = self._client.get(self._keys.snapshot_committed)
-        except CoordinationUnavailableError as exc:
-            logger.warning("the committed snapshot step is unknown (%s): dropping the steps "
-                           "after the last one seen committed", exc)  # fmt: skip
-        else:
+        1. This node's done marks leave etcd. A commit is a transaction that requires every
+           member's mark (:meth:`commit`), so from here on no step this node drops can be
+           committed, whoever still tries (a peer whose mark was held up in an outage).
+        2. The committed step is read from etcd: a node that was cut off may have missed the
+           commit of a step it holds records of; those are kept, the others restore from them.
+        3. The steps after it are dropped.
+
+        When etcd cannot be reached, nothing is dropped: a record kept is overwritten once its
+        step is redone, a record dropped may be one that a commit already counts on."""
+        with self._mark_lock:
+            self._round += 1
+            self._announced.clear()
+            try:
+                self._withdraw_marks()
+                current = self._client.get(self._keys.snapshot_committed)
+            except CoordinationUnavailableError as exc:
+                logger.warning("the committed snapshot step is unknown (%s): the steps after "
+                               "the last one seen committed are kept", exc)  # fmt: skip
+                return
             if current is not None:
                 self.on_committed(current.value)
-        self.store.drop_uncommitted()
-        self.chunks.drop_uncommitted()
-        self._announced.clear()
+            self.store.drop_uncommitted()
+            self.chunks.drop_uncommitted()
+
+    def _withdraw_marks(self) -> None:
+        kvs, _ = self._client.get_prefix(self._keys.snapshot_done_prefix)
+        for kv in kvs:
+            if kv.key.rsplit("/", 1)[-1] == self._node_id:
+                self._client.delete(kv.key)
 
     # -- background -----------------------------------------------------------------------------
 
@@ -406,6 +427,7 @@ class SnapshotCoordinator:
             self.store.unpin(step)
 
     def _distribute_and_announce(self, step: int) -> None:
+        round_ = self._round
         view = self._round_view()
         if step in self._announced or not view.local_ranks:
             return
@@ -416,12 +438,15 @@ class SnapshotCoordinator:
         if not view.local_ranks <= {r.rank for r in records}:
             return  # dropped meanwhile
         self._distribute(step, view, records)
-        self._client.put(self._keys.snapshot_done(step, self._node_id), b"1")
-        self._announced.add(step)
+        with self._mark_lock:
+            if self._round != round_:
+                return  # a new round began meanwhile: the step is not one of its steps
+            self._client.put(self._keys.snapshot_done(step, self._node_id), b"1")
+            self._announced.add(step)
         kvs, _ = self._client.get_prefix(self._keys.snapshot_done(step))
         done = {kv.key.rsplit("/", 1)[-1] for kv in kvs}
         if committable(done, view.members):
-            self._commit(step, list(view.members))
+            self.commit(step, view.members)
 
     def _distribute(self, step: int, view: RoundView, records: list[Record]) -> None:
         """Send each peer holder its chunk. The owner's own chunk (index 0) is not stored: while
@@ -481,22 +506,29 @@ class SnapshotCoordinator:
     def _crc_pieces(self, pieces: list) -> int:
         return crc32c_pieces(pieces, self._checksum_pool, self.checksum_threads)
 
-    def _commit(self, step: int, nodes: list[str]) -> None:
+    def commit(self, step: int, nodes: Collection[str]) -> bool:
+        """Move ``ctl/snapshot`` to ``step`` held by ``nodes``, in one transaction that requires
+        each node's done mark of the step (a node that began a new round has withdrawn its
+        marks). False if a mark is missing or a newer step is committed already."""
         key = self._keys.snapshot_committed
-        value = json.dumps({"step": step, "nodes": nodes})
+        value = json.dumps({"step": step, "nodes": list(nodes)})
+        marks = [self._keys.snapshot_done(step, node) for node in nodes]
         while True:
             current = self._client.get(key)
             if current is not None and int(json.loads(current.value)["step"]) >= step:
-                return
-            written, _ = self._client.compare_and_swap(
-                key, value, current.mod_revision if current else 0
-            )
+                return False
+            expected = current.mod_revision if current else 0
+            written, now = self._client.compare_and_swap(key, value, expected, require=marks)
             if written:
                 logger.debug("snapshot step %d committed", step)
                 self._client.delete_range(
                     self._keys.snapshot_done_prefix, self._keys.snapshot_done(step)
                 )
-                return
+                return True
+            if (now.mod_revision if now else 0) == expected:
+                logger.info("snapshot step %d not committed: a node's done mark was withdrawn",
+                            step)  # fmt: skip
+                return False
 
     # -- recovery -------------------------------------------------------------------------------
 

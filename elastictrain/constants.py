@@ -26,6 +26,10 @@ KEY_ROOT = "/etrain"
 # Seconds a node's registration outlives its agent (lease TTL): how fast a lost node is seen.
 DEFAULT_NODE_TTL_S = 5
 
+# The longest one etcd request may take before it is tried again (on another member, if the
+# cluster has several): a request that reached a leader as it died is never answered.
+ETCD_REQUEST_TIMEOUT_S = 2.0
+
 # Rendezvous defaults (seconds).
 DEFAULT_JOIN_TIMEOUT_S = 600
 DEFAULT_LAST_CALL_TIMEOUT_S = 2

@@ -201,23 +201,27 @@ def test_interrupted_snapshot_never_commits_nor_shadows(etcd_client, job_id):
             coord.close()
 
 
-@pytest.mark.timeout(60)
-def test_a_new_round_keeps_a_step_committed_while_the_node_was_cut_off(etcd_client, job_id):
-    """b never saw ``ctl/snapshot`` reach step 2 (its watch was cut off): its new round must
-    still keep its records of step 2, which a restores from."""
-    keys = JobKeys(job_id)
-    nodes = {
+def _two_nodes(client, keys: JobKeys, tag: str) -> dict[str, SnapshotCoordinator]:
+    """Coordinators of nodes a and b (rank 0 and 1), each record kept by its owner only."""
+    return {
         name: SnapshotCoordinator(
-            etcd_client, keys, name, SnapshotStore(prefix=f"etrain-{job_id}-cut-{name}"),
+            client, keys, name, SnapshotStore(prefix=f"etrain-{keys.job_id}-{tag}-{name}"),
             lambda rank=rank: RoundView(("a", "b"), {}, frozenset({rank})),
             scheme=ErasureScheme(1, 0),
         )
         for rank, name in enumerate(("a", "b"))
     }  # fmt: skip
 
-    def committed() -> int | None:
-        kv = etcd_client.get(keys.snapshot_committed)
-        return None if kv is None else json.loads(kv.value)["step"]
+
+@pytest.mark.timeout(60)
+def test_a_new_round_keeps_a_step_committed_while_the_node_was_cut_off(etcd_client, job_id):
+    """b never saw ``ctl/snapshot`` reach step 2 (its watch was cut off): its new round must
+    still keep its records of step 2, which a restores from."""
+    keys = JobKeys(job_id)
+    nodes = _two_nodes(etcd_client, keys, "cut")
+
+    def committed() -> int:
+        return _committed_step(etcd_client, job_id)
 
     try:
         for step in (1, 2):
@@ -234,6 +238,47 @@ def test_a_new_round_keeps_a_step_committed_while_the_node_was_cut_off(etcd_clie
         assert nodes["b"].store.committed == 2
         assert nodes["b"].store.get(1, 2) is not None  # kept: a restores step 2 from it
         assert nodes["b"].store.get(1, 1) is None  # older than the committed step: freed
+    finally:
+        for coord in nodes.values():
+            coord.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_step_dropped_by_a_new_round_is_never_committed_late(etcd_client, job_id):
+    """b's done mark of step 2 was held up (b was cut off from etcd) while a began a new round
+    and dropped step 2: once b's mark lands, step 2 must not be committed (it would be
+    restored, and a holds no part of it); the steps of the new round still are."""
+    keys = JobKeys(job_id)
+    nodes = _two_nodes(etcd_client, keys, "late")
+
+    def committed() -> int:
+        return _committed_step(etcd_client, job_id)
+
+    def write(rank: int, step: int, announce: bool = True) -> None:
+        coord = nodes["ab"[rank]]
+        owner = coord if announce else coord.store  # the store alone: no mark goes out
+        owner.begin(rank, step, 16).segment.tensor()[:16] = step
+        owner.end(rank, step, ShardedRecordMeta(rank, 2, step, 0, 16).encode())
+
+    try:
+        for rank in (0, 1):
+            write(rank, 1)
+        wait_until(lambda: committed() == 1, 10, "step 1 committed")
+        write(0, 2)
+        write(1, 2, announce=False)
+        wait_until(lambda: etcd_client.get(keys.snapshot_done(2, "a")) is not None, 10,
+                   "a's mark of step 2")  # fmt: skip
+        nodes["a"].new_round()
+        assert etcd_client.get(keys.snapshot_done(2, "a")) is None  # withdrawn
+        assert nodes["a"].store.get(0, 2) is None  # dropped
+        etcd_client.put(keys.snapshot_done(2, "b"), b"1")  # b's mark lands late
+        assert not nodes["b"].commit(2, ("a", "b"))
+        assert committed() == 1
+        # the new round's steps are committed as before
+        for rank in (0, 1):
+            write(rank, 2)
+        wait_until(lambda: committed() == 2, 10, "step 2 of the new round committed")
+        assert nodes["a"].store.get(0, 2) is not None
     finally:
         for coord in nodes.values():
             coord.close()

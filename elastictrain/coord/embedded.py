@@ -19,9 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyetcd
+
 from elastictrain import constants
 from elastictrain.coord.etcd import EtcdClient
-from elastictrain.errors import CoordinationUnavailableError, EtcdNotFoundError
+from elastictrain.errors import ConfigError, CoordinationUnavailableError, EtcdNotFoundError
 from elastictrain.leftovers import die_with_parent, owned_name, sweep
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ class EmbeddedEtcd:
     """Starts and owns one etcd server process.
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. ``endpoint`` is
-    ``127.0.0.1:<port>`` once started.
+    ``127.0.0.1:<port>`` once started. Alone it is a cluster of one; :class:`EtcdCluster`
+    starts several as members of one cluster.
     """
 
     def __init__(
@@ -92,12 +95,18 @@ class EmbeddedEtcd:
         self.startup_timeout = startup_timeout
         self.client_port = 0
         self.peer_port = 0
+        self.initial_cluster = ""  # name=peer-url,...; "" = this member alone
+        self.extra_args: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path = os.path.join(self.data_dir, "etcd.log")
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
 
     @property
     def pid(self) -> int | None:
@@ -107,27 +116,29 @@ class EmbeddedEtcd:
         for _attempt in range(3):
             self.client_port = free_loopback_port()
             self.peer_port = free_loopback_port()
-            if self._try_start():
+            self.spawn()
+            if self.wait_ready():
                 return self
         raise CoordinationUnavailableError(
             f"the embedded etcd did not start; see its log {self._log_path}"
         )
 
-    def _try_start(self) -> bool:
+    def spawn(self) -> None:
+        """Start the process on the ports already chosen (:meth:`wait_ready` waits for it)."""
         client_url = f"http://127.0.0.1:{self.client_port}"
-        peer_url = f"http://127.0.0.1:{self.peer_port}"
         cmd = [
             self._binary,
             "--name", self.name,
             "--data-dir", os.path.join(self.data_dir, "member"),
             "--listen-client-urls", client_url,
             "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url,
-            "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"{self.name}={peer_url}",
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
             "--initial-cluster-state", "new",
             "--auto-compaction-retention", "1",
             "--log-level", "error",
+            *self.extra_args,
         ]  # fmt: skip
         log = open(self._log_path, "ab")  # noqa: SIM115 - owned by the child for its life
         env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
@@ -138,6 +149,11 @@ class EmbeddedEtcd:
             start_new_session=True,
         )  # fmt: skip
         log.close()
+
+    def wait_ready(self) -> bool:
+        """True once the server answers a read (a cluster member: once the cluster has a
+        leader); False, with the process stopped, if it exits or the startup timeout passes."""
+        assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout
         client = EtcdClient([("127.0.0.1", self.client_port)], timeout=1.0)
         try:
@@ -165,9 +181,17 @@ class EmbeddedEtcd:
         """Stop the server but keep its ports and data (for fault tests)."""
         self._kill()
 
+    def sigkill(self) -> None:
+        """End the server at once, as a crash would (ports and data kept)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
     def start_again(self) -> None:
         """Start a killed server again on the same ports and data."""
-        if not self._try_start():
+        self.spawn()
+        if not self.wait_ready():
             raise CoordinationUnavailableError(
                 f"the embedded etcd did not restart; see its log {self._log_path}"
             )
@@ -189,6 +213,100 @@ class EmbeddedEtcd:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedEtcd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EtcdCluster:
+    """Starts and owns ``size`` etcd processes on loopback, members of one cluster.
+
+    ``endpoints`` is the client spec of every member (``host:port,...``), as ``--etcd`` takes
+    it. ``election_ms`` (etcd's election timeout; its heartbeat is a tenth of it) bounds how
+    long the cluster has no leader when its leader dies.
+    """
+
+    def __init__(self, size: int = 3, election_ms: int = 1000, name: str = "etrain",
+                 startup_timeout: float = 30.0, binary: str | None = None) -> None:  # fmt: skip
+        if size < 1:
+            raise ConfigError(f"an etcd cluster needs at least one member, got {size}")
+        if election_ms < 50:
+            raise ConfigError(f"an election timeout of {election_ms} ms is below etcd's floor")
+        self.members = [
+            EmbeddedEtcd(name=f"{name}-{i}", startup_timeout=startup_timeout, binary=binary)
+            for i in range(size)
+        ]
+        self.election_ms = election_ms
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self) -> EtcdCluster:
+        for member in self.members:
+            member.client_port = free_loopback_port()
+            member.peer_port = free_loopback_port()
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        heartbeat = max(self.election_ms // 10, 10)
+        for member in self.members:
+            member.initial_cluster = initial
+            member.extra_args = ["--election-timeout", str(self.election_ms),
+                                 "--heartbeat-interval", str(heartbeat)]  # fmt: skip
+            member.spawn()
+        if not all(member.wait_ready() for member in self.members):
+            self.stop()
+            raise CoordinationUnavailableError(
+                f"the etcd cluster did not start; see the members' logs under "
+                f"{', '.join(m.data_dir for m in self.members)}"
+            )
+        return self
+
+    def leader(self) -> int:
+        """The index of the member that leads now."""
+        for member in self.members:
+            if member.pid is None:
+                continue
+            client = EtcdClient([("127.0.0.1", member.client_port)], timeout=2.0)
+            try:
+                leader = client.call("status", client.raw.status).leader
+            except CoordinationUnavailableError:
+                continue
+            finally:
+                client.close()
+            names = [m.name for m in self.members]
+            if leader is not None and leader.name in names:
+                return names.index(leader.name)
+        raise CoordinationUnavailableError("no member of the etcd cluster names a leader")
+
+    def make_leader(self, index: int) -> None:
+        """Hand the leadership to member ``index`` (etcd's leader transfer), and wait until
+        the members agree on it."""
+        current = self.leader()
+        if current == index:
+            return
+        client = EtcdClient([("127.0.0.1", self.members[current].client_port)], timeout=5.0)
+        try:
+            raw = client.raw
+            target = next(m.id for m in client.call("members", lambda: list(raw.members))
+                          if m.name == self.members[index].name)  # fmt: skip
+            stub = pyetcd.etcdrpc.MaintenanceStub(raw.channel)
+            request = pyetcd.etcdrpc.MoveLeaderRequest(targetID=target)
+            client.call("move leader", lambda: stub.MoveLeader(
+                request, 5.0, credentials=raw.call_credentials, metadata=raw.metadata))  # fmt: skip
+        finally:
+            client.close()
+        deadline = time.monotonic() + 10
+        while self.leader() != index:
+            if time.monotonic() > deadline:
+                raise CoordinationUnavailableError(f"member {index} did not become the leader")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    def __enter__(self) -> EtcdCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -33,7 +33,9 @@ from elastictrain.constants import (
     ENV_ETCD_KEY,
     ENV_ETCD_PASSWORD_FILE,
     ENV_ETCD_USER,
+    ETCD_REQUEST_TIMEOUT_S,
 )
+from elastictrain.coord.failover import FAILED_MEMBER_RETRY_S, fail_over, retry_failed_members
 from elastictrain.coord.watch_stream import WatchStream
 from elastictrain.errors import ConfigError, CoordinationUnavailableError
 
@@ -230,14 +232,14 @@ class EtcdClient:
         self.endpoints = list(endpoints)
         self.timeout = timeout
         # Each RPC gets at most this long; the retry loop spans ``timeout``.
-        self._rpc_timeout = min(timeout, 5.0)
+        self._rpc_timeout = min(timeout, ETCD_REQUEST_TIMEOUT_S)
         security = security or EtcdSecurity()
         transport = security.channel_credentials()
         try:
             self._client = pyetcd.MultiEndpointEtcd3Client(
                 endpoints=[
                     pyetcd.Endpoint(host, port, secure=transport is not None, creds=transport,
-                                    time_retry=1, opts=_CHANNEL_OPTIONS)
+                                    time_retry=FAILED_MEMBER_RETRY_S, opts=_CHANNEL_OPTIONS)
                     for host, port in endpoints
                 ],
                 timeout=self._rpc_timeout,
@@ -250,6 +252,7 @@ class EtcdClient:
                 f"{security.user!r}: {exc.code().name}") from exc  # fmt: skip
         self._lock = threading.Lock()
         self._security = security
+        self.closed = False
 
     @classmethod
     def from_spec(cls, spec: str, timeout: float = 10.0) -> EtcdClient:
@@ -267,6 +270,7 @@ class EtcdClient:
         return self._client
 
     def close(self) -> None:
+        self.closed = True  # watches on it end; a call raises instead of using a closed channel
         try:
             self._client.close()
         except Exception:  # closing a half-dead channel must not mask the caller's error
@@ -279,12 +283,16 @@ class EtcdClient:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         delay = 0.05
         while True:
+            if self.closed:
+                raise CoordinationUnavailableError(f"etcd {what}: the client is closed")
+            member_failed = True
             try:
                 if REACH.closed_s() > 0:
                     raise _CutOff("cut off from etcd on purpose")
                 return fn()
-            except _CutOff as exc:
+            except _CutOff as exc:  # not the member's fault: no failover
                 last = exc
+                member_failed = False
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code not in _TRANSIENT_CODES:
@@ -294,6 +302,8 @@ class EtcdClient:
                 last = exc
             except ValueError as exc:  # pyetcd raises this while an endpoint is marked failed
                 last = exc
+            if member_failed and fail_over(self._client) and time.monotonic() < deadline:
+                continue  # another member is tried at once
             if time.monotonic() + delay > deadline:
                 raise CoordinationUnavailableError(
                     f"etcd at {self.endpoint_spec} did not answer ({what}): {last}"
@@ -303,11 +313,7 @@ class EtcdClient:
             self._reset_failed_endpoints()
 
     def _reset_failed_endpoints(self) -> None:
-        # With a single endpoint pyetcd refuses to use a failed one until time_retry passes;
-        # our own backoff already spaces attempts, so clear the mark.
-        for endpoint in self._client.endpoints.values():
-            if endpoint.is_failed() and time.time() - endpoint.last_failed >= 0.05:
-                endpoint.last_failed = 0
+        retry_failed_members(self._client)
 
     # -- key/value ------------------------------------------------------------------------------
 
@@ -443,16 +449,20 @@ class EtcdClient:
         return bool(ok)
 
     def compare_and_swap(
-        self, key: str, value: str | bytes, mod_revision: int, lease: int | None = None
+        self, key: str, value: str | bytes, mod_revision: int, lease: int | None = None,
+        require: Sequence[str] = (),
     ) -> tuple[bool, KeyValue | None]:
-        """Write ``value`` if the key's ``mod_revision`` still equals the given one.
+        """Write ``value`` if the key's ``mod_revision`` still equals the given one and every
+        key of ``require`` exists.
 
         ``mod_revision == 0`` means "only if absent". Returns ``(written, current)``, read in
         the same transaction: the key as written, or the winner's value on a lost race
-        (``None`` if the key does not exist).
+        (``None`` if the key does not exist). A refusal with ``current`` still at
+        ``mod_revision`` means a required key was missing.
         """
         txn = self._client.transactions
         compare = [txn.create(key) == 0] if mod_revision == 0 else [txn.mod(key) == mod_revision]
+        compare += [txn.version(other) > 0 for other in require]
 
         def op():
             return self._client.transaction(
@@ -692,6 +702,7 @@ class PrefixWatch:
             self._broken.set()
             return
         if isinstance(response, Exception):
+            fail_over(self._client.raw)  # the member may be gone: re-create it on another
             self._broken.set()
             return
         events: list[WatchEvent] = []
@@ -723,7 +734,7 @@ class PrefixWatch:
         backoff = 0.05
         while not self._stop.is_set():
             self._broken.clear()
-            if self._stop.wait(REACH.closed_s()):
+            if self._stop.wait(REACH.closed_s()) or self._client.closed:
                 return
             try:
                 # One stream per watch: a broken stream then concerns this watch alone.
@@ -736,7 +747,8 @@ class PrefixWatch:
             except (grpc.RpcError, etcd_exceptions.Etcd3Exception, ValueError) as exc:
                 logger.debug("watch on %r not (re)created: %s", self._prefix, exc)
                 self._close_watcher()
-                self._client._reset_failed_endpoints()
+                if not fail_over(self._client.raw):
+                    self._client._reset_failed_endpoints()
                 if self._stop.wait(backoff):
                     return
                 backoff = min(backoff * 2, 1.0)

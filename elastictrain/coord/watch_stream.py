@@ -22,6 +22,8 @@ from collections.abc import Callable
 import grpc
 import pyetcd
 
+from elastictrain.coord.failover import fail_over
+
 logger = logging.getLogger(__name__)
 
 Deliver = Callable[[list | None], None]  # etcd's events (mvccpb.Event), or None: broken
@@ -103,6 +105,7 @@ class WatchStream:
                     target.deliver(None if response.canceled else list(response.events))
         except (grpc.RpcError, ValueError) as exc:  # ValueError: no endpoint to use now
             logger.debug("the shared watch stream broke: %s", exc)
+            fail_over(raw)  # the next stream goes to another member, if there is one
         finally:
             with self._lock:
                 dead = [*self._pending, *self._live.values()]

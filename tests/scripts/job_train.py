@@ -63,17 +63,21 @@ def train(args) -> Job:
         stragglers=policy,
     )  # fmt: skip
     losses: dict[int, float] = {}  # by step: a step redone after a recovery counts once
+    step_times: list[float] = []  # when each step ended, in this process
     print(f"pid {os.getpid()} starts as rank {job.rank}", flush=True)  # -1: a hot spare
     record = {"node": os.environ.get("ETRAIN_NODE_ID", ""), "pid": os.getpid(),
               "start_rank": job.rank}  # fmt: skip
     _record(args, record)
     for step in job:
         losses[step] = job.loss
+        if args.step_times:
+            step_times.append(time.time())
         if job.rank == 0:
             print(f"step {step} loss {job.loss:.6f} world {job.world}", flush=True)
         time.sleep(args.step_sleep)
     print(f"pid {os.getpid()} done as rank {job.rank} of {job.world}", flush=True)
-    _record(args, record | {"done_rank": job.rank, "world": job.world})
+    _record(args, record | {"done_rank": job.rank, "world": job.world,
+                            "step_times": step_times})  # fmt: skip
     if job.rank == 0 and args.out:
         state = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save({"params": state, "losses": [losses[s] for s in sorted(losses)]}, args.out)
@@ -107,6 +111,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--workers-dir", default=None, help="record each process's ranks here")
+    p.add_argument("--step-times", action="store_true",
+                   help="record when each step ended (with --workers-dir)")
     return p
 
 
