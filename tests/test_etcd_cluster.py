@@ -26,7 +26,7 @@ from elastictrain.constants import DEFAULT_NODE_TTL_S, ETCD_REQUEST_TIMEOUT_S
 from elastictrain.coord.embedded import EtcdCluster
 from elastictrain.coord.etcd import EtcdClient, LeaseKeeper
 from elastictrain.coord.keys import JobKeys
-from elastictrain.errors import ConfigError
+from elastictrain.errors import ConfigError, CoordinationUnavailableError
 from elastictrain.events import read_events
 
 # etcd's election timeout on loopback (its heartbeat a tenth of it): a leader's death leaves
@@ -111,6 +111,36 @@ def test_a_client_its_watches_and_its_lease_move_on_when_its_member_dies(etcd_cl
     finally:
         cancel()
         watch.cancel()
+        keeper.close()
+        client.close()
+
+
+@pytest.mark.contract
+@pytest.mark.timeout(60)
+def test_a_cluster_without_quorum_is_an_outage_that_leases_ride_out(etcd_cluster):
+    """Two members of three gone: requests fail with the typed error within the client's
+    timeout and the lease keeper reports silence, never a loss; once a member is back, the
+    same lease and its key are there (the new leader extends every lease)."""
+    client = EtcdClient.from_spec(etcd_cluster.endpoints, timeout=2)
+    confirmed = threading.Event()
+    unconfirmed: list[float] = []
+    keeper = LeaseKeeper(client, ttl=2, on_unconfirmed=unconfirmed.append,
+                         on_confirmed=confirmed.set)  # fmt: skip
+    try:
+        client.put("/quorum/k", b"1", lease=keeper.lease_id)
+        for member in etcd_cluster.members[:2]:
+            member.sigkill()
+        began = time.monotonic()
+        with pytest.raises(CoordinationUnavailableError):
+            client.put("/quorum/other", b"2")
+        assert time.monotonic() - began < 2 + ETCD_REQUEST_TIMEOUT_S + 0.5
+        time.sleep(3)  # past the TTL without a refresh getting through
+        assert unconfirmed and not keeper.lost
+        etcd_cluster.members[0].start_again()
+        assert confirmed.wait(10), "no refresh got through once quorum was back"
+        assert not keeper.lost
+        assert client.get("/quorum/k").value == b"1"
+    finally:
         keeper.close()
         client.close()
 
