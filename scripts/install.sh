@@ -12,6 +12,12 @@ if ! command -v etcd >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
 fi
+# iproute2 makes the tests' network-namespace hosts (they are skipped without it); best effort
+if ! command -v ip >/dev/null 2>&1; then
+  echo "== installing iproute2 (apt)"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq iproute2 >/dev/null; } \
+    || echo "   (not installed: the tests on namespace hosts will be skipped)"
+fi
 # Debian's package starts a system etcd on 2379; ours run on free ports, it is not needed.
 if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl stop etcd >/dev/null 2>&1 || true; fi
 

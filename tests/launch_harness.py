@@ -66,14 +66,20 @@ class Cluster:
         script_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         script: Path = DDP_SCRIPT,
+        host=None,
     ) -> Proc:
+        """An agent of ``job_id``; with ``host`` (a :class:`netns_hosts.Host`), run inside that
+        host on its address."""
+        if host is not None:
+            extra = ["--local-addr", host.address, *(extra or [])]
+            env = {**host.env, **(env or {})}
         argv = [sys.executable, "-m", "elastictrain.cli.main", "launch",
                 "--nnodes", nnodes, "--nproc-per-node", str(nproc),
                 "--max-restarts", str(max_restarts), "--job-id", job_id, "--node-id", name,
                 "--node-ttl", "3", "--rdzv-conf", "last_call_timeout=1",
                 *(["--etcd", etcd] if etcd else []), *(extra or []),
                 str(script), *(script_args or [])]  # fmt: skip
-        return self.start(name, argv, env)
+        return self.start(name, host.wrap(argv) if host is not None else argv, env)
 
     def close(self) -> None:
         for proc in self.procs:

@@ -72,8 +72,8 @@ class EmbeddedEtcd:
     """Starts and owns one etcd server process.
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. ``endpoint`` is
-    ``127.0.0.1:<port>`` once started. Alone it is a cluster of one; :class:`EtcdCluster`
-    starts several as members of one cluster.
+    ``<host>:<port>`` once started (loopback unless ``host`` says otherwise). Alone it is a
+    cluster of one; :class:`EtcdCluster` starts several as members of one cluster.
     """
 
     def __init__(
@@ -82,9 +82,11 @@ class EmbeddedEtcd:
         startup_timeout: float = 20.0,
         name: str = "etrain",
         binary: str | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self._binary = binary or find_etcd_binary()
         self.name = name
+        self.host = host  # the address it listens on (a test's bridge, say); loopback by default
         self._own_dir = data_dir is None
         if data_dir is None:  # named for its owner: the next start sweeps it if we are killed
             memory = _memory_dir()
@@ -102,11 +104,11 @@ class EmbeddedEtcd:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def pid(self) -> int | None:
@@ -125,7 +127,7 @@ class EmbeddedEtcd:
 
     def spawn(self) -> None:
         """Start the process on the ports already chosen (:meth:`wait_ready` waits for it)."""
-        client_url = f"http://127.0.0.1:{self.client_port}"
+        client_url = f"http://{self.host}:{self.client_port}"
         cmd = [
             self._binary,
             "--name", self.name,
@@ -155,7 +157,7 @@ class EmbeddedEtcd:
         leader); False, with the process stopped, if it exits or the startup timeout passes."""
         assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout
-        client = EtcdClient([("127.0.0.1", self.client_port)], timeout=1.0)
+        client = EtcdClient([(self.host, self.client_port)], timeout=1.0)
         try:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
