@@ -111,6 +111,16 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.1) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def committed_step(client, job_id: str) -> int:
+    """The job's newest committed snapshot step in etcd (-1: none yet)."""
+    import json
+
+    from elastictrain.coord.keys import JobKeys
+
+    kv = client.get(JobKeys(job_id).snapshot_committed)
+    return int(json.loads(kv.value)["step"]) if kv is not None else -1
+
+
 def process_alive(pid: int) -> bool:
     """The process runs (not gone, not a zombie)."""
     try:

@@ -20,12 +20,11 @@ import uuid
 
 import pytest
 import torch
-from launch_harness import SCRIPTS, Cluster
+from launch_harness import SCRIPTS, Cluster, committed_step
 
 from elastictrain.constants import DEFAULT_NODE_TTL_S, ETCD_REQUEST_TIMEOUT_S
 from elastictrain.coord.embedded import EtcdCluster
 from elastictrain.coord.etcd import EtcdClient, LeaseKeeper
-from elastictrain.coord.keys import JobKeys
 from elastictrain.errors import ConfigError, CoordinationUnavailableError
 from elastictrain.events import read_events
 
@@ -161,10 +160,6 @@ SHAPE = ["--global-batch", "16", "--micro-batch", "2", "--logical-workers", "8",
 QUIET = {"start_round", "wait_for_peers", "finish", "attention"}
 
 
-def _committed(client: EtcdClient, job_id: str) -> int:
-    kv = client.get(JobKeys(job_id).snapshot_committed)
-    return int(json.loads(kv.value)["step"]) if kv is not None else -1
-
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
@@ -187,7 +182,7 @@ def test_a_job_does_not_notice_the_loss_of_its_etcd_member(etcd_cluster, tmp_pat
                                 extra=["--node-ttl", str(DEFAULT_NODE_TTL_S)])
                   for node in "ab"]  # fmt: skip
         deadline = time.monotonic() + 150
-        while _committed(client, job_id) < 5:
+        while committed_step(client, job_id) < 5:
             assert time.monotonic() < deadline, "timed out waiting for step 5 to commit"
             assert all(a.popen.poll() is None for a in agents), [a.text() for a in agents]
             time.sleep(0.1)
@@ -195,7 +190,7 @@ def test_a_job_does_not_notice_the_loss_of_its_etcd_member(etcd_cluster, tmp_pat
         killed_at = time.time()
         for agent in agents:
             assert agent.wait(200) == 0, agent.text()
-        assert _committed(client, job_id) == STEPS  # commits went on on the other members
+        assert committed_step(client, job_id) == STEPS  # commits went on on the other members
 
         kinds = {e.kind for e in read_events(client, job_id)}
         assert kinds <= QUIET, kinds - QUIET

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch_harness import SCRIPTS, Cluster
+from launch_harness import SCRIPTS, Cluster, committed_step, wait_until
 from netns_hosts import Hosts, netns_unavailable
 
 from elastictrain.coord.embedded import EmbeddedEtcd
@@ -50,22 +49,12 @@ def bridge_etcd(hosts):
         yield etcd
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
 
 def job_credentials_dir(job_id: str):
     from elastictrain import constants
 
     return Path(constants.runtime_dir()) / job_id / "credentials"
 
-
-def _committed(client: EtcdClient, job_id: str) -> int:
-    kv = client.get(JobKeys(job_id).snapshot_committed)
-    return int(json.loads(kv.value)["step"]) if kv is not None else -1
 
 
 def test_a_cut_link_is_a_lost_node_recovered_in_place_and_the_host_rejoins(
@@ -92,7 +81,7 @@ def test_a_cut_link_is_a_lost_node_recovered_in_place_and_the_host_rejoins(
             return [e.details["world_size"] for e in read_events(client, job_id, "world_changed")
                     if e.node == "a"]  # fmt: skip
 
-        _wait_for(lambda: _committed(client, job_id) >= 4, 150, "step 4 committed")
+        wait_until(lambda: committed_step(client, job_id) >= 4, 150, "step 4 committed")
         # from another host, without the job's credentials, the agents answer nothing
         create(tmp_path / "foreign")
         endpoint = {n.node_id: n.endpoint for n in list_nodes(client, JobKeys(job_id))}["a"]
@@ -106,9 +95,9 @@ def test_a_cut_link_is_a_lost_node_recovered_in_place_and_the_host_rejoins(
             "plain": "UNAVAILABLE", "another job's credentials": "UNAVAILABLE",
             "the job's certificate, a wrong token": "UNAUTHENTICATED"}
         hosts.cut("c")
-        _wait_for(lambda: 4 in sizes(), 60, "the world without host c")
+        wait_until(lambda: 4 in sizes(), 60, "the world without host c")
         hosts.mend("c")
-        _wait_for(lambda: sizes()[-1:] == [6], 120, "host c back in the world")
+        wait_until(lambda: sizes()[-1:] == [6], 120, "host c back in the world")
         for name, agent in agents.items():
             assert agent.wait(240) == 0, f"{name}: {agent.text()}"
 
