@@ -25,7 +25,7 @@ from elastictrain.credentials import SERVICE_NAME, create
 from elastictrain.rpc import etrain_pb2, etrain_pb2_grpc
 from elastictrain.rpc.agent_client import open_channel
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.alone]
 
 SCRIPT = SCRIPTS / "snapshot_train.py"
 STEPS = 10

@@ -10,7 +10,7 @@ import pytest
 from elastictrain.cli.chaos_run import run_scenario
 from elastictrain.cli.scenario import parse_scenario
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.alone]
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

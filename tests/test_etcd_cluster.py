@@ -162,6 +162,7 @@ QUIET = {"start_round", "wait_for_peers", "finish", "attention"}
 
 
 @pytest.mark.e2e
+@pytest.mark.alone
 @pytest.mark.timeout(300)
 def test_a_job_does_not_notice_the_loss_of_its_etcd_member(etcd_cluster, tmp_path, runtime_dir):
     from test_job import _train

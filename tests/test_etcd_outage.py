@@ -24,7 +24,7 @@ from elastictrain.coord.embedded import EmbeddedEtcd
 from elastictrain.coord.etcd import EtcdClient
 from elastictrain.events import read_events
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.alone]
 
 SCRIPT = SCRIPTS / "snapshot_train.py"
 

@@ -31,6 +31,7 @@ SHAPE = ["--global-batch", "24", "--micro-batch", "2", "--logical-workers", "12"
 WHY_NOT = netns_unavailable()
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.alone,
     pytest.mark.timeout(360),
     pytest.mark.skipif(bool(WHY_NOT), reason=f"no network-namespace hosts here: {WHY_NOT}"),
 ]

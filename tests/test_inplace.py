@@ -107,6 +107,7 @@ def test_a_lost_node_shrinks_the_world_in_place(cluster, etcd_endpoint, etcd_cli
     _check(cluster, reference, reduction)
 
 
+@pytest.mark.alone
 def test_a_killed_worker_is_dropped_and_the_survivors_go_on(cluster, etcd_endpoint, etcd_client,
                                                             job_id, reference):  # fmt: skip
     a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill:rank=3:step=7")
@@ -125,6 +126,7 @@ def test_a_killed_worker_is_dropped_and_the_survivors_go_on(cluster, etcd_endpoi
     _check(cluster, reference, "deterministic")
 
 
+@pytest.mark.alone
 def test_a_killed_worker_is_replaced_by_a_hot_spare(cluster, etcd_endpoint, etcd_client, job_id,
                                                     reference):  # fmt: skip
     a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill:rank=3:step=7",
@@ -149,6 +151,7 @@ def test_a_killed_worker_is_replaced_by_a_hot_spare(cluster, etcd_endpoint, etcd
     _check(cluster, reference, "deterministic")
 
 
+@pytest.mark.alone
 def test_a_stopped_worker_is_declared_hung_and_dropped(cluster, etcd_endpoint, etcd_client,
                                                        job_id, reference):  # fmt: skip
     a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "stop:rank=1:step=5",

@@ -320,6 +320,7 @@ def _restored_steps(text: str) -> list[int]:
     return [int(line.split()[4]) for line in text.splitlines() if "from memory" in line]
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(240)
 def test_worker_crash_restores_bit_identical_state_from_memory(
     cluster, etcd_endpoint, job_id, etcd_client, snapshot_reference
@@ -353,6 +354,7 @@ def test_worker_crash_restores_bit_identical_state_from_memory(
     assert_bit_identical(load_params(cluster.workdir / "final.pt"), snapshot_reference)
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(240)
 def test_a_stopped_worker_is_declared_hung_and_the_job_recovers(
     cluster, etcd_endpoint, job_id, etcd_client, snapshot_reference

@@ -33,7 +33,7 @@ SHAPE = ["--global-batch", "256", "--micro-batch", "4", "--logical-workers", "64
 # rank's share is off by 43 %, so it is still found; so is its recovery.
 POLICY = ["--threshold", "0.35"]
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.e2e]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.e2e, pytest.mark.alone]
 
 
 @pytest.fixture
