@@ -165,6 +165,7 @@ def test_a_stopped_worker_is_declared_hung_and_dropped(cluster, etcd_endpoint, e
     _check(cluster, reference, "deterministic")
 
 
+@pytest.mark.alone  # the node must join before the job ends
 def test_a_job_grows_from_one_node_to_two_in_place(cluster, etcd_endpoint, etcd_client, job_id,
                                                    reference):  # fmt: skip
     reduction = "deterministic"  # the fast reduction in place: the shrink test's [fast] case
@@ -188,6 +189,7 @@ def test_a_job_grows_from_one_node_to_two_in_place(cluster, etcd_endpoint, etcd_
     _check(cluster, reference, reduction)
 
 
+@pytest.mark.alone  # the node must come back before the job ends
 def test_a_lost_node_comes_back_in_place(cluster, etcd_endpoint, etcd_client, job_id, reference):
     a, b = _launch(cluster, etcd_endpoint, job_id, "ab", "--fault", "kill-agent:rank=2:step=4",
                    step_sleep=0.6)  # fmt: skip
