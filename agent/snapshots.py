@@ -199,7 +199,8 @@ class SnapshotCoordinator:
         # Done marks go to etcd under this lock, only for steps of the current round; a new
         # round or a truncation withdraws them under it (see :meth:`new_round`).
         self._mark_lock = threading.Lock()
-        self._round = 0  # counts new rounds and truncations
+        self._round = 0  # counts new rounds
+        self._dropped_after = -1  # a truncation dropped the steps after this one
         self._truncated_epoch = 0
         self.disk_root = str(Path(disk_dir) / node_id) if disk_dir else None
         self.disk_error = ""  # the last disk-tier write's failure ("": none)
@@ -346,7 +347,8 @@ class SnapshotCoordinator:
             if epoch <= self._truncated_epoch:
                 return []
             self._truncated_epoch = epoch
-            self._round += 1
+            self._client.put(self._keys.snapshot_fence, self._node_id)
+            self._dropped_after = after_step
             dropped = self.store.drop_after(after_step)
             self.chunks.drop_after(after_step)
             self._announced = {s for s in self._announced if s <= after_step}
@@ -359,13 +361,14 @@ class SnapshotCoordinator:
 
     def new_round(self) -> None:
         """Steps after the committed one belong to the old round: drop them, and make sure no
-        late commit can still need them.
+        commit can still count on them.
 
-        1. This node's done marks leave etcd. A commit is a transaction that requires every
-           member's mark (:meth:`commit`), so from here on no step this node drops can be
-           committed, whoever still tries (a peer whose mark was held up in an outage).
-        2. The committed step is read from etcd: a node that was cut off may have missed the
-           commit of a step it holds records of; those are kept, the others restore from them.
+        1. The fence (``snap/fence``) moves. A commit counts only done marks newer than the
+           fence and fails if the fence moves before it lands (:meth:`commit`): from here on
+           no step this node drops can be committed, whoever still tries (a peer whose mark
+           was held up in an outage), until this node has marked it again in the new round.
+        2. The committed step is read: a node that was cut off may have missed the commit of
+           a step it holds records of; those are kept, the others restore from them.
         3. The steps after it are dropped.
 
         When etcd cannot be reached, nothing is dropped: a record kept is overwritten once its
@@ -374,7 +377,7 @@ class SnapshotCoordinator:
             self._round += 1
             self._announced.clear()
             try:
-                self._withdraw_marks()
+                self._client.put(self._keys.snapshot_fence, self._node_id)
                 current = self._client.get(self._keys.snapshot_committed)
             except CoordinationUnavailableError as exc:
                 logger.warning("the committed snapshot step is unknown (%s): the steps after "
@@ -384,12 +387,6 @@ class SnapshotCoordinator:
                 self.on_committed(current.value)
             self.store.drop_uncommitted()
             self.chunks.drop_uncommitted()
-
-    def _withdraw_marks(self) -> None:
-        kvs, _ = self._client.get_prefix(self._keys.snapshot_done_prefix)
-        for kv in kvs:
-            if kv.key.rsplit("/", 1)[-1] == self._node_id:
-                self._client.delete(kv.key)
 
     # -- background -----------------------------------------------------------------------------
 
@@ -428,6 +425,7 @@ class SnapshotCoordinator:
 
     def _distribute_and_announce(self, step: int) -> None:
         round_ = self._round
+        self._dropped_after = -1  # a later truncation sets it again
         view = self._round_view()
         if step in self._announced or not view.local_ranks:
             return
@@ -439,14 +437,11 @@ class SnapshotCoordinator:
             return  # dropped meanwhile
         self._distribute(step, view, records)
         with self._mark_lock:
-            if self._round != round_:
-                return  # a new round began meanwhile: the step is not one of its steps
+            if self._round != round_ or step > self._dropped_after >= 0:
+                return  # a new round began, or the step was dropped, meanwhile
             self._client.put(self._keys.snapshot_done(step, self._node_id), b"1")
             self._announced.add(step)
-        kvs, _ = self._client.get_prefix(self._keys.snapshot_done(step))
-        done = {kv.key.rsplit("/", 1)[-1] for kv in kvs}
-        if committable(done, view.members):
-            self.commit(step, view.members)
+        self.commit(step, view.members)
 
     def _distribute(self, step: int, view: RoundView, records: list[Record]) -> None:
         """Send each peer holder its chunk. The owner's own chunk (index 0) is not stored: while
@@ -507,18 +502,25 @@ class SnapshotCoordinator:
         return crc32c_pieces(pieces, self._checksum_pool, self.checksum_threads)
 
     def commit(self, step: int, nodes: Collection[str]) -> bool:
-        """Move ``ctl/snapshot`` to ``step`` held by ``nodes``, in one transaction that requires
-        each node's done mark of the step (a node that began a new round has withdrawn its
-        marks). False if a mark is missing or a newer step is committed already."""
+        """Move ``ctl/snapshot`` to ``step`` if each of ``nodes`` has marked it done since the
+        fence last moved (:meth:`new_round`), in a transaction that fails if the fence moves
+        meanwhile: two compares, whatever the number of nodes. False if a mark is missing,
+        the fence moved, or a newer step is committed already."""
         key = self._keys.snapshot_committed
         value = json.dumps({"step": step, "nodes": list(nodes)})
-        marks = [self._keys.snapshot_done(step, node) for node in nodes]
+        fence = self._client.get(self._keys.snapshot_fence)
+        fenced_at = fence.mod_revision if fence is not None else 0
+        kvs, _ = self._client.get_prefix(self._keys.snapshot_done(step))
+        marked = {kv.key.rsplit("/", 1)[-1] for kv in kvs if kv.mod_revision > fenced_at}
+        if not committable(marked, nodes):
+            return False
+        guard = {self._keys.snapshot_fence: fenced_at}
         while True:
             current = self._client.get(key)
             if current is not None and int(json.loads(current.value)["step"]) >= step:
                 return False
             expected = current.mod_revision if current else 0
-            written, now = self._client.compare_and_swap(key, value, expected, require=marks)
+            written, now = self._client.compare_and_swap(key, value, expected, unchanged=guard)
             if written:
                 logger.debug("snapshot step %d committed", step)
                 self._client.delete_range(
@@ -526,8 +528,7 @@ class SnapshotCoordinator:
                 )
                 return True
             if (now.mod_revision if now else 0) == expected:
-                logger.info("snapshot step %d not committed: a node's done mark was withdrawn",
-                            step)  # fmt: skip
+                logger.info("snapshot step %d not committed: a node began a new round", step)
                 return False
 
     # -- recovery -------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ KEY_ROOT = "/etrain"
 DEFAULT_NODE_TTL_S = 5
 
 # The longest one etcd request may take before it is tried again (on another member, if the
-# cluster has several): a request that reached a leader as it died is never answered.
-ETCD_REQUEST_TIMEOUT_S = 2.0
+# cluster has several): a request that reached a leader as it died is never answered. A
+# shorter one would retry more requests whose first attempt may have taken effect.
+ETCD_REQUEST_TIMEOUT_S = 5.0
 
 # Rendezvous defaults (seconds).
 DEFAULT_JOIN_TIMEOUT_S = 600

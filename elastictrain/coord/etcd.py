@@ -16,11 +16,12 @@ Thread-safety: an :class:`EtcdClient` may be shared by threads; gRPC channels ar
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -35,7 +36,12 @@ from elastictrain.constants import (
     ENV_ETCD_USER,
     ETCD_REQUEST_TIMEOUT_S,
 )
-from elastictrain.coord.failover import FAILED_MEMBER_RETRY_S, fail_over, retry_failed_members
+from elastictrain.coord.failover import (
+    FAILED_MEMBER_RETRY_S,
+    fail_over,
+    in_use,
+    retry_failed_members,
+)
 from elastictrain.coord.watch_stream import WatchStream
 from elastictrain.errors import ConfigError, CoordinationUnavailableError
 
@@ -286,6 +292,7 @@ class EtcdClient:
             if self.closed:
                 raise CoordinationUnavailableError(f"etcd {what}: the client is closed")
             member_failed = True
+            member = in_use(self._client)
             try:
                 if REACH.closed_s() > 0:
                     raise _CutOff("cut off from etcd on purpose")
@@ -302,7 +309,7 @@ class EtcdClient:
                 last = exc
             except ValueError as exc:  # pyetcd raises this while an endpoint is marked failed
                 last = exc
-            if member_failed and fail_over(self._client) and time.monotonic() < deadline:
+            if member_failed and fail_over(self._client, member) and time.monotonic() < deadline:
                 continue  # another member is tried at once
             if time.monotonic() + delay > deadline:
                 raise CoordinationUnavailableError(
@@ -450,19 +457,20 @@ class EtcdClient:
 
     def compare_and_swap(
         self, key: str, value: str | bytes, mod_revision: int, lease: int | None = None,
-        require: Sequence[str] = (),
+        unchanged: Mapping[str, int] | None = None,
     ) -> tuple[bool, KeyValue | None]:
-        """Write ``value`` if the key's ``mod_revision`` still equals the given one and every
-        key of ``require`` exists.
+        """Write ``value`` if the key's ``mod_revision`` still equals the given one and each
+        key of ``unchanged`` still has its given mod revision (0: still absent).
 
         ``mod_revision == 0`` means "only if absent". Returns ``(written, current)``, read in
         the same transaction: the key as written, or the winner's value on a lost race
         (``None`` if the key does not exist). A refusal with ``current`` still at
-        ``mod_revision`` means a required key was missing.
+        ``mod_revision`` means a key of ``unchanged`` moved.
         """
         txn = self._client.transactions
         compare = [txn.create(key) == 0] if mod_revision == 0 else [txn.mod(key) == mod_revision]
-        compare += [txn.version(other) > 0 for other in require]
+        for other, revision in (unchanged or {}).items():
+            compare.append(txn.create(other) == 0 if revision == 0 else txn.mod(other) == revision)
 
         def op():
             return self._client.transaction(
@@ -692,7 +700,9 @@ class PrefixWatch:
     def start(self) -> None:
         self._thread.start()
 
-    def _callback(self, response) -> None:
+    def _callback(self, watcher, member: str, response) -> None:
+        if watcher is not self._watcher:
+            return  # a stream this watch has since replaced: its news are old
         if REACH.closed_s() > 0:  # cut off: what arrives now is never seen
             self._broken.set()
             return
@@ -702,7 +712,7 @@ class PrefixWatch:
             self._broken.set()
             return
         if isinstance(response, Exception):
-            fail_over(self._client.raw)  # the member may be gone: re-create it on another
+            fail_over(self._client.raw, member)  # the member may be gone: watch on another
             self._broken.set()
             return
         events: list[WatchEvent] = []
@@ -738,16 +748,20 @@ class PrefixWatch:
                 return
             try:
                 # One stream per watch: a broken stream then concerns this watch alone.
-                self._watcher = self._client.raw.get_watcher()
+                raw = self._client.raw
+                watcher = raw.get_watcher()
+                member = in_use(raw)
+                self._watcher = watcher
                 kwargs = {"range_end": prefix_range_end(self._prefix)}
                 if self._next_revision is not None:
                     kwargs["start_revision"] = self._next_revision
-                self._watch_id = self._watcher.add_callback(self._prefix, self._callback, **kwargs)
+                callback = functools.partial(self._callback, watcher, member)
+                self._watch_id = watcher.add_callback(self._prefix, callback, **kwargs)
                 backoff = 0.05
             except (grpc.RpcError, etcd_exceptions.Etcd3Exception, ValueError) as exc:
                 logger.debug("watch on %r not (re)created: %s", self._prefix, exc)
                 self._close_watcher()
-                if not fail_over(self._client.raw):
+                if not fail_over(self._client.raw, in_use(self._client.raw)):
                     self._client._reset_failed_endpoints()
                 if self._stop.wait(backoff):
                     return

@@ -17,13 +17,21 @@ import pyetcd
 FAILED_MEMBER_RETRY_S = 1.0
 
 
-def fail_over(raw: pyetcd.MultiEndpointEtcd3Client) -> bool:
-    """The member in use did not answer: mark it failed, so that the next call uses another.
-    True if another member is available; a client of one member is left as it is."""
+def in_use(raw: pyetcd.MultiEndpointEtcd3Client) -> str:
+    """The member the client's next request goes to (``host:port``)."""
+    endpoint = raw.endpoint_in_use
+    return endpoint.netloc if endpoint is not None else ""
+
+
+def fail_over(raw: pyetcd.MultiEndpointEtcd3Client, failed: str) -> bool:
+    """Member ``failed`` (as :func:`in_use` named it before the request) did not answer: if
+    the client still uses it, mark it failed, so that the next request goes to another. A
+    late failure of a member already left changes nothing. True if another member is
+    available; a client of one member is left as it is."""
     if len(raw.endpoints) < 2:
         return False
     endpoint = raw.endpoint_in_use
-    if endpoint is not None and not endpoint.is_failed():
+    if endpoint is not None and endpoint.netloc == failed and not endpoint.is_failed():
         endpoint.fail()
         raw._clear_old_stubs()
     return any(not e.is_failed() for e in raw.endpoints.values())

@@ -138,6 +138,12 @@ class JobKeys:
     def snapshot_done_prefix(self) -> str:
         return f"{self.root}snap/done/"
 
+    @property
+    def snapshot_fence(self) -> str:
+        """Moved by a node before it drops uncommitted steps: done marks older than its last
+        move do not count, and a commit fails if it moved meanwhile."""
+        return f"{self.root}snap/fence"
+
     def snapshot_done(self, step: int, node_id: str = "") -> str:
         """A node that holds every local rank's record of ``step`` (prefix without a node)."""
         return f"{self.snapshot_done_prefix}{step:012d}/{node_id}"

@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 import grpc
 import pyetcd
+from pyetcd import exceptions as etcd_exceptions
 
-from elastictrain.coord.failover import fail_over
+from elastictrain.coord.failover import fail_over, in_use
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,10 @@ class WatchStream:
 
     def _run(self, requests: queue.Queue) -> None:
         raw = self._raw
+        member = in_use(raw)
         try:
             stub = pyetcd.etcdrpc.WatchStub(raw.channel)
+            member = in_use(raw)  # the channel may have moved to another member
             for response in stub.Watch(iter(requests.get, None),
                                                 credentials=raw.call_credentials,
                                                 metadata=raw.metadata):  # fmt: skip
@@ -103,9 +106,10 @@ class WatchStream:
                         target = self._live.get(response.watch_id)
                 if target is not None:
                     target.deliver(None if response.canceled else list(response.events))
-        except (grpc.RpcError, ValueError) as exc:  # ValueError: no endpoint to use now
+        except (grpc.RpcError, ValueError, etcd_exceptions.Etcd3Exception) as exc:
+            # ValueError, Etcd3Exception: no member to use now
             logger.debug("the shared watch stream broke: %s", exc)
-            fail_over(raw)  # the next stream goes to another member, if there is one
+            fail_over(raw, member)  # the next stream goes to another member, if there is one
         finally:
             with self._lock:
                 dead = [*self._pending, *self._live.values()]
