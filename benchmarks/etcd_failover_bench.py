@@ -21,6 +21,17 @@ from elastictrain.coord.embedded import EtcdCluster
 from elastictrain.coord.etcd import EtcdClient, LeaseKeeper
 
 
+def _writes(client: EtcdClient, count: int, interval: float) -> list[float]:
+    """How long each of ``count`` writes took, one every ``interval`` seconds."""
+    took = []
+    for i in range(count):
+        began = time.perf_counter()
+        client.put("/bench/k", str(i))
+        took.append(time.perf_counter() - began)
+        time.sleep(interval)
+    return took
+
+
 def one(victim: str, election_ms: int, ttl: int, interval: float) -> dict:
     with EtcdCluster(3, election_ms=election_ms, name="failover-bench") as cluster:
         client = EtcdClient.from_spec(cluster.endpoints, timeout=30)
@@ -34,19 +45,9 @@ def one(victim: str, election_ms: int, ttl: int, interval: float) -> dict:
         silences: list[float] = []
         keeper = LeaseKeeper(client, ttl=ttl, on_unconfirmed=silences.append)
         client.put("/bench/leased", b"1", lease=keeper.lease_id)
-        before = []
-        for i in range(20):
-            began = time.perf_counter()
-            client.put("/bench/k", str(i))
-            before.append(time.perf_counter() - began)
-            time.sleep(interval)
+        before = _writes(client, 20, interval)
         cluster.members[in_use].sigkill()
-        after = []
-        for i in range(40):
-            began = time.perf_counter()
-            client.put("/bench/k", str(i))
-            after.append(time.perf_counter() - began)
-            time.sleep(interval)
+        after = _writes(client, 40, interval)
         alive = client.get("/bench/leased") is not None and not keeper.lost
         keeper.close()
         client.close()

@@ -79,6 +79,16 @@ def job_id() -> str:
 
 
 @pytest.fixture
+def cluster(tmp_path, runtime_dir):
+    """The test's agents and other processes, all killed (with their groups) at its end."""
+    from launch_harness import Cluster
+
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def runtime_dir(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "runtime"
     path.mkdir()

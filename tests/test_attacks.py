@@ -10,7 +10,6 @@ import grpc
 import pytest
 from launch_harness import (
     SCRIPTS,
-    Cluster,
     assert_bit_identical,
     job_credentials,
     load_params,
@@ -33,13 +32,6 @@ STEPS = 10
 
 def _args(workdir, pause) -> list[str]:
     return ["--steps", str(STEPS), "--out", str(workdir / "final.pt"), "--pause-file", str(pause)]
-
-
-@pytest.fixture
-def cluster(tmp_path, runtime_dir):
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
 
 
 def _pieces(header: etrain_pb2.ChunkHeader, sizes):

@@ -12,13 +12,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import torch
-from launch_harness import SCRIPTS, Cluster
+from launch_harness import (
+    SCRIPTS,
+    Cluster,
+    assert_bit_identical,
+    committed_step,
+    load_params,
+    wait_until,
+)
 
-from elastictrain.coord.keys import JobKeys
 from elastictrain.events import read_events
 
 JOB_SCRIPT = SCRIPTS / "job_train.py"
@@ -28,25 +32,6 @@ SHAPE = ["--global-batch", "24", "--micro-batch", "2", "--logical-workers", "12"
          "--fail-after", "-1"]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
-
-
-@pytest.fixture
-def cluster(tmp_path, runtime_dir):
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
-
-
-def _committed(client, job_id: str) -> int:
-    kv = client.get(JobKeys(job_id).snapshot_committed)
-    return int(json.loads(kv.value)["step"]) if kv is not None else -1
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _workers(cluster: Cluster, node: str) -> list[dict]:
@@ -66,7 +51,7 @@ def test_drained_nodes_leave_at_a_step_boundary_and_no_step_is_lost(
     a, b, c = (cluster.agent(node, etcd=etcd_endpoint, job_id=job_id, nnodes="3", nproc=2,
                              max_restarts=0, script=JOB_SCRIPT, script_args=args)
                for node in "abc")  # fmt: skip
-    _wait_for(lambda: _committed(etcd_client, job_id) >= 4, 150, "step 4 committed")
+    wait_until(lambda: committed_step(etcd_client, job_id) >= 4, 150, "step 4 committed")
     drained = subprocess.run(
         [sys.executable, "-m", "elastictrain.cli.main", "drain", "--node", "c", "--etcd",
          etcd_endpoint, "--job-id", job_id, "--wait", "90"],
@@ -107,6 +92,4 @@ def test_drained_nodes_leave_at_a_step_boundary_and_no_step_is_lost(
     assert sorted(w["start_rank"] for w in kept) == [0, 1]
     assert not read_events(etcd_client, job_id, "request_restart")
     assert not read_events(etcd_client, job_id, "drain_timeout")
-    final = torch.load(cluster.workdir / "final.pt")
-    for key, value in reference["params"].items():
-        assert torch.equal(final["params"][key], value), f"{key} differs"
+    assert_bit_identical(load_params(cluster.workdir / "final.pt")["params"], reference["params"])

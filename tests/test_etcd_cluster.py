@@ -19,8 +19,7 @@ import time
 import uuid
 
 import pytest
-import torch
-from launch_harness import SCRIPTS, Cluster, committed_step
+from launch_harness import SCRIPTS, Cluster, assert_bit_identical, committed_step, load_params
 
 from elastictrain.constants import DEFAULT_NODE_TTL_S, ETCD_REQUEST_TIMEOUT_S
 from elastictrain.coord.embedded import EtcdCluster
@@ -225,9 +224,8 @@ def test_a_job_does_not_notice_the_loss_of_one_member_and_rides_out_the_loss_of_
                   if a - 2 <= killed_at <= b + 2]  # fmt: skip
         assert around, "the kill came after the last step"
         assert max(around) < statistics.median(gaps) + 1.0, (around, statistics.median(gaps))
-        final = torch.load(cluster.workdir / "final.pt")
-        for name, tensor in reference["params"].items():
-            assert torch.equal(final["params"][name], tensor), name
+        assert_bit_identical(load_params(cluster.workdir / "final.pt")["params"],
+                             reference["params"])
     finally:
         cluster.close()
         client.close()

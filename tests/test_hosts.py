@@ -11,8 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from launch_harness import SCRIPTS, Cluster, committed_step, wait_until
+from launch_harness import (
+    SCRIPTS,
+    Cluster,
+    assert_bit_identical,
+    committed_step,
+    load_params,
+    wait_until,
+)
 from netns_hosts import Hosts, netns_unavailable
 
 from elastictrain.coord.embedded import EmbeddedEtcd
@@ -114,9 +120,8 @@ def test_a_cut_link_is_a_lost_node_recovered_in_place_and_the_host_rejoins(
         for node in "ab":  # the hosts that kept their link kept their processes
             mine = [r for r in records if r["node"] == node]
             assert len(mine) == 2 and all("done_rank" in r for r in mine), mine
-        final = torch.load(cluster.workdir / "final.pt")
-        for name, tensor in reference["params"].items():
-            assert torch.equal(final["params"][name], tensor), name
+        assert_bit_identical(load_params(cluster.workdir / "final.pt")["params"],
+                             reference["params"])
     finally:
         cluster.close()
         client.close()

@@ -20,13 +20,6 @@ STEPS = 20
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def cluster(tmp_path, runtime_dir):
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """The fault-free run: one process, same steps (the result does not depend on the world)."""

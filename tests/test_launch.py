@@ -11,7 +11,6 @@ import sys
 import pytest
 from launch_harness import (
     DDP_SCRIPT,
-    Cluster,
     assert_bit_identical,
     checkpoint_epoch,
     ddp_args,
@@ -23,13 +22,6 @@ from elastictrain.events import read_events
 
 EPOCHS = 6
 ETRAIN = [sys.executable, "-m", "elastictrain.cli.main"]
-
-
-@pytest.fixture
-def cluster(tmp_path, runtime_dir):
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from launch_harness import SCRIPTS, Cluster, committed_step, wait_until
+from launch_harness import (
+    SCRIPTS,
+    Cluster,
+    assert_bit_identical,
+    committed_step,
+    load_params,
+    wait_until,
+)
 from netns_hosts import HOST_INTERFACE, Hosts, netns_unavailable
 
 from elastictrain.coord.embedded import EmbeddedEtcd, free_loopback_port
@@ -112,9 +118,7 @@ def _check_end_state(workdir: Path, kept: list[str], reference: dict) -> None:
     for other in kept:  # never restarted, and they ended with ranks
         mine = [r for r in records if r["node"] == other]
         assert len(mine) == 2 and all(r.get("done_rank", -1) >= 0 for r in mine), mine
-    final = torch.load(workdir / "final.pt")
-    for name, tensor in reference["params"].items():
-        assert torch.equal(final["params"][name], tensor), name
+    assert_bit_identical(load_params(workdir / "final.pt")["params"], reference["params"])
 
 
 # srun on the test's hosts: one task per host, as --ntasks-per-node=1 runs one per node, with

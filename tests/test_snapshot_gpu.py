@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from launch_harness import SCRIPTS, Cluster
+from launch_harness import SCRIPTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture
-def cluster(tmp_path, runtime_dir):
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
 
 
 @pytest.mark.timeout(300)

@@ -16,7 +16,6 @@ import torch
 from elastictrain.agent.snapshots import RoundView, SnapshotCoordinator, committable
 from launch_harness import (
     SCRIPTS,
-    Cluster,
     assert_bit_identical,
     job_credentials,
     load_params,
@@ -302,13 +301,6 @@ def test_a_step_dropped_by_a_new_round_is_never_committed_late(etcd_client, job_
     finally:
         for coord in nodes.values():
             coord.close()
-
-
-@pytest.fixture
-def cluster(tmp_path, runtime_dir):
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
 
 
 def _snapshot_args(workdir, steps: int, sleep: float) -> list[str]:

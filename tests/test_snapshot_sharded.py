@@ -8,16 +8,9 @@ import re
 import signal
 
 import pytest
-from launch_harness import SCRIPTS, Cluster, wait_until
+from launch_harness import SCRIPTS, wait_until
 
 SHARDED_SCRIPT = SCRIPTS / "sharded_train.py"
-
-
-@pytest.fixture
-def cluster(tmp_path, runtime_dir):
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
 
 
 def _hashes(text: str, kind: str) -> dict[int, tuple[int, str]]:

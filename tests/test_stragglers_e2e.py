@@ -36,13 +36,6 @@ POLICY = ["--threshold", "0.35"]
 pytestmark = [pytest.mark.timeout(300), pytest.mark.e2e, pytest.mark.alone]
 
 
-@pytest.fixture
-def cluster(tmp_path, runtime_dir):
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
-
-
 def _reference(tmp_path, steps: int) -> dict:
     from test_job import _train
 
