@@ -31,7 +31,8 @@ STEPS = 60
 SHAPE = ["--global-batch", "24", "--micro-batch", "2", "--logical-workers", "12",
          "--fail-after", "-1"]
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
+# alone: the second drain must come before the job ends, which load can make it miss
+pytestmark = [pytest.mark.e2e, pytest.mark.alone, pytest.mark.timeout(360)]
 
 
 def _workers(cluster: Cluster, node: str) -> list[dict]:
